@@ -1,0 +1,3 @@
+from onnx_cp.cli import main
+
+raise SystemExit(main())

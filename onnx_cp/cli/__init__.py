@@ -1,0 +1,77 @@
+"""The `onnx-cp` command. Each subcommand lives in its own module with a `register(subparsers)`
+that adds its parser and sets `run`; this module only dispatches and turns errors into one line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import warnings
+
+from onnx_cp import progress
+from onnx_cp.errors import EXIT_USAGE, OnnxCpError
+
+# Subcommand modules, in the order `onnx-cp --help` lists them.
+SUBCOMMANDS = ["optimize", "bench", "eval", "finetune", "data"]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports usage errors as a single line (exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or tables")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="onnx-cp",
+        description="Speed up CNNs on CPUs with fine-tuned CP decomposition of their Conv layers.",
+    )
+    from onnx_cp import __version__
+
+    parser.add_argument("--version", action="version", version=f"onnx-cp {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    subparsers.required = True
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"onnx_cp.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"onnx_cp.cli.{name}":
+                raise
+            continue  # subcommand not built yet
+        module.register(subparsers)
+    for sub in subparsers.choices.values():
+        add_common_flags(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    progress.set_quiet(args.quiet)
+    if not args.debug:
+        warnings.filterwarnings("ignore")
+    try:
+        return int(args.run(args) or 0)
+    except OnnxCpError as exc:
+        if args.debug:
+            raise
+        sys.stderr.write(f"onnx-cp {args.command}: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write(f"onnx-cp {args.command}: interrupted\n")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+        if args.debug:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        sys.stderr.write(
+            f"onnx-cp {args.command}: error: {type(exc).__name__}: {first} (rerun with --debug)\n"
+        )
+        return 1
