@@ -2,15 +2,184 @@
 
 from __future__ import annotations
 
+import hashlib
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnx_cp import model_io, select, verify
+from onnx_cp.errors import OnnxCpError
+from onnx_cp.rewrite import CPConvPass, ConvSite, find_conv_sites, reconstruct, select_sites
 
 
 @dataclass
 class OptimizeResult:
-    model: Any
+    """The rewritten model (an onnx.ModelProto if one was given, else an onnx_ir.Model) and the
+    report: per-layer rows, totals and verification (see README, "The report")."""
+
+    model: onnx.ModelProto | ir.Model
     report: dict = field(default_factory=dict)
 
+    @property
+    def changed(self) -> bool:
+        return any(row["status"] == "decomposed" for row in self.report.get("layers", []))
 
-def optimize(model, **kwargs) -> OptimizeResult:  # replaced by the real pass shortly
-    raise NotImplementedError
+
+@dataclass
+class _Solved:
+    """A solver result in the form the pass and the rank search need."""
+
+    factors: list[np.ndarray]
+    rel_error: float
+    max_component_norm: float = 0.0
+    seconds: float = 0.0
+
+
+def optimize(
+    model: model_io.ModelLike,
+    *,
+    rank: int | None = None,
+    layer_ranks: dict[str, int] | None = None,
+    layers: str | None = None,
+    exclude: str | None = None,
+    max_error: float = select.DEFAULT_MAX_ERROR,
+    decomposer: Callable[[np.ndarray, int], object] | None = None,
+    method: str = "nls",
+    workers: int | None = None,
+    input_shapes: dict[str, list[int]] | None = None,
+    verify_outputs: bool = True,
+    seed: int = 0,
+) -> OptimizeResult:
+    """Replace the eligible Convs of `model` by CP chains.
+
+    rank / layer_ranks: explicit ranks (all layers / per layer name), clipped to each layer's
+    FLOP break-even. Layers without one get the data-free default: the smallest rank whose
+    kernel relative error is at most `max_error` among ranks that at least halve its MACs.
+    layers / exclude: regular expressions (re.search) on Conv layer names.
+    decomposer(kernel (T,S,kh,kw) float64, rank) -> factors or a result with .factors; defaults
+    to onnx_cp.cp.decompose (NLS) run over layers in parallel worker processes.
+    The input is never modified.
+    """
+    started = time.perf_counter()
+    source = str(model) if isinstance(model, (str, Path)) else None
+    original = model_io.to_ir(model)
+    had_external_data = model_io.has_external_data(original)
+    if model_io.initializer_bytes(original) < model_io.PROTOBUF_SAFE_BYTES:
+        ir.external_data.load_to_model(original)  # small enough to work in memory
+    if not max_error > 0:
+        raise OnnxCpError(f"max_error must be positive, got {max_error}")
+    shapes = verify.fill_input_shapes(original, input_shapes)
+    rewritten = original.clone()
+
+    sites = find_conv_sites(rewritten, _inferred_shapes(rewritten, shapes))
+    select_sites(sites, layers, exclude)
+    request = select.RankRequest(rank=rank, per_layer=dict(layer_ranks or {}), max_error=max_error)
+    select.check_layer_names(request, sites)
+    solve_many = _solver(decomposer, method, workers, seed)
+    choices = select.plan_ranks(sites, request, solve_many)
+
+    solved = {_key(k, c.rank): r for name, c in choices.items()
+              for k, r in zip(_site(sites, name).group_kernels(), c.results)}
+    cp_pass = CPConvPass(
+        rank_for=lambda site: choices[site.name].rank if site.name in choices else None,
+        decomposer=lambda kernel, r: solved[_key(kernel, r)],
+        sites=sites,
+    )
+    cp_pass(rewritten)
+    rows = [o.as_dict() for o in cp_pass.outcomes]
+    for row in rows:
+        if row["name"] in choices and choices[row["name"]].note:
+            row["note"] = choices[row["name"]].note
+
+    report = {
+        "input": source,
+        "layers": rows,
+        "totals": _totals(original, rewritten, rows),
+        "input_shapes": shapes,
+        "settings": {"rank": rank, "layer_ranks": layer_ranks or {}, "layers": layers,
+                     "exclude": exclude, "max_error": max_error, "method": method, "seed": seed},
+    }
+    if verify_outputs:
+        report["verification"] = verify.verify_rewrite(original, rewritten, shapes, seed=seed)
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    report["had_external_data"] = had_external_data
+    output = ir.to_proto(rewritten) if isinstance(model, onnx.ModelProto) else rewritten
+    return OptimizeResult(model=output, report=report)
+
+
+def _solver(decomposer, method: str, workers: int | None, seed: int) -> select.SolveMany:
+    """A batched solver: the user's decomposer in a loop, or onnx_cp.cp in worker processes."""
+    if decomposer is not None:
+        return lambda jobs: [_normalise(decomposer(k, r), k) for k, r in jobs]
+    from onnx_cp.cp import decompose_many
+
+    def solve_many(jobs: Sequence[tuple[np.ndarray, int]]) -> list:
+        if not jobs:
+            return []
+        return decompose_many(list(jobs), workers=workers, method=method, seed=seed)
+
+    return solve_many
+
+
+def _normalise(result: object, kernel: np.ndarray) -> _Solved:
+    factors = [np.asarray(f, dtype=np.float64) for f in getattr(result, "factors", result)]
+    norm = float(np.linalg.norm(kernel))
+    error = float(np.linalg.norm(kernel - reconstruct(factors))) / norm if norm > 0 else 0.0
+    return _Solved(factors=factors, rel_error=error)
+
+
+def _key(kernel: np.ndarray, rank: int) -> tuple[str, int]:
+    return hashlib.sha1(np.ascontiguousarray(kernel).tobytes()).hexdigest(), rank
+
+
+def _site(sites: Sequence[ConvSite], name: str) -> ConvSite:
+    return next(s for s in sites if s.name == name)
+
+
+def _inferred_shapes(model: ir.Model, input_shapes: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Static shapes of every value under the given input shapes (for FLOP counts); empty if
+    shape inference cannot run (FLOPs are then counted per output pixel)."""
+    if model_io.has_external_data(model):
+        return {}
+    proto = ir.to_proto(model)
+    for value in proto.graph.input:
+        if value.name in input_shapes:
+            dims = value.type.tensor_type.shape.dim
+            del dims[:]
+            for d in input_shapes[value.name]:
+                dims.add().dim_value = d
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:  # noqa: BLE001 - shapes are a nicety for the report
+        return {}
+    shapes = {}
+    for value in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+        dims = value.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = [d.dim_value for d in dims]
+    return shapes
+
+
+def _totals(original: ir.Model, rewritten: ir.Model, rows: list[dict]) -> dict:
+    done = [r for r in rows if r["status"] == "decomposed"]
+    return {
+        "convs": len(rows),
+        "decomposed": len(done),
+        "skipped": len(rows) - len(done),
+        "conv_macs_before": sum(r["macs_before"] or 0 for r in rows),
+        "conv_macs_after": sum(r["macs_after"] or 0 for r in rows),
+        "params_before": _param_count(original),
+        "params_after": _param_count(rewritten),
+    }
+
+
+def _param_count(model: ir.Model) -> int:
+    return sum(
+        int(np.prod(v.const_value.shape.numpy())) if v.const_value is not None else 0
+        for g in model.graphs() for v in g.initializers.values()
+    )

@@ -26,7 +26,7 @@ from onnx_cp.errors import OnnxCpError
 ModelLike = Union[str, os.PathLike, onnx.ModelProto, ir.Model]
 
 # protobuf refuses messages over 2 GiB; stay clear of the limit.
-_PROTOBUF_SAFE_BYTES = 1_800_000_000
+PROTOBUF_SAFE_BYTES = 1_800_000_000
 
 
 def load_model(path: str | os.PathLike) -> ir.Model:
@@ -54,7 +54,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
 def to_ir(model: ModelLike) -> ir.Model:
     """Accept a path, an onnx.ModelProto or an ir.Model; return an ir.Model (never the caller's)."""
     if isinstance(model, ir.Model):
-        return ir.from_proto(ir.to_proto(model)) if _is_small(model) else model
+        return model.clone()  # new graph objects; tensors are shared, never written
     if isinstance(model, onnx.ModelProto):
         return ir.serde.deserialize_model(model)
     return load_model(model)
@@ -98,7 +98,7 @@ def save_model(
     if path.is_dir():
         raise OnnxCpError(f"{path}: is a folder")
     if external_data is None:
-        external_data = has_external_data(model) or initializer_bytes(model) > _PROTOBUF_SAFE_BYTES
+        external_data = has_external_data(model) or initializer_bytes(model) > PROTOBUF_SAFE_BYTES
     data_name = path.name + ".data" if external_data else None
 
     staging = Path(tempfile.mkdtemp(prefix=".onnx-cp-", dir=folder))
@@ -117,10 +117,6 @@ def save_model(
         return written
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _is_small(model: ir.Model) -> bool:
-    return not has_external_data(model) and initializer_bytes(model) < _PROTOBUF_SAFE_BYTES
 
 
 def _check_external_locations(proto: onnx.ModelProto, base: Path) -> None:

@@ -3,10 +3,16 @@ and the outputs of original and rewritten models on the same random inputs."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import tempfile
+from collections.abc import Iterable, Iterator
 
 import numpy as np
+import onnx
 import onnx_ir as ir
+import onnxruntime as ort
+
+from onnx_cp.model_io import has_external_data, save_model
 
 from onnx_cp.errors import OnnxCpError, UsageError
 
@@ -69,4 +75,94 @@ def _real_inputs(model: ir.Model) -> list[ir.Value]:
     return [v for v in model.graph.inputs if v.name not in model.graph.initializers]
 
 
-__all__ = ["parse_input_shapes", "fill_input_shapes", "random_inputs", "OnnxCpError"]
+
+
+@contextlib.contextmanager
+def ort_session(model: ir.Model, threads: int = 1) -> Iterator[ort.InferenceSession]:
+    """An onnxruntime CPU session for an in-memory model (staged on disk if it has external data)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if not has_external_data(model):
+        yield ort.InferenceSession(
+            ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return
+    with tempfile.TemporaryDirectory(prefix="onnx-cp-") as folder:
+        path = f"{folder}/model.onnx"
+        save_model(model, path, external_data=True)
+        yield ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def check_model(model: ir.Model) -> None:
+    """onnx.checker with full shape inference (raises onnx.checker.ValidationError and friends)."""
+    if has_external_data(model):
+        with tempfile.TemporaryDirectory(prefix="onnx-cp-") as folder:
+            save_model(model, f"{folder}/model.onnx", external_data=True)
+            onnx.checker.check_model(f"{folder}/model.onnx", full_check=True)
+    else:
+        onnx.checker.check_model(ir.to_proto(model), full_check=True)
+
+
+def run_model(model: ir.Model, feeds: dict[str, np.ndarray], what: str) -> list[np.ndarray]:
+    try:
+        with ort_session(model) as session:
+            return session.run(None, feeds)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise OnnxCpError(f"onnxruntime cannot run the {what}: {_first_line(exc)}") from None
+
+
+def compare_outputs(expected: list[np.ndarray], actual: list[np.ndarray], names: list[str]) -> dict:
+    """Max/mean absolute and relative (Frobenius) error per output."""
+    outputs = {}
+    for name, a, b in zip(names, expected, actual):
+        a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if a64.shape != b64.shape:
+            raise OnnxCpError(f"output {name!r} changed shape from {a64.shape} to {b64.shape}")
+        diff = np.abs(a64 - b64)
+        scale = np.linalg.norm(a64)
+        outputs[name] = {
+            "max_abs_error": float(diff.max()) if diff.size else 0.0,
+            "mean_abs_error": float(diff.mean()) if diff.size else 0.0,
+            "rel_error": float(np.linalg.norm(a64 - b64) / scale) if scale > 0 else float(np.linalg.norm(b64)),
+            "finite": bool(np.all(np.isfinite(b64))),
+        }
+    return outputs
+
+
+def verify_rewrite(
+    original: ir.Model,
+    rewritten: ir.Model,
+    input_shapes: dict[str, list[int]] | None = None,
+    seed: int = 0,
+) -> dict:
+    """Checker, onnxruntime session and output comparison; raises OnnxCpError on failure."""
+    notes = []
+    try:
+        check_model(rewritten)
+    except Exception as exc:  # noqa: BLE001 - checker failures come in several types
+        try:
+            check_model(original)
+        except Exception:  # noqa: BLE001
+            notes.append(f"the input model already fails onnx.checker: {_first_line(exc)}")
+        else:
+            raise OnnxCpError(f"the rewritten model fails onnx.checker: {_first_line(exc)}") from None
+    feeds = random_inputs(original, input_shapes, seed=seed)
+    expected = run_model(original, feeds, "input model")
+    actual = run_model(rewritten, feeds, "rewritten model")
+    outputs = compare_outputs(expected, actual, [v.name for v in original.graph.outputs])
+    if not all(o["finite"] for o in outputs.values()):
+        raise OnnxCpError("the rewritten model produces NaN or infinity on random inputs")
+    return {
+        "checker": "passed" if not notes else "input model fails too",
+        "notes": notes,
+        "input_shapes": {k: list(map(int, v.shape)) for k, v in feeds.items()},
+        "outputs": outputs,
+        "max_abs_error": max((o["max_abs_error"] for o in outputs.values()), default=0.0),
+        "max_rel_error": max((o["rel_error"] for o in outputs.values()), default=0.0),
+    }
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(exc).__name__

@@ -62,7 +62,7 @@ def conv_model(
         nodes,
         "conv",
         [helper.make_tensor_value_info("x", dtype, list(input_shape))],
-        [helper.make_tensor_value_info("y", dtype, None)],
+        [helper.make_tensor_value_info("y", dtype, [None] * kernel.ndim)],
         initializers,
     )
     return make_model(graph, opset)
