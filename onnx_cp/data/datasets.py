@@ -1,0 +1,311 @@
+"""Labelled (or unlabelled) image data for evaluation and fine-tuning, read in streaming batches.
+
+Two formats:
+- ``.npz`` with ``x`` (N, C, H, W floating point; used as float32) and optional ``y`` (N,) integer
+  class labels. Arrays are streamed from the archive, so a large file is never loaded whole.
+- an image folder with one sub-folder per class (``DATA/cat/001.png``). Labels: when every
+  sub-folder name is a non-negative integer, that integer is the label ("7/" holds class 7);
+  otherwise the sorted sub-folder names are numbered 0, 1, ... (as torchvision's ImageFolder).
+  Images are listed class by class in round-robin order, so `limit` keeps every class.
+
+Preprocessing, in this order: convert to RGB (or one channel with ``grayscale``), resize to
+``size`` (H, W; bilinear) when given, multiply by ``scale`` (default 1/255 for images, 1 for npz),
+then ``(x - mean) / std`` per channel when given. Images of one folder must share a size unless
+``size`` is given. ``size`` and ``grayscale`` apply to image folders only.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from onnx_cp.errors import OnnxCpError, UsageError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                    ".pgm", ".pbm"}
+
+
+class Dataset:
+    """Samples x (float32, C x H x W) with optional integer labels, read in batches."""
+
+    path: str
+    has_labels: bool
+    num_classes: int | None
+    sample_shape: tuple[int, ...]
+    classes: list[str] | None = None
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """Yield (x float32 N x C x H x W, y int64 (N,) or None) in dataset order."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.path!r}, n={len(self)}, sample_shape={self.sample_shape}, "
+                f"num_classes={self.num_classes})")
+
+
+def open_dataset(
+    path: str | os.PathLike,
+    *,
+    size: Sequence[int] | int | None = None,
+    grayscale: bool = False,
+    scale: float | None = None,
+    mean: Sequence[float] | float | None = None,
+    std: Sequence[float] | float | None = None,
+    limit: int | None = None,
+) -> Dataset:
+    """Open an .npz file or an image folder (see the module docstring for formats and
+    preprocessing). Raises OnnxCpError with a one-line message when the data is unusable."""
+    path = Path(path)
+    if limit is not None and limit < 1:
+        raise UsageError(f"limit {limit}: expected a positive integer")
+    if not path.exists():
+        raise OnnxCpError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return ImageFolder(path, size=_size(size), grayscale=grayscale,
+                           scale=1 / 255 if scale is None else scale, mean=mean, std=std, limit=limit)
+    if size is not None or grayscale:
+        raise UsageError(f"{path}: --size and --grayscale apply to image folders, not to .npz files")
+    return NpzDataset(path, scale=1.0 if scale is None else scale, mean=mean, std=std, limit=limit)
+
+
+# ----------------------------------------------------------------------------------------- npz
+
+class NpzDataset(Dataset):
+    def __init__(self, path: Path, *, scale: float, mean, std, limit: int | None):
+        self.path = str(path)
+        try:
+            with zipfile.ZipFile(path) as archive:
+                members = {Path(n).stem: n for n in archive.namelist() if n.endswith(".npy")}
+                if "x" not in members:
+                    found = ", ".join(sorted(members)) or "nothing"
+                    raise OnnxCpError(f"{path}: no array 'x' in the .npz (found: {found})")
+                self._x_member = members["x"]
+                x_shape, x_dtype = _npy_header(archive, self._x_member, path)
+                y = _read_npy(archive, members["y"], path) if "y" in members else None
+        except zipfile.BadZipFile:
+            raise OnnxCpError(f"{path}: not a readable .npz file (expected an archive with x and y)") \
+                from None
+        except OSError as exc:
+            raise OnnxCpError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        if len(x_shape) != 4:
+            raise OnnxCpError(f"{path}: x has shape {tuple(x_shape)}; expected (N, C, H, W)")
+        if not np.issubdtype(x_dtype, np.floating):
+            raise OnnxCpError(f"{path}: x has dtype {x_dtype}; expected float32 "
+                              f"(convert first, e.g. x.astype('float32') / 255)")
+        if x_shape[0] == 0:
+            raise OnnxCpError(f"{path}: x holds no samples")
+        self._n_total = int(x_shape[0])
+        self._dtype = x_dtype
+        self.sample_shape = tuple(int(d) for d in x_shape[1:])
+        self._n = min(self._n_total, limit) if limit else self._n_total
+        self._normalize = _Normalizer(scale, mean, std, self.sample_shape[0], path)
+        self.has_labels = y is not None
+        self.labels = _check_labels(y, self._n_total, path)[: self._n] if y is not None else None
+        self.num_classes = int(self.labels.max()) + 1 if self.labels is not None else None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        _check_batch_size(batch_size)
+        sample_bytes = int(np.prod(self.sample_shape)) * self._dtype.itemsize
+        with zipfile.ZipFile(self.path) as archive, archive.open(self._x_member) as stream:
+            _skip_npy_header(stream)
+            for start in range(0, self._n, batch_size):
+                count = min(batch_size, self._n - start)
+                raw = stream.read(count * sample_bytes)
+                if len(raw) != count * sample_bytes:
+                    raise OnnxCpError(f"{self.path}: x is truncated (sample {start + len(raw) // sample_bytes})")
+                x = np.frombuffer(raw, dtype=self._dtype).reshape((count, *self.sample_shape))
+                y = self.labels[start:start + count] if self.labels is not None else None
+                yield self._normalize(x.astype(np.float32)), y
+
+
+def _npy_header(archive: zipfile.ZipFile, member: str, path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    with archive.open(member) as stream:
+        shape, fortran, dtype = _read_header(stream, path, member)
+    if fortran and len(shape) > 1:
+        raise OnnxCpError(f"{path}: {Path(member).stem} is stored in Fortran order; save it C-ordered "
+                          f"(np.ascontiguousarray)")
+    return shape, dtype
+
+
+def _read_header(stream, path: Path, member: str):
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(stream)
+        return np.lib.format.read_array_header_2_0(stream)
+    except ValueError as exc:
+        raise OnnxCpError(f"{path}: {Path(member).stem} is not a plain numeric array ({exc})") from None
+
+
+def _skip_npy_header(stream) -> None:
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        np.lib.format.read_array_header_1_0(stream)
+    else:
+        np.lib.format.read_array_header_2_0(stream)
+
+
+def _read_npy(archive: zipfile.ZipFile, member: str, path: Path) -> np.ndarray:
+    with archive.open(member) as stream:
+        try:
+            return np.lib.format.read_array(stream, allow_pickle=False)
+        except ValueError as exc:
+            raise OnnxCpError(f"{path}: {Path(member).stem} is not a plain numeric array ({exc})") from None
+
+
+def _check_labels(y: np.ndarray, n: int, path) -> np.ndarray:
+    if y.ndim != 1 or y.shape[0] != n:
+        raise OnnxCpError(f"{path}: y has shape {tuple(y.shape)}; expected ({n},), one label per sample")
+    if np.issubdtype(y.dtype, np.floating):
+        if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+            raise OnnxCpError(f"{path}: y holds non-integer labels (dtype {y.dtype}); expected class indices")
+    elif not np.issubdtype(y.dtype, np.integer):
+        raise OnnxCpError(f"{path}: y has dtype {y.dtype}; expected integer class labels")
+    y = y.astype(np.int64)
+    if y.size and y.min() < 0:
+        raise OnnxCpError(f"{path}: y holds a negative label ({int(y.min())}); labels must be 0, 1, ...")
+    return y
+
+
+# ------------------------------------------------------------------------------- image folder
+
+class ImageFolder(Dataset):
+    def __init__(self, path: Path, *, size, grayscale: bool, scale: float, mean, std,
+                 limit: int | None):
+        self.path = str(path)
+        self._size = size
+        self._grayscale = grayscale
+        class_dirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not class_dirs:
+            loose = any(_is_image(p) for p in path.iterdir())
+            hint = " (images must sit in one sub-folder per class)" if loose else ""
+            raise OnnxCpError(f"{path}: no class sub-folders{hint}; expected DATA/<class>/<image>")
+        self.classes, labels = _class_labels(class_dirs)
+        per_class = [sorted(p for p in d.rglob("*") if _is_image(p)) for d in class_dirs]
+        if not any(per_class):
+            raise OnnxCpError(f"{path}: no images in its {len(class_dirs)} class sub-folder(s) "
+                              f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        # Round-robin over classes: a `limit` or a partial run still sees every class.
+        self._items: list[tuple[Path, int]] = []
+        for i in range(max(len(files) for files in per_class)):
+            for files, label in zip(per_class, labels):
+                if i < len(files):
+                    self._items.append((files[i], label))
+        if limit:
+            self._items = self._items[:limit]
+        first = self._load_raw(self._items[0][0])
+        channels = 1 if grayscale else 3
+        self.sample_shape = (channels, *first.shape[:2])
+        self.has_labels = True
+        self.num_classes = max(labels) + 1
+        self._normalize = _Normalizer(scale, mean, std, channels, path)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        _check_batch_size(batch_size)
+        for start in range(0, len(self._items), batch_size):
+            chunk = self._items[start:start + batch_size]
+            x = np.stack([self._load(file) for file, _ in chunk])
+            y = np.array([label for _, label in chunk], dtype=np.int64)
+            yield self._normalize(x), y
+
+    def _load(self, file: Path) -> np.ndarray:
+        pixels = self._load_raw(file)
+        if pixels.shape[:2] != self.sample_shape[1:]:
+            h, w = self.sample_shape[1:]
+            raise OnnxCpError(f"{file}: image is {pixels.shape[0]}x{pixels.shape[1]} but the first image "
+                              f"is {h}x{w}; give --size H,W to resize all images")
+        return pixels.transpose(2, 0, 1)
+
+    def _load_raw(self, file: Path) -> np.ndarray:
+        """H x W x C float32 pixels, converted and resized, before scaling."""
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(file) as image:
+                image = image.convert("L" if self._grayscale else "RGB")
+                if self._size is not None:
+                    h, w = self._size
+                    image = image.resize((w, h), Image.Resampling.BILINEAR)
+                pixels = np.asarray(image, dtype=np.float32)
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise OnnxCpError(f"{file}: unreadable image ({reason[:150]})") from None
+        return pixels[:, :, None] if pixels.ndim == 2 else pixels
+
+
+def _class_labels(class_dirs: list[Path]) -> tuple[list[str], list[int]]:
+    names = [d.name for d in class_dirs]
+    if all(name.isdigit() for name in names):
+        labels = [int(name) for name in names]
+        if len(set(labels)) != len(labels):
+            raise OnnxCpError(f"{class_dirs[0].parent}: two class folders name the same label "
+                              f"({', '.join(names)})")
+        classes = [""] * (max(labels) + 1)
+        for name, label in zip(names, labels):
+            classes[label] = name
+        return classes, labels
+    return names, list(range(len(names)))
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+class _Normalizer:
+    """x * scale, then (x - mean) / std per channel."""
+
+    def __init__(self, scale: float, mean, std, channels: int, path):
+        if not np.isfinite(scale) or scale == 0:
+            raise UsageError(f"scale {scale}: expected a finite, non-zero number")
+        self.scale = np.float32(scale)
+        self.mean = _per_channel(mean, channels, "mean", path)
+        self.std = _per_channel(std, channels, "std", path)
+        if self.std is not None and np.any(self.std == 0):
+            raise UsageError("std: values must be non-zero")
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = x * self.scale
+        if self.mean is not None:
+            x = x - self.mean
+        if self.std is not None:
+            x = x / self.std
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _per_channel(values, channels: int, what: str, path) -> np.ndarray | None:
+    if values is None:
+        return None
+    array = np.atleast_1d(np.asarray(values, dtype=np.float32))
+    if array.ndim != 1 or array.size not in (1, channels):
+        raise UsageError(f"{what}: give 1 or {channels} values (the data of {path} has {channels} "
+                         f"channel(s)), got {array.size}")
+    return array.reshape(-1, 1, 1)
+
+
+def _size(size) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    dims = [size, size] if isinstance(size, int) else list(size)
+    if len(dims) != 2 or any(int(d) < 1 for d in dims):
+        raise UsageError(f"size {size}: expected H,W (positive integers)")
+    return int(dims[0]), int(dims[1])
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise UsageError(f"batch size {batch_size}: expected a positive integer")

@@ -1,0 +1,170 @@
+"""onnxruntime CPU latency of one or more models, measured side by side.
+
+Runs are interleaved (A B A B ...) after a warm-up, so that a noisy, shared machine slows every
+model alike and the ratios stay meaningful even when absolute times drift."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from onnx_cp import __version__
+from onnx_cp.errors import UsageError
+from onnx_cp.measure.inputs import check_shape_names, measured_feeds, measured_shapes
+from onnx_cp.measure.session import (
+    load,
+    make_session,
+    resolve_threads,
+    run,
+    session_options,
+)
+from onnx_cp.model_io import ModelLike
+from onnx_cp.progress import bar
+
+DEFAULT_RUNS = 100
+DEFAULT_WARMUP = 10
+
+
+def benchmark_latency(
+    models: ModelLike | Sequence[ModelLike],
+    *,
+    threads: int | str | None = 1,
+    batch: int = 1,
+    input_shapes: dict[str, list[int]] | None = None,
+    runs: int = DEFAULT_RUNS,
+    warmup: int = DEFAULT_WARMUP,
+    optimization: str = "all",
+    names: Sequence[str] | None = None,
+    seed: int = 0,
+) -> dict:
+    """Median / p10 / p90 latency (ms) of each model and its ratio to the first model.
+
+    threads: onnxruntime intra-op threads (inter-op is 1, execution sequential); 0 or "all" =
+    every core. optimization: "all" (ORT_ENABLE_ALL), "extended", "basic" or "none".
+    Returns the `onnx-cp bench` JSON (see README)."""
+    models = _as_list(models)
+    if not models:
+        raise UsageError("no model to benchmark")
+    if runs < 1 or warmup < 0:
+        raise UsageError(f"runs must be >= 1 and warmup >= 0 (got runs={runs}, warmup={warmup})")
+    threads = resolve_threads(threads)
+    labels = _labels(models, names)
+    loaded = [load(m, label) for m, label in zip(models, labels)]
+    check_shape_names([m.ir_model for m in loaded], input_shapes)
+    options = session_options(threads=threads, optimization=optimization)
+    sessions = [make_session(m, options) for m in loaded]
+    feeds = [measured_feeds(m.ir_model, input_shapes, batch, seed) for m in loaded]
+
+    times = [[] for _ in loaded]
+    progress = bar(warmup + runs, desc="benchmarking")
+    for step in range(warmup + runs):
+        for i, (session, feed) in enumerate(zip(sessions, feeds)):
+            start = time.perf_counter()
+            run(session, feed, loaded[i].path or loaded[i].label)
+            elapsed = time.perf_counter() - start
+            if step >= warmup:
+                times[i].append(elapsed * 1e3)
+        progress.update(1)
+    progress.close()
+
+    results = []
+    for model, samples in zip(loaded, times):
+        ms = np.asarray(samples)
+        results.append({
+            "name": model.label,
+            "path": model.path,
+            "input_shapes": measured_shapes(model.ir_model, input_shapes, batch),
+            "median_ms": float(np.median(ms)),
+            "p10_ms": float(np.percentile(ms, 10)),
+            "p90_ms": float(np.percentile(ms, 90)),
+            "mean_ms": float(ms.mean()),
+            "min_ms": float(ms.min()),
+            "runs": len(samples),
+        })
+    first = results[0]["median_ms"]
+    for result in results:
+        result["ratio_to_first"] = result["median_ms"] / first if first > 0 else None
+        result["speedup_vs_first"] = first / result["median_ms"] if result["median_ms"] > 0 else None
+    return {
+        "tool": f"onnx-cp {__version__}",
+        "kind": "latency",
+        "models": results,
+        "threads": threads,
+        "inter_op_threads": 1,
+        "execution_mode": "sequential",
+        "batch": batch,
+        "optimization": optimization,
+        "optimization_level": str(options.graph_optimization_level).split(".")[-1],
+        "runs": runs,
+        "warmup": warmup,
+        "order": "interleaved",
+        "onnxruntime": ort.__version__,
+        "provider": "CPUExecutionProvider",
+        "machine": _machine(),
+    }
+
+
+def _as_list(models) -> list:
+    if isinstance(models, (list, tuple)):
+        return list(models)
+    return [models]
+
+
+def _labels(models: list, names: Sequence[str] | None) -> list[str]:
+    if names is not None:
+        if len(names) != len(models):
+            raise UsageError(f"{len(names)} names given for {len(models)} models")
+        return list(names)
+    labels = []
+    for i, model in enumerate(models):
+        if isinstance(model, (str, os.PathLike)):
+            labels.append(os.path.splitext(os.path.basename(os.fspath(model)))[0])
+        else:
+            labels.append(f"model{i}")
+    # Two files with the same stem in different folders: keep the labels apart.
+    seen: dict[str, int] = {}
+    unique = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        unique.append(label if seen[label] == 1 else f"{label}#{seen[label]}")
+    return unique
+
+
+def _machine() -> dict:
+    return {
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "platform": platform.platform(terse=True),
+        "python": platform.python_version(),
+    }
+
+
+def format_table(result: dict) -> str:
+    """The `onnx-cp bench` table: model, median, p10, p90, ratio to the first model."""
+    rows = [("model", "median ms", "p10 ms", "p90 ms", "ratio", "speedup")]
+    for m in result["models"]:
+        rows.append((
+            m["name"],
+            f"{m['median_ms']:.3f}",
+            f"{m['p10_ms']:.3f}",
+            f"{m['p90_ms']:.3f}",
+            f"{m['ratio_to_first']:.3f}" if m["ratio_to_first"] is not None else "-",
+            f"{m['speedup_vs_first']:.2f}x" if m["speedup_vs_first"] is not None else "-",
+        ))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(
+        f"({result['runs']} interleaved runs after {result['warmup']} warm-up, "
+        f"{result['threads']} thread(s), batch {result['batch']}, "
+        f"graph optimization {result['optimization']}, onnxruntime {result['onnxruntime']})"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,319 @@
+"""Reports people can read: report.json, report.md and PNG plots in one folder.
+
+`write_report` takes the optimize report, a bench JSON or an eval JSON, and renders whatever
+parts are present: layers and totals (optimize), verification, latency, per-layer profiles,
+accuracy. A plot is drawn only when its data is there."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from onnx_cp.errors import OnnxCpError
+
+JSON_NAME = "report.json"
+MD_NAME = "report.md"
+LAYER_LATENCY_PNG = "layer_latency.png"
+LAYER_MACS_PNG = "layer_macs.png"
+LATENCY_PNG = "latency.png"
+ACCURACY_PNG = "accuracy_vs_speedup.png"
+
+
+def write_report(report: dict, out_dir: str | os.PathLike) -> list[Path]:
+    """Write report.json, report.md and the plots the data allows; return the paths written."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OnnxCpError(f"{out_dir}: cannot create the report folder ({exc.strerror or exc})") from None
+    if not out_dir.is_dir() or not os.access(out_dir, os.W_OK):
+        raise OnnxCpError(f"{out_dir}: report folder is not writable")
+    parts = normalize(report)
+    plots = _plots(parts, out_dir)
+    written = [write_json(report, out_dir / JSON_NAME)]
+    written.append(_write_text(out_dir / MD_NAME, render_markdown(parts, plots)))
+    return written + plots
+
+
+def write_json(data: dict, path: str | os.PathLike) -> Path:
+    """Write JSON atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    return _write_text(path, json.dumps(_plain(data), indent=2) + "\n")
+
+
+def normalize(report: dict) -> dict:
+    """Bring a bench or eval JSON into the optimize report's shape (latency / profile / accuracy)."""
+    kind = report.get("kind")
+    if kind == "latency" or ("models" in report and "threads" in report and "layers" not in report):
+        latency = {k: v for k, v in report.items() if k != "profile"}
+        parts = {"latency": latency}
+        if report.get("profile"):
+            parts["profile"] = report["profile"]
+        return parts
+    if kind == "accuracy" or ("top1" in report and "n" in report):
+        return {"accuracy": {_stem(report.get("model")) or "model": report}}
+    if kind == "profile":
+        return {"profile": {report.get("name") or "model": report}}
+    return dict(report)
+
+
+# ------------------------------------------------------------------------------------ plots
+
+def _plots(parts: dict, out_dir: Path) -> list[Path]:
+    from onnx_cp.measure import plots  # matplotlib only when a report is drawn
+
+    written = []
+    profiles = {k: v for k, v in (parts.get("profile") or {}).items() if v and v.get("layers")}
+    if profiles:
+        rows = _union_rows([p["layers"] for p in profiles.values()])
+        series = {
+            f"{label} ({p['total_ms']:.3g} ms)": [_layer_ms(p, r) for r in rows]
+            for label, p in profiles.items()
+        }
+        first = next(iter(profiles.values()))
+        written.append(plots.grouped_hbars(
+            rows, series, out_dir / LAYER_LATENCY_PNG,
+            title=f"Per-layer latency (onnxruntime profiler, {first['threads']} thread(s), batch "
+                  f"{first['batch']}, median of {first['runs']} runs)",
+            xlabel="ms per inference",
+        ))
+    layers = parts.get("layers") or []
+    if layers and any(layer.get("macs_before") for layer in layers):
+        rows = [layer["name"] for layer in layers]
+        written.append(plots.grouped_hbars(
+            rows,
+            {
+                "before": [(layer.get("macs_before") or 0) / 1e6 for layer in layers],
+                "after": [(layer.get("macs_after") or layer.get("macs_before") or 0) / 1e6
+                          for layer in layers],
+            },
+            out_dir / LAYER_MACS_PNG,
+            title="Multiply-accumulates per layer, before and after CP decomposition",
+            xlabel="million MACs per inference",
+        ))
+    latency = parts.get("latency")
+    if latency and latency.get("models"):
+        written.append(plots.latency_bars(
+            latency["models"], out_dir / LATENCY_PNG,
+            title=f"onnxruntime latency ({latency['threads']} thread(s), batch {latency['batch']}, "
+                  f"{latency['runs']} interleaved runs)",
+        ))
+    points, xlabel = _accuracy_points(parts)
+    if points:
+        written.append(plots.accuracy_vs_speedup(points, out_dir / ACCURACY_PNG, xlabel=xlabel))
+    return written
+
+
+def _union_rows(layer_lists: list[list[dict]]) -> list[str]:
+    rows: list[str] = []
+    for layer_list in layer_lists:
+        for layer in layer_list:
+            if layer["name"] not in rows:
+                rows.append(layer["name"])
+    # layout conversions are not a layer of the network: keep them last
+    return sorted(rows, key=lambda r: r == "(reorder)")
+
+
+def _layer_ms(profile: dict, name: str) -> float:
+    return next((layer["ms"] for layer in profile["layers"] if layer["name"] == name), 0.0)
+
+
+def _accuracy_points(parts: dict) -> tuple[list[tuple[str, float, float]], str]:
+    """(label, speedup, top-1 %) for each accuracy entry that has a speedup to pair with."""
+    accuracy = {k: v for k, v in (parts.get("accuracy") or {}).items() if v}
+    if not accuracy:
+        return [], ""
+    latency_models = (parts.get("latency") or {}).get("models") or []
+    totals = parts.get("totals") or {}
+    if len(latency_models) >= 2:
+        xlabel = "measured speedup (onnxruntime median latency, x)"
+
+        def speedup(label: str) -> float | None:
+            named = next((m for m in latency_models if m.get("name") == label), None)
+            if named is None:
+                named = latency_models[0] if label == "original" else latency_models[-1]
+            return named.get("speedup_vs_first")
+    elif totals.get("macs_before") and totals.get("macs_after"):
+        xlabel = "MAC reduction (x; latency not measured)"
+        reduction = totals["macs_before"] / totals["macs_after"]
+
+        def speedup(label: str) -> float | None:
+            return 1.0 if label == "original" else reduction
+    else:
+        xlabel = "speedup (x)"
+
+        def speedup(label: str) -> float | None:
+            return None
+
+    points = []
+    for label, entry in accuracy.items():
+        x = entry.get("speedup", speedup(label))
+        top1 = entry.get("top1")
+        if top1 is None:
+            top1 = entry.get("agreement_top1")
+        if x is not None and top1 is not None and math.isfinite(x):
+            points.append((label, float(x), 100.0 * top1))
+    return (points, xlabel) if len(points) >= 2 else ([], "")
+
+
+# --------------------------------------------------------------------------------- markdown
+
+def render_markdown(parts: dict, plots: list[Path]) -> str:
+    out = ["# onnx-cp report", ""]
+    if parts.get("input") or parts.get("output"):
+        out += [f"- input: `{parts.get('input')}`", f"- output: `{parts.get('output')}`", ""]
+    out += _totals_md(parts.get("totals"))
+    out += _layers_md(parts.get("layers"))
+    out += _verification_md(parts.get("verification"))
+    out += _latency_md(parts.get("latency"))
+    out += _profile_md(parts.get("profile"))
+    out += _accuracy_md(parts.get("accuracy"))
+    if plots:
+        out += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    return "\n".join(out)
+
+
+def _table(header: list[str], rows: list[list], align: str | None = None) -> list[str]:
+    align = align or "l" + "r" * (len(header) - 1)
+    marks = ["---" if a == "l" else "---:" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(marks) + " |"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value).replace("|", "\\|")
+
+
+def _totals_md(totals: dict | None) -> list[str]:
+    if not totals:
+        return []
+    rows = []
+    for what in ("macs", "params"):
+        before, after = totals.get(f"{what}_before"), totals.get(f"{what}_after")
+        if before is not None:
+            ratio = f"{before / after:.2f}x" if after else "-"
+            rows.append(["MACs" if what == "macs" else what, before, after, ratio])
+    return ["## Totals", ""] + _table(["", "before", "after", "reduction"], rows)
+
+
+def _layers_md(layers: list | None) -> list[str]:
+    if not layers:
+        return []
+    rows = []
+    for layer in layers:
+        shape = layer.get("kernel_shape")
+        rows.append([
+            f"`{layer.get('name')}`",
+            "x".join(map(str, shape)) if shape else None,
+            layer.get("group"), layer.get("rank"), layer.get("rel_error"),
+            layer.get("macs_before"), layer.get("macs_after"),
+            layer.get("status"), layer.get("reason"),
+        ])
+    header = ["layer", "kernel", "group", "rank", "rel. error", "MACs before", "MACs after",
+              "status", "reason"]
+    return ["## Layers", ""] + _table(header, rows, "lrrrrrrll")
+
+
+def _verification_md(verification) -> list[str]:
+    if not verification:
+        return []
+    if not isinstance(verification, dict):
+        return ["## Verification", "", str(verification), ""]
+    rows = [[k, v if not isinstance(v, (dict, list)) else json.dumps(_plain(v))]
+            for k, v in verification.items()]
+    return ["## Verification", ""] + _table(["check", "result"], rows, "ll")
+
+
+def _latency_md(latency: dict | None) -> list[str]:
+    if not latency or not latency.get("models"):
+        return []
+    rows = [[m["name"], m["median_ms"], m["p10_ms"], m["p90_ms"], m["ratio_to_first"],
+             f"{m['speedup_vs_first']:.2f}x" if m.get("speedup_vs_first") else None]
+            for m in latency["models"]]
+    note = (f"onnxruntime {latency.get('onnxruntime')}, CPU, {latency['threads']} intra-op thread(s), "
+            f"batch {latency['batch']}, graph optimization `{latency.get('optimization')}`, "
+            f"{latency['runs']} interleaved runs after {latency.get('warmup')} warm-up.")
+    return (["## Latency", "", note, ""]
+            + _table(["model", "median ms", "p10 ms", "p90 ms", "ratio to first", "speedup"], rows))
+
+
+def _profile_md(profiles: dict | None) -> list[str]:
+    profiles = {k: v for k, v in (profiles or {}).items() if v and v.get("layers")}
+    if not profiles:
+        return []
+    labels = list(profiles)
+    rows_order = _union_rows([p["layers"] for p in profiles.values()])
+    rows = [[f"`{r}`"] + [_layer_ms(profiles[label], r) for label in labels] for r in rows_order]
+    rows.append(["**total**"] + [profiles[label]["total_ms"] for label in labels])
+    return (["## Per-layer latency (ms, onnxruntime profiler)", "",
+             ("A CP chain's four convolutions are counted under the layer they replaced; "
+             "`(reorder)` is onnxruntime's layout conversion."), ""]
+            + _table(["layer"] + labels, rows))
+
+
+def _accuracy_md(accuracy: dict | None) -> list[str]:
+    accuracy = {k: v for k, v in (accuracy or {}).items() if v}
+    if not accuracy:
+        return []
+    rows = []
+    for label, entry in accuracy.items():
+        rows.append([label, entry.get("n"), _pct(entry.get("top1")), _pct(entry.get("top5")),
+                     _pct(entry.get("agreement_top1")), entry.get("max_abs_error")])
+    return ["## Accuracy", ""] + _table(
+        ["model", "samples", "top-1", "top-5", "top-1 agreement", "max abs error"], rows)
+
+
+def _pct(value) -> str | None:
+    return None if value is None else f"{100 * value:.2f}%"
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+def _stem(path) -> str | None:
+    return Path(str(path)).stem if path else None
+
+
+def _plain(value):
+    """JSON-safe copy: numpy scalars and arrays to Python, paths to strings, NaN to null."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):  # numpy scalar or array
+        return _plain(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _write_text(path: Path, text: str) -> Path:
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OnnxCpError(f"{path}: folder {folder} does not exist")
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is meant to be shared
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        raise OnnxCpError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+    return path

@@ -1,0 +1,109 @@
+"""onnxruntime sessions for measuring: one place that turns a path / ModelProto / ir.Model into a
+CPU session with stated threading and graph-optimisation settings."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnx_cp.errors import OnnxCpError, UsageError
+from onnx_cp.model_io import ModelLike, has_external_data, load_model, to_ir
+
+OPTIMIZATION_LEVELS = {
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
+PROVIDERS = ["CPUExecutionProvider"]
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for onnxruntime: the IR (for inputs and names) and what to hand to ORT."""
+
+    ir_model: ir.Model
+    source: str | bytes  # a path when the model has external data, else serialized bytes
+    path: str | None  # the file it came from, if any
+    label: str  # short name for tables and plots
+
+
+def load(model: ModelLike, label: str | None = None) -> LoadedModel:
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        ir_model = load_model(path)
+        # ORT resolves external data relative to the file, so give it the path in that case.
+        source = str(path) if has_external_data(ir_model) else path.read_bytes()
+        return LoadedModel(ir_model, source, str(path), label or path.stem)
+    ir_model = to_ir(model)
+    if has_external_data(ir_model):
+        ir.external_data.load_to_model(ir_model)
+    proto = ir.to_proto(ir_model) if isinstance(model, ir.Model) else model
+    assert isinstance(proto, onnx.ModelProto)
+    return LoadedModel(ir_model, proto.SerializeToString(), None, label or "model")
+
+
+def resolve_threads(threads: int | str | None) -> int:
+    """1 by default; 0 or "all" means every core of the machine."""
+    if threads is None:
+        return 1
+    if isinstance(threads, str):
+        if threads.strip().lower() in ("all", "0"):
+            return os.cpu_count() or 1
+        try:
+            threads = int(threads)
+        except ValueError:
+            raise UsageError(f"threads {threads!r}: expected a positive integer or 'all'") from None
+    if threads == 0:
+        return os.cpu_count() or 1
+    if threads < 0:
+        raise UsageError(f"threads {threads}: expected a positive integer or 'all'")
+    return threads
+
+
+def session_options(
+    *, threads: int | None = 1, optimization: str = "all", profile_prefix: str | None = None
+) -> ort.SessionOptions:
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise UsageError(
+            f"optimization {optimization!r}: expected one of {', '.join(OPTIMIZATION_LEVELS)}"
+        )
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        if threads > 1:
+            # Spinning workers of one session would steal cores from the next, interleaved one.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
+    options.log_severity_level = 3  # warnings about unused initializers etc. are noise here
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return options
+
+
+def make_session(loaded: LoadedModel, options: ort.SessionOptions) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(loaded.source, options, providers=PROVIDERS)
+    except Exception as exc:  # noqa: BLE001 - ORT raises several private exception types
+        raise OnnxCpError(f"{loaded.path or loaded.label}: onnxruntime cannot load the model "
+                          f"({_first_line(exc)})") from None
+
+
+def run(session: ort.InferenceSession, feeds: dict, what: str) -> list:
+    try:
+        return session.run(None, feeds)
+    except Exception as exc:  # noqa: BLE001 - ORT raises several private exception types
+        raise OnnxCpError(f"{what}: onnxruntime failed to run the model ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__
