@@ -301,6 +301,8 @@ def _size(size) -> tuple[int, int] | None:
     if size is None:
         return None
     dims = [size, size] if isinstance(size, int) else list(size)
+    if len(dims) == 1:  # one number: a square
+        dims = dims * 2
     if len(dims) != 2 or any(int(d) < 1 for d in dims):
         raise UsageError(f"size {size}: expected H,W (positive integers)")
     return int(dims[0]), int(dims[1])

@@ -91,9 +91,7 @@ def _macs(node: onnx.NodeProto, shapes: dict) -> int:
 
 
 def _needed(node: onnx.NodeProto) -> list[str]:
-    if node.op_type == "Conv":
-        return [node.output[0], node.input[1]]
-    return [node.input[0], node.input[1]]
+    return [node.input[0], node.input[1], node.output[0]]
 
 
 def _set_input_shapes(proto: onnx.ModelProto, shapes: dict[str, list[int]]) -> None:

@@ -21,6 +21,9 @@ def measured_shapes(
     given = {name: dims for name, dims in given.items() if name in known}
     shapes = fill_input_shapes(model, given)
     for value in model.graph.inputs:
+        if value.name in given and value.shape is not None:
+            _check_fixed_dims(value, given[value.name])
+    for value in model.graph.inputs:
         if value.name not in shapes or value.name in given or value.shape is None:
             continue
         if len(value.shape) == 0:
@@ -33,6 +36,16 @@ def measured_shapes(
                 f"input {value.name!r} has a fixed batch dimension {first}; cannot run batch {batch}"
             )
     return shapes
+
+
+def _check_fixed_dims(value: ir.Value, dims: list[int]) -> None:
+    declared = list(value.shape)
+    mismatch = len(declared) != len(dims) or any(
+        isinstance(d, int) and d != g for d, g in zip(declared, dims))
+    if mismatch:
+        shown = ",".join(str(d) if isinstance(d, int) else "?" for d in declared)
+        raise UsageError(f"--input-shape {value.name}:{','.join(map(str, dims))} does not fit the "
+                         f"model's input shape [{shown}]")
 
 
 def measured_feeds(

@@ -1,0 +1,91 @@
+"""`onnx-cp eval`: top-1 / top-5 accuracy on a dataset, agreement with a reference model."""
+
+from __future__ import annotations
+
+import argparse
+
+from onnx_cp.errors import UsageError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="accuracy of a model on a dataset, and agreement with a reference model",
+        description="Top-1 and top-5 accuracy of a classifier on labelled data (.npz with x and y, "
+        "or an image folder with one sub-folder per class). With --reference, also the fraction of "
+        "samples where both models predict the same class and the largest output difference "
+        "(these need no labels).",
+    )
+    p.add_argument("model", metavar="MODEL", help="ONNX model file")
+    p.add_argument("--data", required=True, metavar="DATA", help=".npz file or image folder")
+    p.add_argument("--reference", metavar="MODEL", help="compare predictions with this model")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per run (default 64)")
+    p.add_argument("--limit", type=int, metavar="N", help="use only the first N samples")
+    p.add_argument("--size", metavar="H,W", help="resize images to H x W (image folders)")
+    p.add_argument("--grayscale", action="store_true", help="one channel images (image folders)")
+    p.add_argument("--scale", type=float, metavar="S",
+                   help="multiply pixel values by S (default 1/255 for images, 1 for .npz)")
+    p.add_argument("--mean", metavar="M[,M,M]", help="subtract per channel after scaling")
+    p.add_argument("--std", metavar="S[,S,S]", help="divide per channel after subtracting the mean")
+    p.add_argument("--threads", default=None, metavar="N",
+                   help="onnxruntime intra-op threads (default: onnxruntime's choice; 'all' = every core)")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--report-dir", metavar="DIR", help="write report.json, report.md and plots here")
+    p.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from onnx_cp.data import open_dataset
+    from onnx_cp.measure import evaluate
+    from onnx_cp.measure.report import write_json, write_report
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    dataset = open_dataset(
+        args.data,
+        size=_floats(args.size, "--size", integer=True),
+        grayscale=args.grayscale,
+        scale=args.scale,
+        mean=_floats(args.mean, "--mean"),
+        std=_floats(args.std, "--std"),
+        limit=args.limit,
+    )
+    result = evaluate(args.model, dataset, reference=args.reference, batch_size=args.batch_size,
+                      threads=args.threads)
+    if not args.quiet:
+        print(format_result(result))
+    if args.json:
+        write_json(result, args.json)
+    if args.report_dir:
+        write_report(result, args.report_dir)
+    return 0
+
+
+def format_result(result: dict) -> str:
+    lines = [f"model: {result['model']}", f"data: {result['data']} ({result['n']} samples)"]
+    if result["top1"] is not None:
+        lines.append(f"top-1: {100 * result['top1']:.2f}%   top-{result['top_k']}: "
+                     f"{100 * result['top5']:.2f}%")
+    else:
+        lines.append("top-1 / top-5: - (the data has no labels)")
+    if "agreement_top1" in result:
+        lines.append(f"reference: {result['reference']}")
+        if result.get("reference_top1") is not None:
+            lines.append(f"reference top-1: {100 * result['reference_top1']:.2f}%")
+        lines.append(f"top-1 agreement: {100 * result['agreement_top1']:.2f}%   "
+                     f"max abs error: {result['max_abs_error']:.4g}   "
+                     f"mean abs error: {result['mean_abs_error']:.4g}")
+    return "\n".join(lines)
+
+
+def _floats(text: str | None, flag: str, integer: bool = False):
+    if text is None:
+        return None
+    try:
+        values = [(int if integer else float)(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        kind = "integers" if integer else "numbers"
+        raise UsageError(f"{flag} {text!r}: expected comma-separated {kind}")
+    return values
