@@ -3,5 +3,7 @@
 from __future__ import annotations
 
 from onnx_cp.finetune.interpreter import OnnxModule, to_torch
+from onnx_cp.finetune.train import FinetuneResult, finetune
+from onnx_cp.finetune.writeback import check_parity, write_back
 
-__all__ = ["OnnxModule", "to_torch"]
+__all__ = ["FinetuneResult", "OnnxModule", "check_parity", "finetune", "to_torch", "write_back"]

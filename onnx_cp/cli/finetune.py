@@ -1,0 +1,122 @@
+"""`onnx-cp finetune`: train an ONNX model's weights (typically after CP decomposition) on data,
+with labels or by distillation from the original model, and write them back into the graph."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "finetune",
+        help="fine-tune a model's weights on data (labels or distillation from a teacher)",
+        description="Fine-tune the weights of IN with SGD (momentum, cosine schedule) and write "
+        "them back into the same graph as OUT. With labels the loss is cross-entropy; with "
+        "--teacher (usually the model before decomposition) it is distillation from the "
+        "teacher's outputs, which needs no labels. The best epoch on --val is kept. Under "
+        "torchrun the data is sharded across processes (DistributedDataParallel).",
+    )
+    p.add_argument("input", metavar="IN.onnx", help="model to fine-tune")
+    p.add_argument("output", metavar="OUT.onnx", help="where to write the fine-tuned model")
+    p.add_argument("--data", required=True, metavar="TRAIN", help="training data: .npz or image folder")
+    p.add_argument("--val", metavar="VAL", help="validation data: .npz or image folder")
+    p.add_argument("--teacher", metavar="ORIGINAL.onnx", help="distil from this model's outputs")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, metavar="E", help="passes over the data (default 5)")
+    length.add_argument("--steps", type=int, metavar="K", help="optimizer steps instead of epochs")
+    p.add_argument("--lr", type=float, default=0.01, help="peak learning rate (default 0.01)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="samples per step (per process under torchrun; default 32)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay (default 0)")
+    p.add_argument("--schedule", choices=["cosine", "step", "constant"], default="cosine",
+                   help="learning-rate schedule (default cosine; step = /10 at 50%% and 75%%)")
+    p.add_argument("--temperature", type=float, default=2.0,
+                   help="distillation temperature (default 2)")
+    p.add_argument("--distill", choices=["auto", "kl", "mse"], default="auto",
+                   help="distillation loss: kl on softened logits, mse on raw outputs, auto = kl "
+                   "for (N, classes) outputs (default)")
+    p.add_argument("--keep", choices=["best", "last"], default="best",
+                   help="keep the best validation epoch (default) or the last")
+    p.add_argument("--seed", type=int, default=0, help="seed of data order and dropout (default 0)")
+    p.add_argument("--checkpoint", metavar="FILE", help="save training state here after each epoch")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    p.add_argument("--unfreeze-bn", action="store_true",
+                   help="update BatchNorm running statistics (frozen by default)")
+    p.add_argument("--history", metavar="FILE.json", help="write the per-epoch history as JSON")
+    data = p.add_argument_group("data preprocessing (as onnx-cp eval)")
+    data.add_argument("--limit", type=int, metavar="N", help="use only the first N samples")
+    data.add_argument("--size", metavar="H,W", help="resize images to H x W (image folders)")
+    data.add_argument("--grayscale", action="store_true", help="one channel images (image folders)")
+    data.add_argument("--scale", type=float, metavar="S",
+                      help="multiply pixel values by S (default 1/255 for images, 1 for .npz)")
+    data.add_argument("--mean", metavar="M[,M,M]", help="subtract per channel after scaling")
+    data.add_argument("--std", metavar="S[,S,S]", help="divide per channel after the mean")
+    p.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import onnx_ir as ir
+
+    from onnx_cp.data import open_dataset
+    from onnx_cp.errors import UsageError
+    from onnx_cp.finetune import finetune
+    from onnx_cp.model_io import load_model, save_model
+
+    if args.resume and not args.checkpoint:
+        raise UsageError("--resume needs --checkpoint FILE")
+    options = dict(size=_numbers(args.size, "--size", int), grayscale=args.grayscale,
+                   scale=args.scale, mean=_numbers(args.mean, "--mean", float),
+                   std=_numbers(args.std, "--std", float), limit=args.limit)
+    train = open_dataset(args.data, **options)
+    val = open_dataset(args.val, **options) if args.val else None
+    model = load_model(args.input)
+    teacher = load_model(args.teacher) if args.teacher else None
+    result = finetune(
+        model, train, val=val, teacher=teacher, epochs=args.epochs, steps=args.steps, lr=args.lr,
+        batch_size=args.batch_size, seed=args.seed, freeze_bn=not args.unfreeze_bn,
+        checkpoint=args.checkpoint, resume=args.resume, momentum=args.momentum,
+        weight_decay=args.weight_decay, schedule=args.schedule, temperature=args.temperature,
+        distill=args.distill, keep=args.keep,
+    )
+    if result.model is None:
+        return 0  # a torchrun worker other than rank 0: rank 0 writes
+    save_model(ir.serde.deserialize_model(result.model), args.output)
+    if args.history:
+        with open(args.history, "w") as f:
+            json.dump({"best_epoch": result.best_epoch, "metric": result.metric,
+                       "seconds": result.seconds, "history": result.history}, f, indent=2)
+    if not args.quiet:
+        print(format_result(result, args.output))
+    return 0
+
+
+def format_result(result, output: str) -> str:
+    lines = []
+    for row in result.history:
+        metric = row.get(result.metric) if result.metric else None
+        loss = "-" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
+        shown = "" if metric is None else f"  {result.metric} {metric:.4f}"
+        lines.append(f"epoch {row['epoch']:>3}  loss {loss}{shown}")
+    kept = f"kept epoch {result.best_epoch}"
+    if result.metric:
+        kept += (f" ({result.metric} {result.metric_at(result.best_epoch):.4f}, before "
+                 f"fine-tuning {result.metric_at(0):.4f})")
+    lines.append(f"{kept}; {result.samples_per_second:.0f} samples/s; "
+                 f"{result.seconds:.1f} s; wrote {output}")
+    return "\n".join(lines)
+
+
+def _numbers(text: str | None, flag: str, kind):
+    from onnx_cp.errors import UsageError
+
+    if text is None:
+        return None
+    try:
+        values = [kind(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated numbers")
+    return values

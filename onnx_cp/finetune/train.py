@@ -1,0 +1,515 @@
+"""Fine-tune an ONNX model with backpropagation: supervised, or distilled from a teacher model.
+
+The ONNX graph runs in PyTorch through the interpreter; SGD with momentum and a cosine (or step)
+schedule; BatchNorm statistics frozen unless asked otherwise (dropout stays active); validation
+after every epoch and the best epoch kept; checkpoints that resume exactly (the data order and
+dropout seeds are functions of (seed, epoch), not of a random state carried along). The trained
+weights are written back into the original graph and checked against onnxruntime.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+import torch.nn.functional as F
+
+from onnx_cp import model_io, progress, verify
+from onnx_cp.errors import OnnxCpError, UsageError
+from onnx_cp.finetune import distributed
+from onnx_cp.finetune.interpreter import OnnxModule, to_torch
+from onnx_cp.finetune.writeback import write_back
+
+DataLike = Union[str, os.PathLike, tuple, np.ndarray, Any]  # path, (x, y) arrays, or a Dataset
+DEFAULT_EPOCHS = 5
+EVAL_BATCH = 256
+SCHEDULES = ("cosine", "step", "constant")
+
+
+@dataclass
+class FinetuneResult:
+    """model: the input graph with trained weights (None on ranks other than 0 under torchrun);
+    history: one dict per epoch (epoch 0 = before training); best_epoch: the epoch whose weights
+    `model` holds."""
+
+    model: onnx.ModelProto | None
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    metric: str | None = None
+    seconds: float = 0.0
+    samples_per_second: float = 0.0
+    state: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def metric_at(self, epoch: int) -> float | None:
+        for row in self.history:
+            if row["epoch"] == epoch:
+                return row.get(self.metric) if self.metric else None
+        return None
+
+
+def finetune(
+    model: model_io.ModelLike,
+    train: DataLike,
+    *,
+    val: DataLike | None = None,
+    teacher: model_io.ModelLike | None = None,
+    epochs: int | None = None,
+    steps: int | None = None,
+    lr: float = 0.01,
+    batch_size: int = 32,
+    seed: int = 0,
+    freeze_bn: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    schedule: str = "cosine",
+    temperature: float = 2.0,
+    distill: str = "auto",
+    keep: str = "best",
+    input_shapes: dict[str, list[int]] | None = None,
+) -> FinetuneResult:
+    """Fine-tune `model` on `train` and return it with the trained weights written back.
+
+    train / val: a path (.npz or image folder, via onnx_cp.data.open_dataset), a Dataset, an
+    (x, y) pair of arrays (y may be None) or an x array.
+    teacher: the model to distil from (e.g. the model before CP decomposition). With labels and a
+    teacher the loss is distillation + cross-entropy; without a teacher, labels are required.
+    distill: "kl" (temperature-softened logits, for class scores), "mse" (raw outputs, for
+    anything else) or "auto" (kl for 2-D outputs, mse otherwise).
+    epochs / steps: training length (steps wins if both are given; default 5 epochs).
+    keep: "best" (best validation epoch, when validation data is given) or "last".
+    freeze_bn: BatchNorm running statistics stay as they are (the default: fine-tuning batches are
+    small and often unlabelled); its scale and shift are trained either way.
+    """
+    started = time.perf_counter()
+    _check_options(epochs, steps, lr, batch_size, schedule, distill, keep, temperature)
+    source = model_io.to_ir(model)
+    input_name, output_name = _single_input_output(source)
+    world = distributed.setup()
+    if not world.is_main:
+        progress.set_quiet(True)  # one set of progress bars, from rank 0
+    try:
+        x_train, y_train = _arrays(train, "training data")
+        _check_sample_shape(source, input_name, x_train.shape[1:])
+        x_val, y_val = _arrays(val, "validation data") if val is not None else (None, None)
+        if x_val is not None:
+            _check_sample_shape(source, input_name, x_val.shape[1:])
+        if teacher is None and y_train is None:
+            raise UsageError("the training data has no labels: give a teacher model to distil "
+                             "from (--teacher ORIGINAL.onnx)")
+        train_idx = distributed.shard(len(x_train), world)
+        val_idx = distributed.shard(len(x_val), world) if x_val is not None else None
+        teacher_train = teacher_val = None
+        if teacher is not None:
+            teacher_model = model_io.to_ir(teacher)
+            teacher_train = _run_onnx(teacher_model, x_train, train_idx, "teacher (training data)")
+            if x_val is not None:
+                teacher_val = _run_onnx(teacher_model, x_val, val_idx, "teacher (validation data)")
+        module = to_torch(source).to(world.device)
+        module.update_bn_stats = not freeze_bn
+        trainer = _Trainer(
+            module=module, world=world, lr=lr, momentum=momentum, weight_decay=weight_decay,
+            schedule=schedule, batch_size=batch_size, seed=seed, temperature=temperature,
+            distill=_distill_kind(distill, teacher_train), has_teacher=teacher is not None,
+        )
+        steps_per_epoch = max(1, math.ceil(len(train_idx) / batch_size))
+        total_steps = steps if steps else (epochs or DEFAULT_EPOCHS) * steps_per_epoch
+        trainer.configure(total_steps, steps_per_epoch)
+        validation = _Validation(x_val, y_val, val_idx, teacher_val, world)
+        fresh = not (resume and checkpoint and Path(checkpoint).exists())
+        if fresh:
+            trainer.record(0, validation.run(module), train_loss=None, seconds=0.0, samples=0)
+        else:
+            trainer.load(checkpoint)
+        trainer.fit(x_train, y_train, train_idx, teacher_train, validation, checkpoint)
+        state = trainer.final_state(keep)
+        result = FinetuneResult(
+            model=None, history=trainer.history, best_epoch=trainer.kept_epoch(keep),
+            metric=validation.metric, samples_per_second=trainer.samples_per_second(),
+            state=state,
+        )
+        if world.is_main:
+            shapes = dict(input_shapes or {})
+            shapes.setdefault(input_name, [2, *x_train.shape[1:]])
+            result.model = write_back(source, state, input_shapes=shapes, seed=seed)
+        distributed.barrier(world)
+        result.seconds = round(time.perf_counter() - started, 3)
+        return result
+    finally:
+        distributed.teardown(world)
+
+
+# ------------------------------------------------------------------------------- training
+class _Trainer:
+    def __init__(self, *, module: OnnxModule, world: distributed.World, lr: float,
+                 momentum: float, weight_decay: float, schedule: str, batch_size: int, seed: int,
+                 temperature: float, distill: str, has_teacher: bool):
+        self.module = module
+        self.world = world
+        self.model = distributed.wrap(module, world)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.temperature = temperature
+        self.distill = distill
+        self.has_teacher = has_teacher
+        self.schedule = schedule
+        params = list(module.params.values())
+        if not params:
+            raise OnnxCpError("the model has no float weights to fine-tune")
+        self.optimizer = MomentumSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.history: list[dict] = []
+        self.step = 0
+        self.epoch = 0
+        self.best: tuple[float, int] | None = None  # (metric, epoch)
+        self.best_state: dict[str, np.ndarray] | None = None
+        self.train_seconds = 0.0
+        self.train_samples = 0
+
+    def configure(self, total_steps: int, steps_per_epoch: int) -> None:
+        self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.epochs = math.ceil(total_steps / steps_per_epoch)
+
+    def _lr_factor(self, step: int) -> float:
+        progress_ = min(step / max(self.total_steps, 1), 1.0)
+        if self.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress_))
+        if self.schedule == "step":  # /10 at half and at three quarters
+            return 1.0 if progress_ < 0.5 else 0.1 if progress_ < 0.75 else 0.01
+        return 1.0
+
+    def fit(self, x, y, indices, teacher_out, validation, checkpoint) -> None:
+        while self.epoch < self.epochs and self.step < self.total_steps:
+            self.epoch += 1
+            loss, seconds, samples = self._train_epoch(x, y, indices, teacher_out)
+            self.record(self.epoch, validation.run(self.module), loss, seconds, samples)
+            if checkpoint and self.world.is_main:
+                self.save(checkpoint)
+            distributed.barrier(self.world)
+
+    def _train_epoch(self, x, y, indices, teacher_out) -> tuple[float, float, int]:
+        # The order and the dropout masks depend on (seed, epoch) only: resuming is exact.
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(indices))
+        torch.manual_seed(self.seed * 1_000_003 + self.epoch * 1009 + self.world.rank)
+        self.module.train()
+        batches = range(0, len(order), self.batch_size)
+        left = self.total_steps - self.step
+        batches = batches[:left]
+        total, count, started = 0.0, 0, time.perf_counter()
+        desc = f"fine-tuning epoch {self.epoch}/{self.epochs}"
+        bar = progress.bar(len(batches), desc)
+        for start in batches:
+            local = order[start:start + self.batch_size]
+            rows = indices[local]
+            xb = torch.from_numpy(x[rows]).to(self.world.device)
+            out = self.model(xb)
+            out = out[0] if isinstance(out, tuple) else out
+            loss = self._loss(out, y, rows, teacher_out, local)
+            if not torch.isfinite(loss):
+                raise OnnxCpError(f"the loss became {loss.item()} at epoch {self.epoch}, step "
+                                  f"{self.step + 1}: lower the learning rate (--lr)")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step(self._lr_factor(self.step))
+            self.step += 1
+            total += float(loss.item()) * len(rows)
+            count += len(rows)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        bar.close()
+        seconds = time.perf_counter() - started
+        self.train_seconds += seconds
+        self.train_samples += count * self.world.size
+        self.module.eval()
+        return total / max(count, 1), seconds, count * self.world.size
+
+    def _loss(self, out, y, rows, teacher_out, local) -> torch.Tensor:
+        loss = out.new_zeros(())
+        if self.has_teacher:
+            target = torch.from_numpy(teacher_out[local]).to(out.device)
+            if self.distill == "kl":
+                t = self.temperature
+                loss = F.kl_div(F.log_softmax(out / t, dim=1), F.log_softmax(target / t, dim=1),
+                                reduction="batchmean", log_target=True) * (t * t)
+            else:
+                loss = F.mse_loss(out, target)
+        if y is not None:
+            if out.dim() != 2:
+                raise OnnxCpError(f"labels need a model output of shape (N, classes); the output "
+                                  f"has shape {tuple(out.shape)}")
+            labels = torch.from_numpy(y[rows]).to(out.device)
+            if int(labels.max()) >= out.shape[1]:
+                raise OnnxCpError(f"label {int(labels.max())} is out of range for "
+                                  f"{out.shape[1]} model outputs")
+            loss = loss + F.cross_entropy(out, labels)
+        return loss
+
+    def record(self, epoch: int, metrics: dict, train_loss: float | None, seconds: float,
+               samples: int) -> None:
+        row = {"epoch": epoch, "step": self.step, "lr": self.optimizer.lr * self._lr_factor(self.step),
+               "train_loss": train_loss, "seconds": round(seconds, 3),
+               "samples_per_second": round(samples / seconds, 1) if seconds > 0 else None,
+               **metrics}
+        self.history.append(row)
+        score = metrics.get("_score")
+        row.pop("_score", None)
+        if score is not None and (self.best is None or score > self.best[0]):
+            self.best = (score, epoch)
+            self.best_state = self.module.onnx_state()
+
+    def kept_epoch(self, keep: str) -> int:
+        return self.best[1] if keep == "best" and self.best is not None else self.epoch
+
+    def final_state(self, keep: str) -> dict[str, np.ndarray]:
+        if keep == "best" and self.best_state is not None:
+            return self.best_state
+        return self.module.onnx_state()
+
+    def samples_per_second(self) -> float:
+        return round(self.train_samples / self.train_seconds, 1) if self.train_seconds else 0.0
+
+    # -------------------------------------------------------------- checkpoints
+    def save(self, path) -> None:
+        payload = {
+            "format": "onnx-cp finetune checkpoint 1",
+            "module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch, "step": self.step,
+            "history": self.history, "best": self.best, "best_state": self.best_state,
+            "train_seconds": self.train_seconds, "train_samples": self.train_samples,
+            "total_steps": self.total_steps,
+        }
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=".ckpt-", dir=path.parent if str(path.parent) else ".")
+        os.close(fd)
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)  # atomic: a crash never leaves half a checkpoint
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def load(self, path) -> None:
+        try:
+            payload = torch.load(path, map_location=self.world.device, weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - torch raises several types on bad files
+            raise OnnxCpError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+        if not isinstance(payload, dict) or payload.get("format") != "onnx-cp finetune checkpoint 1":
+            raise OnnxCpError(f"{path}: not an onnx-cp fine-tuning checkpoint")
+        try:
+            self.module.load_state_dict(payload["module"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0][:160]
+            raise OnnxCpError(f"{path}: the checkpoint is for a different model ({first})") from None
+        self.epoch, self.step = payload["epoch"], payload["step"]
+        self.history, self.best, self.best_state = payload["history"], payload["best"], payload["best_state"]
+        self.train_seconds = payload["train_seconds"]
+        self.train_samples = payload["train_samples"]
+
+
+class MomentumSGD:
+    """torch.optim.SGD's update (momentum, L2 weight decay, per-step learning-rate factor).
+
+    Written out because constructing a torch.optim optimizer imports torch._dynamo, which costs
+    seconds per process: felt in every CLI call and in each torchrun worker."""
+
+    def __init__(self, params: list[torch.Tensor], *, lr: float, momentum: float,
+                 weight_decay: float):
+        self.params, self.lr, self.momentum, self.weight_decay = params, lr, momentum, weight_decay
+        self.buffers: list[torch.Tensor | None] = [None] * len(params)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, lr_factor: float = 1.0) -> None:
+        lr = self.lr * lr_factor
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            d = p.grad if self.weight_decay == 0 else p.grad.add(p, alpha=self.weight_decay)
+            if self.momentum:
+                buf = self.buffers[i]
+                if buf is None:
+                    buf = self.buffers[i] = d.detach().clone()
+                else:
+                    buf.mul_(self.momentum).add_(d)
+                d = buf
+            p.add_(d, alpha=-lr)
+
+    def state_dict(self) -> dict:
+        return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
+                "buffers": self.buffers}
+
+    def load_state_dict(self, state: dict) -> None:
+        buffers = state["buffers"]
+        if len(buffers) != len(self.params) or any(
+            b is not None and b.shape != p.shape for b, p in zip(buffers, self.params)
+        ):
+            raise ValueError("momentum buffers do not match the model's parameters")
+        self.buffers = [None if b is None else b.to(p.device) for b, p in zip(buffers, self.params)]
+
+
+# ------------------------------------------------------------------------------- validation
+class _Validation:
+    """Accuracy on labelled data, agreement with the teacher on unlabelled data (or relative
+    error of the outputs for a teacher whose outputs are not class scores)."""
+
+    def __init__(self, x, y, indices, teacher_out, world):
+        self.x, self.y, self.indices, self.teacher_out, self.world = x, y, indices, teacher_out, world
+        self.metric = None
+        if x is not None:
+            if y is not None:
+                self.metric = "val_accuracy"
+            elif teacher_out is not None:
+                self.metric = "val_agreement" if teacher_out.ndim == 2 else "val_rel_error"
+
+    def run(self, module: OnnxModule) -> dict:
+        if self.metric is None:
+            return {}
+        module.eval()
+        sums = [0.0, 0.0, 0.0, 0.0]  # correct, agree, count, squared error / squared norm
+        err_num = err_den = 0.0
+        with torch.no_grad():
+            for start in range(0, len(self.indices), EVAL_BATCH):
+                local = np.arange(start, min(start + EVAL_BATCH, len(self.indices)))
+                rows = self.indices[local]
+                out = module(torch.from_numpy(self.x[rows]).to(self.world.device))
+                out = (out[0] if isinstance(out, tuple) else out).float().cpu().numpy()
+                if self.y is not None:
+                    sums[0] += float((out.argmax(1) == self.y[rows]).sum())
+                if self.teacher_out is not None:
+                    target = self.teacher_out[local]
+                    if out.ndim == 2:
+                        sums[1] += float((out.argmax(1) == target.argmax(1)).sum())
+                    err_num += float(((out - target) ** 2).sum())
+                    err_den += float((target ** 2).sum())
+                sums[2] += len(rows)
+        correct, agree, count, num, den = distributed.sum_all(sums[:3] + [err_num, err_den],
+                                                              self.world)
+        metrics: dict[str, float] = {}
+        if self.y is not None:
+            metrics["val_accuracy"] = correct / count
+        if self.teacher_out is not None:
+            if self.teacher_out.ndim == 2:
+                metrics["val_agreement"] = agree / count
+            metrics["val_rel_error"] = math.sqrt(num / den) if den > 0 else 0.0
+        score = metrics[self.metric]
+        metrics["_score"] = -score if self.metric == "val_rel_error" else score
+        return metrics
+
+
+# ------------------------------------------------------------------------------- data and models
+def _arrays(data: DataLike, what: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Training needs shuffled mini-batches: load the samples into memory."""
+    if isinstance(data, tuple):
+        if len(data) != 2:
+            raise UsageError(f"{what}: expected an (x, y) pair of arrays")
+        x, y = data
+    elif isinstance(data, np.ndarray):
+        x, y = data, None
+    else:
+        if isinstance(data, (str, os.PathLike)):
+            from onnx_cp.data.datasets import open_dataset
+
+            data = open_dataset(data)
+        if not hasattr(data, "batches"):
+            raise UsageError(f"{what}: expected a path, a Dataset or (x, y) arrays")
+        xs, ys = [], []
+        for xb, yb in progress.progress(data.batches(EVAL_BATCH), desc=f"loading {what}",
+                                        total=math.ceil(len(data) / EVAL_BATCH)):
+            xs.append(xb)
+            ys.append(yb)
+        if not xs:
+            raise OnnxCpError(f"{what}: no samples")
+        x = np.concatenate(xs)
+        y = np.concatenate(ys) if all(v is not None for v in ys) else None
+    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    if x.ndim < 2 or len(x) == 0:
+        raise OnnxCpError(f"{what}: expected samples of shape (N, C, H, W), got {x.shape}")
+    if y is not None:
+        y = np.asarray(y)
+        if not np.issubdtype(y.dtype, np.integer) or y.shape != (len(x),) or (y < 0).any():
+            raise OnnxCpError(f"{what}: labels must be {len(x)} non-negative integers")
+        y = y.astype(np.int64)
+    return x, y
+
+
+def _single_input_output(model: ir.Model) -> tuple[str, str]:
+    inputs = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
+    if len(inputs) != 1:
+        raise OnnxCpError(f"fine-tuning needs a model with one input; this one has {inputs}")
+    if not model.graph.outputs:
+        raise OnnxCpError("the model has no outputs")
+    return inputs[0], model.graph.outputs[0].name
+
+
+def _check_sample_shape(model: ir.Model, input_name: str, sample_shape) -> None:
+    value = next(v for v in model.graph.inputs if v.name == input_name)
+    if value.shape is None:
+        return
+    dims = list(value.shape)[1:]
+    if len(dims) != len(sample_shape) or any(
+        isinstance(d, int) and d != s for d, s in zip(dims, sample_shape)
+    ):
+        expected = ["N"] + [d if isinstance(d, int) else str(d) for d in dims]
+        raise OnnxCpError(f"data samples have shape {tuple(sample_shape)}, but model input "
+                          f"{input_name!r} expects {expected}")
+
+
+def _run_onnx(model: ir.Model, x: np.ndarray, indices: np.ndarray, what: str) -> np.ndarray:
+    """The first output of `model` on x[indices], run by onnxruntime (faster than the
+    interpreter, and the teacher never needs gradients)."""
+    name = next(v.name for v in model.graph.inputs if v.name not in model.graph.initializers)
+    outputs = []
+    try:
+        with verify.ort_session(model, threads=max(1, torch.get_num_threads())) as session:
+            for start in progress.progress(range(0, len(indices), EVAL_BATCH), desc=what,
+                                           total=math.ceil(len(indices) / EVAL_BATCH)):
+                rows = indices[start:start + EVAL_BATCH]
+                outputs.append(session.run(None, {name: x[rows]})[0])
+    except OnnxCpError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise OnnxCpError(f"onnxruntime cannot run the {what}: {first}") from None
+    return np.ascontiguousarray(np.concatenate(outputs).astype(np.float32))
+
+
+def _distill_kind(distill: str, teacher_out: np.ndarray | None) -> str:
+    if distill != "auto":
+        return distill
+    return "kl" if teacher_out is not None and teacher_out.ndim == 2 else "mse"
+
+
+def _check_options(epochs, steps, lr, batch_size, schedule, distill, keep, temperature) -> None:
+    for name, value in (("epochs", epochs), ("steps", steps)):
+        if value is not None and value < 1:
+            raise UsageError(f"{name} must be a positive integer, got {value}")
+    if not lr > 0:
+        raise UsageError(f"learning rate must be positive, got {lr}")
+    if batch_size < 1:
+        raise UsageError(f"batch size must be a positive integer, got {batch_size}")
+    if schedule not in SCHEDULES:
+        raise UsageError(f"schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
+    if distill not in ("auto", "kl", "mse"):
+        raise UsageError(f"distill {distill!r}: expected auto, kl or mse")
+    if keep not in ("best", "last"):
+        raise UsageError(f"keep {keep!r}: expected best or last")
+    if not temperature > 0:
+        raise UsageError(f"temperature must be positive, got {temperature}")
+
+
+__all__ = ["FinetuneResult", "finetune", "Mapping"]
