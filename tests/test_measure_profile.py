@@ -127,12 +127,42 @@ def _mapper():
     ("t_v_nchwc", "Conv", "conv2"),                  # an NCHWc chain stage, named after its output
     ("conv2/cp/in_token_7", "Conv", "conv2"),        # a transformer's suffix on a chain node
     ("g_nchwc", "GlobalAveragePool", "gap"),
+    ("conv1", "FusedConv", "conv1"),
+    ("r1", "FusedConv", "conv1"),                    # a FusedConv named after its output
     ("ReorderOutput", "ReorderOutput", REORDER),
     ("ReorderInput_3", "ReorderInput", REORDER),
     ("made_up_by_ort", "Transpose", "made_up_by_ort"),  # unknown: kept under its own name
 ])
 def test_kernel_names_map_back(kernel, op, layer):
     assert _mapper().layer(kernel, op) == layer
+
+
+def test_fused_residual_add_is_attributed_to_its_conv():
+    """ORT fuses Conv + BatchNormalization + Add + Relu into one NCHWc conv named after a value."""
+    rng = np.random.default_rng(0)
+
+    def w(name, *shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.1).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["a"], name="stem", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["ra"], name="stem_relu"),
+        helper.make_node("Conv", ["ra", "w1"], ["b"], name="block_conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["b", "s", "bb", "m", "v"], ["bn"], name="block_bn"),
+        helper.make_node("Add", ["bn", "ra"], ["sum"], name="block_add"),
+        helper.make_node("Relu", ["sum"], ["y"], name="block_relu"),
+    ]
+    inits = [w("w0", 16, 16, 3, 3), w("w1", 16, 16, 3, 3), w("s", 16), w("bb", 16), w("m", 16),
+             numpy_helper.from_array(np.ones(16, np.float32), "v")]
+    graph = helper.make_graph(nodes, "res", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                           [1, 16, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = model_factory.make_model(graph)
+    mapper = NodeMapper(ir.from_proto(model))
+    assert mapper.layer("bn_nchwc", "Conv") == "block_conv"
+    assert mapper.layer("y_nchwc", "Conv") == "block_conv"
+    names = [layer["name"] for layer in layer_profile(model, runs=2, warmup=0)["layers"]]
+    assert names[:2] == ["stem", "block_conv"]
 
 
 def test_longest_name_wins_at_a_boundary():

@@ -167,17 +167,19 @@ def _boundary(kernel: str, end: int) -> bool:
 
 
 def _owner(node: ir.Node, op: str) -> ir.Node:
-    """The node whose op type the fused kernel has: walk producers up while they are element-wise
-    companions (a Relu fused into the Conv before it)."""
-    current = node
+    """The node whose op type the fused kernel has: search the producers upwards (a Relu, Add or
+    BatchNormalization fused into the Conv before it), nearest first."""
+    wanted = op.removeprefix("Fused")  # FusedConv, FusedGemm, ...
+    frontier = [node]
     for _ in range(4):
-        if current.op_type == op:
-            return current
-        producers = [v.producer() for v in current.inputs if v is not None and v.producer() is not None]
-        if len(producers) != 1:
-            break
-        current = producers[0]
-    return current if current.op_type == op else node
+        for candidate in frontier:
+            if candidate.op_type == wanted:
+                return candidate
+        frontier = [
+            producer for candidate in frontier for value in candidate.inputs
+            if value is not None and (producer := value.producer()) is not None
+        ]
+    return node
 
 
 def _kernels_per_run(events: list[dict]) -> list[list[tuple[str, str, float]]]:
