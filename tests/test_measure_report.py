@@ -95,6 +95,19 @@ def test_accuracy_without_latency_uses_mac_reduction(tmp_path):
     assert "accuracy_vs_speedup.png" in _check_pngs(write_report(report, tmp_path))
 
 
+def test_totals_pairs_any_before_after_keys_and_nested_verification(tmp_path):
+    report = _optimize_report(
+        totals={"convs": 2, "conv_macs_before": 3000, "conv_macs_after": 1000},
+        verification={"checker": "passed", "notes": [], "outputs": {"y": {"max_abs_error": 0.5}}},
+        settings={"rank": 16, "layers": None}, accuracy={"original": {"n": 5, "top1": 0.8},
+                                                          "decomposed": {"n": 5, "top1": 0.6}})
+    paths = write_report(report, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "| Conv MACs | 3,000 | 1,000 | 3.00x |" in md and "convs: 2" in md
+    assert "| outputs.y.max_abs_error | 0.5 |" in md and "rank=16" in md
+    assert "accuracy_vs_speedup.png" in _check_pngs(paths)
+
+
 def test_bench_json_with_profiles(tmp_path):
     bench = {**_latency(), "profile": {"original": _profile(0.16), "optimized": _profile(0.05)}}
     assert set(normalize(bench)) == {"latency", "profile"}

@@ -136,9 +136,10 @@ def _accuracy_points(parts: dict) -> tuple[list[tuple[str, float, float]], str]:
             if named is None:
                 named = latency_models[0] if label == "original" else latency_models[-1]
             return named.get("speedup_vs_first")
-    elif totals.get("macs_before") and totals.get("macs_after"):
+    elif _mac_totals(totals):
         xlabel = "MAC reduction (x; latency not measured)"
-        reduction = totals["macs_before"] / totals["macs_after"]
+        before, after = _mac_totals(totals)
+        reduction = before / after
 
         def speedup(label: str) -> float | None:
             return 1.0 if label == "original" else reduction
@@ -159,12 +160,20 @@ def _accuracy_points(parts: dict) -> tuple[list[tuple[str, float, float]], str]:
     return (points, xlabel) if len(points) >= 2 else ([], "")
 
 
+def _mac_totals(totals: dict) -> tuple[int, int] | None:
+    for stem in ("macs", "conv_macs"):
+        if totals.get(f"{stem}_before") and totals.get(f"{stem}_after"):
+            return totals[f"{stem}_before"], totals[f"{stem}_after"]
+    return None
+
+
 # --------------------------------------------------------------------------------- markdown
 
 def render_markdown(parts: dict, plots: list[Path]) -> str:
     out = ["# onnx-cp report", ""]
     if parts.get("input") or parts.get("output"):
-        out += [f"- input: `{parts.get('input')}`", f"- output: `{parts.get('output')}`", ""]
+        out += [f"- input: `{parts.get('input')}`", f"- output: `{parts.get('output')}`"]
+        out += _settings_md(parts) or [""]
     out += _totals_md(parts.get("totals"))
     out += _layers_md(parts.get("layers"))
     out += _verification_md(parts.get("verification"))
@@ -195,15 +204,26 @@ def _cell(value) -> str:
 
 
 def _totals_md(totals: dict | None) -> list[str]:
+    """Pairs X_before / X_after become before / after / reduction rows; other totals are counts."""
     if not totals:
         return []
-    rows = []
-    for what in ("macs", "params"):
-        before, after = totals.get(f"{what}_before"), totals.get(f"{what}_after")
-        if before is not None:
-            ratio = f"{before / after:.2f}x" if after else "-"
-            rows.append(["MACs" if what == "macs" else what, before, after, ratio])
-    return ["## Totals", ""] + _table(["", "before", "after", "reduction"], rows)
+    rows, counts = [], []
+    for key, value in totals.items():
+        if key.endswith("_before"):
+            stem = key[: -len("_before")]
+            after = totals.get(f"{stem}_after")
+            ratio = f"{value / after:.2f}x" if value and after else None
+            rows.append([_label(stem), value, after, ratio])
+        elif not key.endswith("_after"):
+            counts.append(f"{key.replace('_', ' ')}: {_cell(value)}")
+    out = ["## Totals", ""]
+    if counts:
+        out += ["; ".join(counts), ""]
+    return out + (_table(["", "before", "after", "reduction"], rows) if rows else [])
+
+
+def _label(stem: str) -> str:
+    return stem.replace("conv_macs", "Conv MACs").replace("macs", "MACs").replace("_", " ")
 
 
 def _layers_md(layers: list | None) -> list[str]:
@@ -217,7 +237,7 @@ def _layers_md(layers: list | None) -> list[str]:
             "x".join(map(str, shape)) if shape else None,
             layer.get("group"), layer.get("rank"), layer.get("rel_error"),
             layer.get("macs_before"), layer.get("macs_after"),
-            layer.get("status"), layer.get("reason"),
+            layer.get("status"), layer.get("reason") or layer.get("note"),
         ])
     header = ["layer", "kernel", "group", "rank", "rel. error", "MACs before", "MACs after",
               "status", "reason"]
@@ -229,9 +249,32 @@ def _verification_md(verification) -> list[str]:
         return []
     if not isinstance(verification, dict):
         return ["## Verification", "", str(verification), ""]
-    rows = [[k, v if not isinstance(v, (dict, list)) else json.dumps(_plain(v))]
-            for k, v in verification.items()]
+    rows = [[key, value] for key, value in _flatten(verification)]
     return ["## Verification", ""] + _table(["check", "result"], rows, "ll")
+
+
+def _flatten(data: dict, prefix: str = ""):
+    """(dotted key, value) pairs of a nested dict; lists shown joined, empty ones as "-"."""
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{name}.")
+        elif isinstance(value, (list, tuple)):
+            yield name, ", ".join(map(str, value)) if value else None
+        else:
+            yield name, value
+
+
+def _settings_md(parts: dict) -> list[str]:
+    settings = parts.get("settings")
+    if not isinstance(settings, dict):
+        return []
+    shown = [f"{k}={json.dumps(_plain(v))}" for k, v in settings.items() if v not in (None, {}, [])]
+    if parts.get("input_shapes"):
+        shown.append(f"input_shapes={json.dumps(_plain(parts['input_shapes']))}")
+    if parts.get("seconds") is not None:
+        shown.append(f"seconds={parts['seconds']}")
+    return [f"- settings: `{' '.join(shown)}`", ""] if shown else []
 
 
 def _latency_md(latency: dict | None) -> list[str]:
