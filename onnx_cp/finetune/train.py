@@ -291,9 +291,9 @@ class _Trainer:
         }
         path = Path(path)
         fd, tmp = tempfile.mkstemp(prefix=".ckpt-", dir=path.parent if str(path.parent) else ".")
-        os.close(fd)
         try:
-            torch.save(payload, tmp)
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
             os.replace(tmp, path)  # atomic: a crash never leaves half a checkpoint
         finally:
             if os.path.exists(tmp):

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
+from onnx import numpy_helper
 
 from onnx_cp import model_io, verify
 from onnx_cp.errors import OnnxCpError
@@ -34,55 +35,68 @@ def write_back(
     (shapes from `input_shapes`, defaults as onnx_cp.verify) and raise OnnxCpError when any
     output differs by more than 1e-4 relative to the output's largest magnitude.
     """
-    written = _replaced(model, state)
-    if check:
-        check_parity(written, input_shapes=input_shapes, seed=seed)
-    return ir.to_proto(written)
-
-
-def _replaced(model: model_io.ModelLike, state: Mapping[str, np.ndarray]) -> ir.Model:
-    target = model_io.to_ir(model)
-    if target is model:
-        target = model.clone()  # never modify the caller's model
-    if model_io.initializer_bytes(target) < model_io.PROTOBUF_SAFE_BYTES:
-        ir.external_data.load_to_model(target)
-    graph = target.graph
-    constants = {node.outputs[0].name: node for node in graph if node.op_type == "Constant"
-                 and node.domain in ("", "ai.onnx")}
+    # Edit the protobuf itself rather than an IR round trip: every field we do not know about
+    # (value_info, doc strings, metadata) stays byte for byte.
+    written = _as_proto(model)
+    initializers = {t.name: t for t in written.graph.initializer}
+    constants = {n.output[0]: n for n in written.graph.node
+                 if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.output}
     for name, array in state.items():
         array = np.asarray(array)
-        if name in graph.initializers and graph.initializers[name].const_value is not None:
-            value = graph.initializers[name]
-            value.const_value = _tensor_like(value.const_value, array, name)
+        if name in initializers:
+            _replace_tensor(initializers[name], array, name)
         elif name in constants:
             _replace_constant(constants[name], array, name)
         else:
             raise OnnxCpError(f"trained tensor {name!r} is neither an initializer nor a Constant "
                               "of the model")
-    return target
+    if check:
+        check_parity(ir.serde.deserialize_model(written), input_shapes=input_shapes, seed=seed)
+    return written
 
 
-def _tensor_like(old: ir.TensorProtocol, array: np.ndarray, name: str) -> ir.Tensor:
-    dtype = old.dtype.numpy()
-    shape = tuple(int(d) for d in old.shape)
+def _as_proto(model: model_io.ModelLike) -> onnx.ModelProto:
+    """A ModelProto copy with all tensor data in memory."""
+    if isinstance(model, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy
+    if not isinstance(model, ir.Model):
+        model_io.load_model(model)  # the checks: a readable model, external data in its folder
+        return onnx.load(str(model), load_external_data=True)
+    model = model.clone()
+    ir.external_data.load_to_model(model)
+    return ir.to_proto(model)
+
+
+def _replace_tensor(tensor: onnx.TensorProto, array: np.ndarray, name: str) -> None:
+    shape = tuple(tensor.dims)
     if tuple(array.shape) != shape:
         raise OnnxCpError(f"trained tensor {name!r} has shape {tuple(array.shape)}; the model's "
                           f"has {shape}")
-    return ir.tensor(np.ascontiguousarray(array.astype(dtype, copy=False)), name=old.name or name)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    new = numpy_helper.from_array(np.ascontiguousarray(array.astype(dtype, copy=False)),
+                                  tensor.name)
+    tensor.ClearField("float_data")
+    tensor.ClearField("int32_data")
+    tensor.ClearField("double_data")
+    tensor.ClearField("external_data")
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    tensor.raw_data = new.raw_data
 
 
-def _replace_constant(node: ir.Node, array: np.ndarray, name: str) -> None:
-    attrs = node.attributes
-    if "value" in attrs:
-        tensor = _tensor_like(attrs["value"].value, array, name)
-        attrs["value"] = ir.Attr("value", ir.AttributeType.TENSOR, tensor)
-    elif "value_floats" in attrs:  # keep the attribute kind the exporter chose
-        floats = [float(v) for v in np.asarray(array, np.float32).reshape(-1)]
-        if len(floats) != len(attrs["value_floats"].value):
-            raise OnnxCpError(f"trained tensor {name!r} changed length")
-        attrs["value_floats"] = ir.Attr("value_floats", ir.AttributeType.FLOATS, floats)
-    else:
-        raise OnnxCpError(f"Constant {name!r} holds no float tensor to write back")
+def _replace_constant(node: onnx.NodeProto, array: np.ndarray, name: str) -> None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            _replace_tensor(attr.t, array, name)
+            return
+        if attr.name == "value_floats":  # keep the attribute kind the exporter chose
+            if array.size != len(attr.floats):
+                raise OnnxCpError(f"trained tensor {name!r} changed length")
+            del attr.floats[:]
+            attr.floats.extend(float(v) for v in np.asarray(array, np.float32).reshape(-1))
+            return
+    raise OnnxCpError(f"Constant {name!r} holds no float tensor to write back")
 
 
 def check_parity(

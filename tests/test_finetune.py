@@ -1,0 +1,268 @@
+"""Fine-tuning: training recovers a damaged CP rewrite (labels and distillation), gradients reach
+the whole CP chain, write-back is exact and checked, checkpoints resume exactly, the CLI works."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import model_factory
+import onnx_cp
+from onnx_cp.cli import main as cli_main
+from onnx_cp.errors import OnnxCpError, UsageError
+from onnx_cp.finetune import finetune, ops, to_torch, train, write_back
+
+torch.set_num_threads(1)
+CLASSES = 4
+
+
+def oriented_gratings(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """N x 3 x 16 x 16 noisy sine gratings; the class is the orientation (0, 45, 90, 135 deg).
+    Position-invariant, so the tiny CNN (global average pooling) learns it in one epoch."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, CLASSES, n)
+    angle = y * np.pi / CLASSES
+    yy, xx = np.mgrid[0:16, 0:16]
+    proj = np.cos(angle)[:, None, None] * xx + np.sin(angle)[:, None, None] * yy
+    img = np.sin(proj * 1.3 + rng.uniform(0, 2 * np.pi, n)[:, None, None])
+    x = img[:, None] * rng.uniform(0.5, 1.5, (n, 3, 1, 1)) + rng.standard_normal((n, 3, 16, 16)) * 0.5
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return float((session.run(None, {"x": x})[0].argmax(1) == y).mean())
+
+
+@pytest.fixture(scope="module")
+def data():
+    return oriented_gratings(384, 0), oriented_gratings(256, 1)
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    (xt, yt), (xv, yv) = data
+    result = finetune(model_factory.tiny_cnn(num_classes=CLASSES), (xt, yt), val=(xv, yv),
+                      epochs=2, lr=0.05)
+    assert accuracy(result.model, xv, yv) >= 0.95
+    return result.model
+
+
+def _random_factors(kernel: np.ndarray, rank: int):
+    rng = np.random.default_rng(7)
+    t, s, kh, kw = kernel.shape
+    return [rng.standard_normal((n, rank)) * 0.3 for n in (t, s, kh, kw)]
+
+
+@pytest.fixture(scope="module")
+def damaged(trained):
+    """conv2 (5x5) CP-rewritten at rank 3 with the real pass, then its vertical factor replaced
+    by noise: a rewrite far worse than any solver's, so the recovery margin is large."""
+    rewritten = onnx_cp.optimize(trained, rank=3, layers="conv2", workers=1).model
+    for init in rewritten.graph.initializer:
+        if init.name == "conv2/cp/vertical.weight":
+            noise = np.random.default_rng(3).standard_normal(tuple(init.dims)).astype(np.float32)
+            init.CopyFrom(numpy_helper.from_array(noise * 0.5, init.name))
+    return rewritten
+
+
+def test_cp_rewrite_is_what_we_expect(damaged):
+    names = [n.name for n in damaged.graph.node]
+    assert [n for n in names if n.startswith("conv2/cp/")] == [
+        "conv2/cp/in", "conv2/cp/vertical", "conv2/cp/horizontal", "conv2/cp/out"]
+
+
+def test_finetuning_recovers_a_damaged_cp_rewrite(damaged, data):
+    (xt, yt), (xv, yv) = data
+    before = accuracy(damaged, xv, yv)
+    result = finetune(damaged, (xt, yt), val=(xv, yv), epochs=3, lr=0.02, seed=0)
+    after = accuracy(result.model, xv, yv)
+    assert before <= 0.7  # the damage is real
+    assert after >= before + 0.25 and after >= 0.9
+    # the reported history agrees with onnxruntime on the written model
+    assert result.metric == "val_accuracy"
+    assert result.metric_at(0) == pytest.approx(before)
+    assert result.metric_at(result.best_epoch) == pytest.approx(after)
+    assert result.best_epoch == max(range(len(result.history)), key=result.metric_at)
+
+
+def test_distillation_needs_no_labels(damaged, trained, data):
+    (xt, _), (xv, yv) = data
+    before = accuracy(damaged, xv, yv)
+    result = finetune(damaged, xt, val=xv, teacher=trained, epochs=3, lr=0.02)
+    assert result.metric == "val_agreement"
+    assert result.metric_at(result.best_epoch) >= result.metric_at(0) + 0.25
+    assert accuracy(result.model, xv, yv) >= before + 0.25
+
+
+def test_gradients_reach_every_parameter_of_the_cp_chain(damaged, data):
+    (xt, yt), _ = data
+    module = to_torch(damaged).train()
+    loss = torch.nn.functional.cross_entropy(module(torch.from_numpy(xt[:16])), torch.from_numpy(yt[:16]))
+    loss.backward()
+    params = module.onnx_parameters()
+    chain = [n for n in params if "/cp/" in n]
+    assert sorted(chain) == sorted(f"conv2/cp/{s}.weight" for s in ("in", "vertical", "horizontal", "out"))
+    for name, p in params.items():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def _strip_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    del copy.graph.initializer[:]
+    for node in copy.graph.node:
+        if node.op_type == "Constant":
+            del node.attribute[:]
+    return copy
+
+
+@pytest.mark.parametrize("weight_as", ["initializer", "constant"])
+def test_write_back_round_trip_is_exact_and_keeps_structure(weight_as):
+    kernel = model_factory.low_rank_kernel(6, 4, 3, 3, 2).astype(np.float32)
+    model = model_factory.conv_model(kernel, np.ones(6, np.float32), weight_as=weight_as)
+    model.metadata_props.add(key="author", value="test")
+    module = to_torch(model)
+    state = {k: v + np.float32(0.125) for k, v in module.onnx_state().items()}
+    written = write_back(model, state)
+    module2 = to_torch(written)
+    for name, array in module2.onnx_state().items():
+        np.testing.assert_array_equal(array, state[name])
+    assert _strip_initializers(written).SerializeToString() == _strip_initializers(model).SerializeToString()
+    assert [n.name for n in written.graph.node] == [n.name for n in model.graph.node]
+    assert written.opset_import == model.opset_import and written.ir_version == model.ir_version
+
+
+def test_write_back_keeps_the_original_dtype():
+    kernel = model_factory.low_rank_kernel(4, 4, 3, 3, 2).astype(np.float16)
+    model = model_factory.conv_model(kernel)
+    state = {"W": np.full(kernel.shape, 0.5, np.float32)}
+    written = write_back(model, state, check=False)
+    assert written.graph.initializer[0].data_type == TensorProto.FLOAT16
+    assert numpy_helper.to_array(written.graph.initializer[0]).dtype == np.float16
+
+
+def test_write_back_check_catches_a_mismatch(monkeypatch):
+    model = model_factory.tiny_cnn()
+    state = to_torch(model).onnx_state()
+    monkeypatch.setitem(ops.OPS, "Relu", lambda node, inputs, ctx: inputs[0])  # a wrong kernel
+    with pytest.raises(OnnxCpError, match="write-back check failed"):
+        write_back(model, state)
+
+
+def test_write_back_refuses_unknown_names_and_shapes():
+    model = model_factory.tiny_cnn()
+    with pytest.raises(OnnxCpError, match="'nope'"):
+        write_back(model, {"nope": np.zeros(3, np.float32)})
+    with pytest.raises(OnnxCpError, match="shape"):
+        write_back(model, {"fc.bias": np.zeros(3, np.float32)})
+
+
+def _bn_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    c = 6
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in [
+        ("w", rng.standard_normal((c, 3, 3, 3)) * 0.3), ("bn.s", np.ones(c)), ("bn.b", np.zeros(c)),
+        ("bn.m", rng.standard_normal(c) * 0.1), ("bn.v", np.ones(c) * 2), ("fc.w", rng.standard_normal((c, CLASSES)) * 0.3)]]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "bn.s", "bn.b", "bn.m", "bn.v"], ["b"], name="bn"),
+             helper.make_node("Relu", ["b"], ["r"], name="relu"),
+             helper.make_node("Dropout", ["r"], ["d"], name="drop"),
+             helper.make_node("GlobalAveragePool", ["d"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("MatMul", ["f", "fc.w"], ["logits"], name="fc")]
+    graph = helper.make_graph(nodes, "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
+    return model_factory.make_model(graph)
+
+
+def _init(model, name):
+    return next(numpy_helper.to_array(i) for i in model.graph.initializer if i.name == name)
+
+
+def test_batchnorm_statistics_frozen_by_default(data):
+    (xt, yt), _ = data
+    model = _bn_model()
+    frozen = finetune(model, (xt[:64], yt[:64]), epochs=1, lr=0.01).model
+    np.testing.assert_array_equal(_init(frozen, "bn.m"), _init(model, "bn.m"))
+    np.testing.assert_array_equal(_init(frozen, "bn.v"), _init(model, "bn.v"))
+    assert not np.array_equal(_init(frozen, "bn.s"), _init(model, "bn.s"))  # affine trains
+    free = finetune(model, (xt[:64], yt[:64]), epochs=1, lr=0.01, freeze_bn=False).model
+    assert not np.array_equal(_init(free, "bn.m"), _init(model, "bn.m"))
+
+
+def test_dropout_active_in_training_only():
+    module = to_torch(_bn_model())
+    x = torch.from_numpy(oriented_gratings(8, 5)[0])
+    module.eval()
+    assert torch.equal(module(x), module(x))
+    module.train()
+    assert not torch.equal(module(x), module(x))
+
+
+def test_checkpoint_resume_equals_an_uninterrupted_run(damaged, data, tmp_path, monkeypatch):
+    (xt, yt), (xv, yv) = data
+    args = dict(val=(xv[:64], yv[:64]), epochs=3, lr=0.02, seed=5, keep="last")
+    straight = finetune(damaged, (xt[:128], yt[:128]), **args)
+    ckpt = tmp_path / "run.ckpt"
+    real_epoch = train._Trainer._train_epoch
+
+    def crash_in_epoch_3(self, *a):
+        if self.epoch == 3:
+            raise KeyboardInterrupt
+        return real_epoch(self, *a)
+
+    monkeypatch.setattr(train._Trainer, "_train_epoch", crash_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(damaged, (xt[:128], yt[:128]), checkpoint=ckpt, **args)
+    assert ckpt.exists() and not list(tmp_path.glob(".ckpt-*"))
+    monkeypatch.setattr(train._Trainer, "_train_epoch", real_epoch)
+    resumed = finetune(damaged, (xt[:128], yt[:128]), checkpoint=ckpt, resume=True, **args)
+    assert [r["epoch"] for r in resumed.history] == [0, 1, 2, 3]
+    for name, array in straight.state.items():
+        np.testing.assert_array_equal(resumed.state[name], array, err_msg=name)
+    with pytest.raises(OnnxCpError, match="different model"):
+        finetune(model_factory.tiny_cnn(num_classes=CLASSES, channels=8), (xt[:32], yt[:32]),
+                 checkpoint=ckpt, resume=True, epochs=4)
+
+
+def test_steps_limit_training_length(data):
+    (xt, yt), _ = data
+    result = finetune(model_factory.tiny_cnn(num_classes=CLASSES), (xt, yt), steps=5, batch_size=16)
+    assert result.history[-1]["step"] == 5 and result.history[-1]["epoch"] == 1
+
+
+def test_user_errors_are_one_line(data):
+    (xt, yt), _ = data
+    model = model_factory.tiny_cnn(num_classes=CLASSES)
+    with pytest.raises(UsageError, match="no labels"):
+        finetune(model, xt, epochs=1)
+    with pytest.raises(OnnxCpError, match=r"shape \(3, 8, 8\).*expects"):
+        finetune(model, (xt[:, :, :8, :8], yt), epochs=1)
+    with pytest.raises(UsageError, match="learning rate"):
+        finetune(model, (xt, yt), lr=0)
+    with pytest.raises(OnnxCpError, match="lower the learning rate"):
+        finetune(model, (xt[:64], yt[:64]), lr=1e30, epochs=1)
+
+
+def test_cli_finetune_with_teacher_and_history(damaged, trained, data, tmp_path, capsys):
+    (xt, yt), (xv, yv) = data
+    onnx.save(damaged, tmp_path / "cp.onnx")
+    onnx.save(trained, tmp_path / "orig.onnx")
+    np.savez(tmp_path / "train.npz", x=xt)
+    np.savez(tmp_path / "val.npz", x=xv, y=yv)
+    out = tmp_path / "tuned.onnx"
+    code = cli_main(["finetune", str(tmp_path / "cp.onnx"), str(out), "--data", str(tmp_path / "train.npz"),
+                     "--val", str(tmp_path / "val.npz"), "--teacher", str(tmp_path / "orig.onnx"),
+                     "--epochs", "2", "--lr", "0.02", "--history", str(tmp_path / "h.json")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "kept epoch" in printed and "val_accuracy" in printed
+    tuned = onnx.load(out)
+    assert accuracy(tuned, xv, yv) >= accuracy(damaged, xv, yv) + 0.25
+    code = cli_main(["finetune", str(tmp_path / "cp.onnx"), str(out), "--data", str(tmp_path / "train.npz")])
+    assert code == 2 and "no labels" in capsys.readouterr().err
