@@ -28,6 +28,7 @@ from onnx_cp.progress import bar
 
 DEFAULT_RUNS = 100
 DEFAULT_WARMUP = 10
+NOISY_SPREAD = 1.5  # p90 / p10 above this: the table says the numbers are noisy
 
 
 def benchmark_latency(
@@ -162,6 +163,10 @@ def format_table(result: dict) -> str:
         for row in rows
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    spread = max((m["p90_ms"] / m["p10_ms"] for m in result["models"] if m["p10_ms"] > 0), default=1)
+    if spread > NOISY_SPREAD:
+        lines.append(f"note: p90/p10 up to {spread:.1f}x: the machine is busy and long runs are "
+                     f"preempted more often; compare the p10 columns too, or rerun when it is quiet")
     lines.append(
         f"({result['runs']} interleaved runs after {result['warmup']} warm-up, "
         f"{result['threads']} thread(s), batch {result['batch']}, "

@@ -52,7 +52,8 @@ def layer_profile(
 ) -> dict:
     """Median milliseconds per original layer over `runs` profiled runs (after `warmup`).
 
-    Returns {"name", "path", "threads", "batch", "optimization", "runs", "total_ms",
+    Returns {"name", "path", "threads", "batch", "optimization", "runs", "total_ms" (sum of the
+    layers' medians), "run_median_ms" (median over runs of all kernel time),
     "layers": [{"name", "ms", "share", "ops", "kernels"}] in graph order, "(reorder)" last}."""
     threads = resolve_threads(threads)
     loaded = _named_copy(load(model, label))
@@ -79,7 +80,10 @@ def layer_profile(
             ops[layer].add(op)
             kernels[layer].add(name)
     medians = {layer: float(np.median(values)) for layer, values in layer_runs.items()}
-    total = float(np.median([sum(k[2] for k in run_events) / 1e3 for run_events in per_run])) \
+    # The total is the sum of the per-layer medians, so that tables and plots add up; on a busy
+    # machine the median of whole-run sums can be far off it (runs hit by preemption).
+    total = sum(medians.values())
+    run_median = float(np.median([sum(k[2] for k in events) for events in per_run]) / 1e3) \
         if per_run else 0.0
     order = mapper.order()
     layers = [
@@ -102,6 +106,7 @@ def layer_profile(
         "optimization": optimization,
         "runs": len(per_run),
         "total_ms": total,
+        "run_median_ms": run_median,
         "layers": layers,
     }
 

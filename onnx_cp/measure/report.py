@@ -68,11 +68,7 @@ def _plots(parts: dict, out_dir: Path) -> list[Path]:
     written = []
     profiles = {k: v for k, v in (parts.get("profile") or {}).items() if v and v.get("layers")}
     if profiles:
-        rows = _union_rows([p["layers"] for p in profiles.values()])
-        series = {
-            f"{label} ({p['total_ms']:.3g} ms)": [_layer_ms(p, r) for r in rows]
-            for label, p in profiles.items()
-        }
+        rows, series = _plot_rows(profiles)
         first = next(iter(profiles.values()))
         written.append(plots.grouped_hbars(
             rows, series, out_dir / LAYER_LATENCY_PNG,
@@ -119,6 +115,35 @@ def _union_rows(layer_lists: list[list[dict]]) -> list[str]:
                 rows.append(layer["name"])
     # layout conversions are not a layer of the network: keep them last
     return sorted(rows, key=lambda r: r == "(reorder)")
+
+
+COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul",
+               "NhwcConv", "QLinearConv", "ConvInteger", "MatMulInteger"}
+SMALL_SHARE = 0.03
+
+
+def _plot_rows(profiles: dict) -> tuple[list[str], dict[str, list[float]]]:
+    """Layers with a Conv / Gemm / MatMul, and anything else taking 3% or more of a total, each get
+    a row; small element-wise / reshape rows are summed into "(other ops)" so the plot stays legible."""
+    rows = _union_rows([p["layers"] for p in profiles.values()])
+    ops = {layer["name"]: set(layer.get("ops") or []) for p in profiles.values() for layer in p["layers"]}
+
+    def shown(row: str) -> bool:
+        if row == "(reorder)" or ops.get(row, set()) & COMPUTE_OPS:
+            return True
+        return any(_layer_ms(p, row) >= SMALL_SHARE * p["total_ms"] for p in profiles.values())
+
+    kept = [r for r in rows if shown(r)]
+    other = [r for r in rows if not shown(r)]
+    series = {}
+    for label, p in profiles.items():
+        values = [_layer_ms(p, r) for r in kept]
+        if other:
+            values.append(sum(_layer_ms(p, r) for r in other))
+        series[f"{label} ({p['total_ms']:.3g} ms)"] = values
+    if other:
+        kept = kept + [f"(other ops: {len(other)} layers)"]
+    return kept, series
 
 
 def _layer_ms(profile: dict, name: str) -> float:
