@@ -116,10 +116,13 @@ def test_bench_json_with_profiles(tmp_path):
 
 def test_eval_json(tmp_path):
     result = {"kind": "accuracy", "model": "m.onnx", "data": "d.npz", "n": 10, "top1": 0.5,
-              "top5": 0.9, "agreement_top1": 0.8, "max_abs_error": 0.1}
+              "top5": 0.9, "agreement_top1": 0.8, "max_abs_error": 0.1, "reference": "r.onnx",
+              "reference_top1": 0.6, "reference_top5": 1.0}
     paths = write_report(result, tmp_path)
     assert _check_pngs(paths) == []  # one model: nothing to plot against
-    assert "| m | 10 | 50.00% | 90.00% | 80.00% | 0.1 |" in (tmp_path / "report.md").read_text()
+    md = (tmp_path / "report.md").read_text()
+    assert "| m | 10 | 50.00% | 90.00% | 80.00% | 0.1 |" in md
+    assert "| reference: r | 10 | 60.00% | 100.00% | - | - |" in md
 
 
 def test_unwritable_folder(tmp_path):

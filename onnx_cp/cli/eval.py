@@ -19,7 +19,7 @@ def register(subparsers) -> None:
     p.add_argument("model", metavar="MODEL", help="ONNX model file")
     p.add_argument("--data", required=True, metavar="DATA", help=".npz file or image folder")
     p.add_argument("--reference", metavar="MODEL", help="compare predictions with this model")
-    p.add_argument("--batch-size", type=int, default=64, help="samples per run (default 64)")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="samples per run (default 64)")
     p.add_argument("--limit", type=int, metavar="N", help="use only the first N samples")
     p.add_argument("--size", metavar="H,W", help="resize images to H x W (image folders)")
     p.add_argument("--grayscale", action="store_true", help="one channel images (image folders)")

@@ -54,7 +54,12 @@ def normalize(report: dict) -> dict:
             parts["profile"] = report["profile"]
         return parts
     if kind == "accuracy" or ("top1" in report and "n" in report):
-        return {"accuracy": {_stem(report.get("model")) or "model": report}}
+        accuracy = {_stem(report.get("model")) or "model": report}
+        if report.get("reference"):
+            accuracy[f"reference: {_stem(report['reference'])}"] = {
+                "n": report["n"], "top1": report.get("reference_top1"),
+                "top5": report.get("reference_top5")}
+        return {"accuracy": accuracy}
     if kind == "profile":
         return {"profile": {report.get("name") or "model": report}}
     return dict(report)
