@@ -36,6 +36,7 @@ Decomposer = Callable[[np.ndarray, int], object]
 _FOLDABLE_OPS = {
     "Identity", "Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Slice",
     "Mul", "Div", "Add", "Sub", "Neg", "Split", "Gather", "Flatten", "Expand", "Tile",
+    "ConstantOfShape",
 }
 _MAX_FOLD_DEPTH = 8
 
@@ -203,6 +204,10 @@ class CPConvPass(ir.passes.InPlacePass):
             replaced_weights.append(site.node.inputs[1])
             self._splice(model.graph, site, rank, weights)
             self.outcomes.append(outcome)
+        if model.ir_version is not None and model.ir_version < 4:
+            # IR < 4 requires every initializer to be listed as a graph input too.
+            new = [w for weights, _ in shared.values() for w in weights]
+            model.graph.inputs.extend(new)
         _remove_dead_values(model.graph, replaced_weights)
         return ir.passes.PassResult(model, modified=bool(replaced_weights))
 
@@ -403,12 +408,16 @@ def _evaluate_node(node: ir.Node, inputs: list[np.ndarray | None], wanted: ir.Va
 def _remove_dead_values(graph: ir.Graph, values: Sequence[ir.Value]) -> None:
     """Drop weights (and the Constant/fold nodes that made them) that the splice left unused."""
     pending = list(values)
-    graph_inputs = set(graph.inputs)
     graph_outputs = set(graph.outputs)
     while pending:
         value = pending.pop()
-        if value.uses() or value in graph_outputs or value in graph_inputs:
+        is_initializer = graph.initializers.get(value.name) is value
+        if value.uses() or value in graph_outputs:
             continue
+        if value in graph.inputs:
+            if not is_initializer:
+                continue  # a real input of the model: never removed
+            graph.inputs.remove(value)  # IR < 4 lists weights as inputs too
         producer = value.producer()
         if producer is not None:
             if any(out.uses() or out in graph_outputs for out in producer.outputs):
@@ -417,7 +426,7 @@ def _remove_dead_values(graph: ir.Graph, values: Sequence[ir.Value]) -> None:
                 inputs = [v for v in producer.inputs if v is not None]  # removal detaches them
                 graph.remove(producer, safe=True)
                 pending.extend(inputs)
-        elif value.name in graph.initializers and graph.initializers[value.name] is value:
+        elif is_initializer:
             del graph.initializers[value.name]
 
 

@@ -22,7 +22,7 @@ def low_rank_kernel(t: int, s: int, kh: int, kw: int, rank: int, seed: int = 0) 
     """A (t, s, kh, kw) kernel that is exactly a sum of `rank` rank-one terms."""
     rng = np.random.default_rng(seed)
     a, b, c, d = (rng.standard_normal((n, rank)) for n in (t, s, kh, kw))
-    return np.einsum("tr,sr,yr,xr->tsyx", a, b, c, d).astype(np.float32) / np.sqrt(rank)
+    return (np.einsum("tr,sr,yr,xr->tsyx", a, b, c, d) / np.sqrt(rank)).astype(np.float32)
 
 
 def conv_model(

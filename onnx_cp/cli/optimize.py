@@ -1,0 +1,154 @@
+"""`onnx-cp optimize IN OUT`: argument handling and output only; the work is onnx_cp.optimize."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from onnx_cp import api, model_io, select, verify
+from onnx_cp.errors import OnnxCpError, UsageError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "optimize",
+        help="replace Conv layers by CP-decomposed four-conv chains",
+        description="Replace the eligible Conv layers of IN by CP-decomposed chains of four small "
+        "convolutions, verify the result with onnx.checker and onnxruntime, and write OUT.",
+    )
+    p.add_argument("input", metavar="IN", help="input ONNX model (never modified)")
+    p.add_argument("output", metavar="OUT", help="output ONNX model (written atomically)")
+    p.add_argument("--rank", action="append", metavar="N|LAYER=N",
+                   help="CP rank for every layer (N) or one layer (LAYER=N, repeatable); clipped to "
+                   "each layer's FLOP break-even. Default: the data-free policy (see --max-error)")
+    p.add_argument("--max-error", type=float, default=select.DEFAULT_MAX_ERROR, metavar="E",
+                   help="kernel relative error budget of the default rank policy "
+                   f"(default {select.DEFAULT_MAX_ERROR})")
+    p.add_argument("--layers", metavar="REGEX", help="only Conv layers whose name matches")
+    p.add_argument("--exclude", metavar="REGEX", help="leave Conv layers whose name matches")
+    p.add_argument("--method", choices=["nls", "als"], default="nls", help="CP solver (default nls)")
+    p.add_argument("--workers", type=int, metavar="N", help="solver processes (default: CPU count)")
+    p.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...",
+                   help="shape for an input with symbolic dimensions (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    p.add_argument("--report", metavar="FILE.json", help="write the per-layer report as JSON")
+    p.add_argument("--report-dir", metavar="DIR", help="write report.json, report.md and plots")
+    p.add_argument("--external-data", choices=["auto", "yes", "no"], default="auto",
+                   help="weights in OUT.data beside OUT: auto = when the input had external data "
+                   "or the model is over 2 GB")
+    p.add_argument("--force", action="store_true", help="allow OUT to be the same file as IN")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    source, target = Path(args.input), Path(args.output)
+    _check_paths(source, target, args.force)
+    request = select.parse_rank_args(args.rank)
+    result = api.optimize(
+        source,
+        rank=request.rank,
+        layer_ranks=request.per_layer,
+        layers=args.layers,
+        exclude=args.exclude,
+        max_error=args.max_error,
+        method=args.method,
+        workers=args.workers,
+        input_shapes=verify.parse_input_shapes(args.input_shape),
+        seed=args.seed,
+    )
+    report = result.report
+    report["output"] = str(target)
+    external = {"auto": True if report["had_external_data"] else None, "yes": True, "no": False}
+    model_io.save_model(result.model, target, external_data=external[args.external_data])
+    if args.report:
+        write_json(report, Path(args.report))
+    if args.report_dir:
+        from onnx_cp.measure import write_report
+
+        write_report(report, Path(args.report_dir))
+    if not args.quiet:
+        print(format_report(report))
+    return 0
+
+
+def _check_paths(source: Path, target: Path, force: bool) -> None:
+    if not source.exists():
+        raise OnnxCpError(f"{source}: no such file")
+    if target.exists() and source.resolve() == target.resolve() and not force:
+        raise UsageError(f"output {target} is the input file; pass --force to overwrite it")
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise OnnxCpError(f"{target}: output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise OnnxCpError(f"{target}: output folder {folder} is not writable")
+    if target.is_dir():
+        raise OnnxCpError(f"{target}: is a folder")
+
+
+def write_json(data: dict, path: Path) -> None:
+    """Atomic JSON write (temporary file in the same folder, then rename)."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OnnxCpError(f"{path}: folder {folder} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=".onnx-cp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def format_report(report: dict) -> str:
+    """The per-layer table, totals and verification, for the terminal."""
+    header = ("layer", "kernel", "group", "rank", "error", "MACs before", "MACs after", "gain", "status")
+    rows = [header]
+    for row in report["layers"]:
+        kernel = "x".join(map(str, row["kernel_shape"])) if row.get("kernel_shape") else "?"
+        done = row["status"] == "decomposed"
+        gain = (row["macs_before"] / row["macs_after"]) if done and row["macs_after"] else None
+        status = "decomposed" if done else f"skipped: {row['reason']}"
+        if row.get("note"):
+            status += f" ({row['note']})"
+        rows.append((
+            row["name"], kernel, str(row["group"]),
+            str(row["rank"]) if done else "-",
+            f"{row['rel_error']:.3f}" if done else "-",
+            _count(row.get("macs_before")), _count(row.get("macs_after")) if done else "-",
+            f"{gain:.1f}x" if gain else "-", status,
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
+    totals = report["totals"]
+    before, after = totals["conv_macs_before"], totals["conv_macs_after"]
+    lines.append(
+        f"\n{totals['decomposed']} of {totals['convs']} Conv layers decomposed; conv MACs "
+        f"{_count(before)} -> {_count(after)}" + (f" ({before / after:.2f}x fewer)" if after else "")
+        + f"; parameters {_count(totals['params_before'])} -> {_count(totals['params_after'])}"
+    )
+    if totals["decomposed"] == 0:
+        lines.append("no Conv layer was decomposed: the model was written unchanged")
+    check = report.get("verification")
+    if check:
+        shapes = ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in check["input_shapes"].items())
+        lines.append(
+            f"verified: onnx.checker {check['checker']}; onnxruntime outputs vs the input model on "
+            f"random inputs ({shapes}): max abs error {check['max_abs_error']:.3g}, "
+            f"relative error {check['max_rel_error']:.3g}"
+        )
+    lines.append(f"wrote {report['output']} in {report['seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def _count(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
