@@ -42,8 +42,8 @@ def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Constant folding and dead-code removal only: onnxscript's full optimizer (the exporter's
     optimize=True) also runs rewrite rules, one of which fuses Conv + BatchNormalization."""
     import onnx_ir as ir
-    import onnx_ir.passes.common as common
     import onnxscript.optimizer
+    from onnx_ir.passes import common
 
     model = ir.serde.deserialize_model(proto)
     onnxscript.optimizer.fold_constants(model)
