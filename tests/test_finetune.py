@@ -3,6 +3,7 @@ the whole CP chain, write-back is exact and checked, checkpoints resume exactly,
 
 from __future__ import annotations
 
+import model_factory
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -10,7 +11,6 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-import model_factory
 import onnx_cp
 from onnx_cp.cli import main as cli_main
 from onnx_cp.errors import OnnxCpError, UsageError
@@ -206,7 +206,7 @@ def test_dropout_active_in_training_only():
 
 def test_checkpoint_resume_equals_an_uninterrupted_run(damaged, data, tmp_path, monkeypatch):
     (xt, yt), (xv, yv) = data
-    args = dict(val=(xv[:64], yv[:64]), epochs=3, lr=0.02, seed=5, keep="last")
+    args = {"val": (xv[:64], yv[:64]), "epochs": 3, "lr": 0.02, "seed": 5, "keep": "last"}
     straight = finetune(damaged, (xt[:128], yt[:128]), **args)
     ckpt = tmp_path / "run.ckpt"
     real_epoch = train._Trainer._train_epoch
@@ -250,7 +250,7 @@ def test_user_errors_are_one_line(data):
 
 
 def test_cli_finetune_with_teacher_and_history(damaged, trained, data, tmp_path, capsys):
-    (xt, yt), (xv, yv) = data
+    (xt, _), (xv, yv) = data
     onnx.save(damaged, tmp_path / "cp.onnx")
     onnx.save(trained, tmp_path / "orig.onnx")
     np.savez(tmp_path / "train.npz", x=xt)

@@ -16,15 +16,15 @@ import socket
 import subprocess
 import sys
 
+import model_factory
 import numpy as np
 import onnx
 import pytest
 import torch
 import torch.distributed as dist
-
-import model_factory
-from onnx_cp.finetune import finetune
 from test_finetune import accuracy, oriented_gratings
+
+from onnx_cp.finetune import finetune
 
 pytestmark = pytest.mark.skipif(not dist.is_available(),
                                 reason="this torch build has no torch.distributed")
@@ -70,7 +70,7 @@ def test_two_processes_train_one_model(tmp_path):
     states = [np.load(tmp_path / f"state{rank}.npz") for rank in (0, 1)]
     for name in states[0].files:  # gradients were averaged: both replicas stayed identical
         np.testing.assert_array_equal(states[0][name], states[1][name], err_msg=name)
-    (_, _), (xv, yv) = oriented_gratings(8, 0), oriented_gratings(128, 1)
+    xv, yv = oriented_gratings(128, 1)
     tuned = onnx.load(tmp_path / "out.onnx")
     assert accuracy(tuned, xv, yv) >= accuracy(model_factory.tiny_cnn(num_classes=4), xv, yv) + 0.3
     assert (tmp_path / "run.ckpt").exists()
@@ -92,7 +92,8 @@ def test_torchrun_cli(tmp_path):
            "--data", str(tmp_path / "train.npz"), "--val", str(tmp_path / "val.npz"),
            "--epochs", "2", "--lr", "0.05", "--history", str(history),
            "--checkpoint", str(tmp_path / "run.ckpt")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(history.read_text())["history"]
     assert [r["step"] for r in rows] == [0, 4, 8]

@@ -3,6 +3,7 @@ at two batch sizes (the batch is symbolic in every graph)."""
 
 from __future__ import annotations
 
+import model_factory
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -10,7 +11,6 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-import model_factory
 from onnx_cp.errors import OnnxCpError
 from onnx_cp.finetune import to_torch
 

@@ -66,9 +66,9 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.resume and not args.checkpoint:
         raise UsageError("--resume needs --checkpoint FILE")
-    options = dict(size=_numbers(args.size, "--size", int), grayscale=args.grayscale,
-                   scale=args.scale, mean=_numbers(args.mean, "--mean", float),
-                   std=_numbers(args.std, "--std", float), limit=args.limit)
+    options = {"size": _numbers(args.size, "--size", int), "grayscale": args.grayscale,
+               "scale": args.scale, "mean": _numbers(args.mean, "--mean", float),
+               "std": _numbers(args.std, "--std", float), "limit": args.limit}
     train = open_dataset(args.data, **options)
     val = open_dataset(args.val, **options) if args.val else None
     model = load_model(args.input)

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import torch
 from torch import nn
@@ -252,4 +251,4 @@ def _plan_frees(nodes: list[_Node], keep: list[str]) -> None:
             nodes[index].drop_after.append(name)
 
 
-__all__ = ["OnnxModule", "to_torch", "onnx"]
+__all__ = ["OnnxModule", "to_torch"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -168,19 +167,6 @@ def _pool_geometry(node, x):
     dilations = list(node.attrs.get("dilations", [1] * nsp))
     pads = _spatial_pads(node, x, kernel, strides, dilations)
     return kernel, strides, dilations, pads, nsp
-
-
-def _check_ceil_overhang(node, x, kernel, strides, dilations, pads, nsp):
-    """Number of outputs per axis, as onnxruntime computes it."""
-    ceil = bool(node.attrs.get("ceil_mode", 0))
-    sizes = []
-    for i in range(nsp):
-        span = x.shape[2 + i] + pads[i] + pads[nsp + i] - ((kernel[i] - 1) * dilations[i] + 1)
-        n = (-(-span // strides[i]) if ceil else span // strides[i]) + 1
-        if ceil and (n - 1) * strides[i] >= x.shape[2 + i] + pads[i]:
-            n -= 1  # a window may not start in the end padding
-        sizes.append(n)
-    return sizes
 
 
 @op("MaxPool")
@@ -378,13 +364,17 @@ def _pow(a, b):
     return out.to(a.dtype)  # ONNX Pow keeps the base's type
 
 
+def _binary(fn):
+    return lambda node, inputs, ctx: fn(inputs[0], inputs[1])
+
+
 for _name, _fn in {
     "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": _div, "Pow": _pow,
     "Equal": torch.eq, "Less": torch.lt, "Greater": torch.gt, "LessOrEqual": torch.le,
     "GreaterOrEqual": torch.ge, "And": torch.logical_and, "Or": torch.logical_or,
     "Xor": torch.logical_xor,
 }.items():
-    OPS[_name] = (lambda f: lambda node, inputs, ctx: f(inputs[0], inputs[1]))(_fn)
+    OPS[_name] = _binary(_fn)
 
 
 @op("Mod")
@@ -732,7 +722,7 @@ def resize(node, inputs, ctx):
             scale = size_out / size_in
         else:
             scale = scales[i]
-            size_out = int(math.floor(size_in * scale))
+            size_out = math.floor(size_in * scale)
         if size_out == size_in and scale == 1.0:
             continue
         coords = _source_coords(coord, size_in, size_out, scale, x.device)
@@ -813,4 +803,4 @@ def supported_ops() -> list[str]:
     return sorted(OPS) + ["Constant"]
 
 
-__all__: list[Any] = ["OPS", "ONNX_TO_TORCH", "supported_ops"]
+__all__ = ["ONNX_TO_TORCH", "OPS", "supported_ops"]

@@ -13,10 +13,9 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import onnx
@@ -30,7 +29,7 @@ from onnx_cp.finetune import distributed
 from onnx_cp.finetune.interpreter import OnnxModule, to_torch
 from onnx_cp.finetune.writeback import write_back
 
-DataLike = Union[str, os.PathLike, tuple, np.ndarray, Any]  # path, (x, y) arrays, or a Dataset
+DataLike = Any  # a path, a Dataset, (x, y) arrays or an x array  # path, (x, y) arrays, or a Dataset
 DEFAULT_EPOCHS = 5
 EVAL_BATCH = 256
 SCHEDULES = ("cosine", "step", "constant")
@@ -95,7 +94,7 @@ def finetune(
     started = time.perf_counter()
     _check_options(epochs, steps, lr, batch_size, schedule, distill, keep, temperature)
     source = model_io.to_ir(model)
-    input_name, output_name = _single_input_output(source)
+    input_name = _single_input(source)
     world = distributed.setup()
     if not world.is_main:
         progress.set_quiet(True)  # one set of progress bars, from rank 0
@@ -447,13 +446,13 @@ def _arrays(data: DataLike, what: str) -> tuple[np.ndarray, np.ndarray | None]:
     return x, y
 
 
-def _single_input_output(model: ir.Model) -> tuple[str, str]:
+def _single_input(model: ir.Model) -> str:
     inputs = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
     if len(inputs) != 1:
         raise OnnxCpError(f"fine-tuning needs a model with one input; this one has {inputs}")
     if not model.graph.outputs:
         raise OnnxCpError("the model has no outputs")
-    return inputs[0], model.graph.outputs[0].name
+    return inputs[0]
 
 
 def _check_sample_shape(model: ir.Model, input_name: str, sample_shape) -> None:
@@ -482,7 +481,7 @@ def _run_onnx(model: ir.Model, x: np.ndarray, indices: np.ndarray, what: str) ->
                 outputs.append(session.run(None, {name: x[rows]})[0])
     except OnnxCpError:
         raise
-    except Exception as exc:  # onnxruntime raises its own types
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise OnnxCpError(f"onnxruntime cannot run the {what}: {first}") from None
     return np.ascontiguousarray(np.concatenate(outputs).astype(np.float32))
@@ -512,4 +511,4 @@ def _check_options(epochs, steps, lr, batch_size, schedule, distill, keep, tempe
         raise UsageError(f"temperature must be positive, got {temperature}")
 
 
-__all__ = ["FinetuneResult", "finetune", "Mapping"]
+__all__ = ["FinetuneResult", "MomentumSGD", "finetune"]
