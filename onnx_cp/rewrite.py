@@ -366,7 +366,7 @@ def _ineligibility(site: ConvSite, main_graph: ir.Graph) -> str | None:
         return f"invalid group {site.group} for {kernel.shape[0]} output channels"
     if kernel.shape[2] * kernel.shape[3] == 1:
         return "1x1 conv: CP gains nothing"
-    if kernel.shape[1] == 1:
+    if kernel.shape[1] == 1 and site.group > 1:
         return "depthwise conv: CP gains nothing"
     if not np.all(np.isfinite(kernel)):
         return "weight holds NaN or infinity"
