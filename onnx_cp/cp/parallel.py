@@ -1,0 +1,90 @@
+"""decompose_many(): many kernels in worker processes, with a progress bar.
+
+Each job's result depends only on (kernel, rank, seed, options), never on the number of workers
+or the order of completion, so workers=1 and workers=N give identical factors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+
+from onnx_cp.cp.decompose import decompose
+from onnx_cp.cp.result import CPResult
+from onnx_cp.errors import UsageError
+from onnx_cp.progress import bar
+
+_BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _run_job(kernel: np.ndarray, rank: int, kwargs: dict) -> CPResult:
+    return decompose(kernel, rank, **kwargs)
+
+
+@contextlib.contextmanager
+def _blas_threads(n: int) -> Iterator[None]:
+    """Workers inherit the environment at start-up: give each `n` BLAS threads, not all cores."""
+    saved = {k: os.environ.get(k) for k in _BLAS_THREAD_VARS}
+    os.environ.update({k: str(n) for k in _BLAS_THREAD_VARS})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def decompose_many(jobs: Sequence[tuple[np.ndarray, int]], *, workers: int | None = None,
+                   method: str = "nls", seed: int = 0, desc: str = "decomposing",
+                   **kwargs) -> list[CPResult]:
+    """decompose(kernel, rank, method=method, seed=seed, **kwargs) for each job, in job order.
+
+    workers: processes to use (default: one per CPU, at most one per job); 1 runs in this process.
+    Invalid arguments raise UsageError before any worker starts.
+    """
+    jobs = list(jobs)
+    if workers is None:
+        workers = os.cpu_count() or 1
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise UsageError(f"workers must be an integer >= 1, got {workers!r}")
+    for job in jobs:
+        if not isinstance(job, (tuple, list)) or len(job) != 2:
+            raise UsageError("each decompose_many job must be a (kernel, rank) pair")
+    options = dict(kwargs, method=method, seed=seed)
+    workers = min(workers, max(len(jobs), 1))
+    progress = bar(len(jobs), desc)
+    try:
+        if workers == 1:
+            results = []
+            for kernel, rank in jobs:
+                results.append(_run_job(kernel, rank, options))
+                progress.update(1)
+            return results
+        # Validate up front so a user error surfaces as one line, not a worker traceback.
+        from onnx_cp.cp.decompose import check_args
+        for kernel, rank in jobs:
+            check_args(kernel, rank, method, options.get("bound"), options.get("ridge", 0.0),
+                       options.get("time_limit"), options.get("max_iter"), options.get("tol", 0.0))
+        results: list[CPResult | None] = [None] * len(jobs)
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        # spawn, not fork: the caller may hold torch / onnxruntime threads that fork would copy.
+        context = multiprocessing.get_context("spawn")
+        with _blas_threads(threads), ProcessPoolExecutor(workers, mp_context=context) as pool:
+            # Largest kernels first so the pool does not end waiting on one big job.
+            order = sorted(range(len(jobs)), key=lambda i: -np.asarray(jobs[i][0]).size * jobs[i][1])
+            futures = {pool.submit(_run_job, np.asarray(jobs[i][0]), int(jobs[i][1]), options): i
+                       for i in order}
+            from concurrent.futures import as_completed
+            for fut in as_completed(futures):
+                results[futures[fut]] = fut.result()
+                progress.update(1)
+        return results  # type: ignore[return-value]
+    finally:
+        progress.close()
