@@ -12,7 +12,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_cp.errors import OnnxCpError
-from onnx_cp.finetune import to_torch
+from onnx_cp.finetune import to_torch, write_back
 
 torch.set_num_threads(1)
 BATCHES = (1, 3)
@@ -111,6 +111,8 @@ CASES = {
     "batchnorm_opset9": ("BatchNormalization", {}, (4, 5, 5), {"s": _rand(4), "b": _rand(4), "m": _rand(4), "v": np.abs(_rand(4)) + 0.5}, 9),
     "instancenorm": ("InstanceNormalization", {}, (4, 5, 5), {"s": _rand(4), "b": _rand(4)}),
     "layernorm": ("LayerNormalization", {"axis": 1}, (4, 5, 5), {"s": _rand(4, 5, 5), "b": _rand(4, 5, 5)}),
+    "lrn_odd": ("LRN", {"size": 3, "alpha": 0.01, "beta": 0.75, "bias": 2.0}, (6, 3, 3), {}),
+    "lrn_size5": ("LRN", {"size": 5}, (6, 3, 3), {}),
     "dropout": ("Dropout", {}, (4, 5), {}),
     "dropout_opset11": ("Dropout", {"ratio": 0.3}, (4, 5), {}, 11),
     # activations
@@ -236,6 +238,40 @@ def test_gemm_trans_a_parity():
     # transA makes the batch the reduction axis, so B's shape fixes the batch.
     model = single_op_model("Gemm", {"transA": 1, "transB": 1}, (4,), {"B": _rand(2, 3)})
     assert_parity(model, batches=(3,))
+
+
+def test_logic_ops_parity():
+    nodes = [
+        helper.make_node("Less", ["x", "c"], ["lt"], name="less"),
+        helper.make_node("Greater", ["x", "c"], ["gt"], name="greater"),
+        helper.make_node("Not", ["gt"], ["ngt"], name="not"),
+        helper.make_node("And", ["lt", "ngt"], ["both"], name="and"),
+        helper.make_node("Neg", ["x"], ["nx"], name="neg"),
+        helper.make_node("Where", ["both", "x", "nx"], ["w"], name="where"),
+        helper.make_node("Abs", ["w"], ["a"], name="abs"),
+        helper.make_node("Exp", ["nx"], ["e"], name="exp"),
+        helper.make_node("Mean", ["a", "e", "w"], ["y0"], name="mean"),
+        helper.make_node("ArgMax", ["x"], ["am"], name="argmax", axis=1, keepdims=0),
+        helper.make_node("Cast", ["am"], ["y1"], name="cast", to=TensorProto.FLOAT),
+    ]
+    graph = helper.make_graph(
+        nodes, "logic", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("y0", "y1")],
+        [numpy_helper.from_array(_f32(0.1), "c")])
+    assert_parity(model_factory.make_model(graph))
+
+
+def test_constant_value_floats_is_a_parameter():
+    nodes = [helper.make_node("Constant", [], ["scale"], value_floats=[0.5, 2.0, -1.0]),
+             helper.make_node("Mul", ["x", "scale"], ["y0"], name="mul")]
+    graph = helper.make_graph(
+        nodes, "vf", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y0", TensorProto.FLOAT, None)])
+    model = model_factory.make_model(graph)
+    assert_parity(model)
+    assert set(to_torch(model).onnx_parameters()) == {"scale"}
+    written = write_back(model, {"scale": _f32(1, 2, 3)})
+    assert list(written.graph.node[0].attribute[0].floats) == [1, 2, 3]  # still value_floats
 
 
 def _shape_arith_model(opset=18):

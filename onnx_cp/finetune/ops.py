@@ -254,6 +254,22 @@ def layer_norm(node, inputs, ctx):
     return y if bias is None else y + bias
 
 
+@op("LRN")
+def lrn(node, inputs, ctx):
+    x = inputs[0]
+    size = node.attrs["size"]
+    alpha, beta = node.attrs.get("alpha", 1e-4), node.attrs.get("beta", 0.75)
+    bias = node.attrs.get("bias", 1.0)
+    # ONNX sums channels [c - floor((size-1)/2), c + ceil((size-1)/2)] (torch centres differently
+    # for even sizes): pad the channel axis that way and sum with a (size x 1 x ...) window.
+    front, back = (size - 1) // 2, size - 1 - (size - 1) // 2
+    squares = (x * x).unsqueeze(1)
+    squares = F.pad(squares.flatten(3), (0, 0, front, back))
+    window_sum = F.avg_pool2d(squares, (size, 1), stride=1) * size
+    window_sum = window_sum.reshape(x.shape)
+    return x / (bias + alpha / size * window_sum) ** beta
+
+
 @op("Dropout")
 def dropout(node, inputs, ctx):
     if len(node.outputs) > 1 and node.outputs[1]:
