@@ -3,7 +3,6 @@ the whole CP chain, write-back is exact and checked, checkpoints resume exactly,
 
 from __future__ import annotations
 
-import model_factory
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -11,6 +10,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+import model_factory
 import onnx_cp
 from onnx_cp.cli import main as cli_main
 from onnx_cp.errors import OnnxCpError, UsageError
@@ -46,8 +46,7 @@ def data():
 @pytest.fixture(scope="module")
 def trained(data):
     (xt, yt), (xv, yv) = data
-    result = finetune(model_factory.tiny_cnn(num_classes=CLASSES), (xt, yt), val=(xv, yv),
-                      epochs=2, lr=0.05)
+    result = finetune(model_factory.tiny_cnn(num_classes=CLASSES), (xt, yt), val=(xv, yv), epochs=2, lr=0.05)
     assert accuracy(result.model, xv, yv) >= 0.95
     return result.model
 
@@ -73,7 +72,11 @@ def damaged(trained):
 def test_cp_rewrite_is_what_we_expect(damaged):
     names = [n.name for n in damaged.graph.node]
     assert [n for n in names if n.startswith("conv2/cp/")] == [
-        "conv2/cp/in", "conv2/cp/vertical", "conv2/cp/horizontal", "conv2/cp/out"]
+        "conv2/cp/in",
+        "conv2/cp/vertical",
+        "conv2/cp/horizontal",
+        "conv2/cp/out",
+    ]
 
 
 def test_finetuning_recovers_a_damaged_cp_rewrite(damaged, data):
@@ -165,18 +168,33 @@ def test_write_back_refuses_unknown_names_and_shapes():
 def _bn_model() -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     c = 6
-    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in [
-        ("w", rng.standard_normal((c, 3, 3, 3)) * 0.3), ("bn.s", np.ones(c)), ("bn.b", np.zeros(c)),
-        ("bn.m", rng.standard_normal(c) * 0.1), ("bn.v", np.ones(c) * 2), ("fc.w", rng.standard_normal((c, CLASSES)) * 0.3)]]
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-             helper.make_node("BatchNormalization", ["c", "bn.s", "bn.b", "bn.m", "bn.v"], ["b"], name="bn"),
-             helper.make_node("Relu", ["b"], ["r"], name="relu"),
-             helper.make_node("Dropout", ["r"], ["d"], name="drop"),
-             helper.make_node("GlobalAveragePool", ["d"], ["g"], name="gap"),
-             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
-             helper.make_node("MatMul", ["f", "fc.w"], ["logits"], name="fc")]
-    graph = helper.make_graph(nodes, "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
+    inits = [
+        numpy_helper.from_array(a.astype(np.float32), n)
+        for n, a in [
+            ("w", rng.standard_normal((c, 3, 3, 3)) * 0.3),
+            ("bn.s", np.ones(c)),
+            ("bn.b", np.zeros(c)),
+            ("bn.m", rng.standard_normal(c) * 0.1),
+            ("bn.v", np.ones(c) * 2),
+            ("fc.w", rng.standard_normal((c, CLASSES)) * 0.3),
+        ]
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "bn.s", "bn.b", "bn.m", "bn.v"], ["b"], name="bn"),
+        helper.make_node("Relu", ["b"], ["r"], name="relu"),
+        helper.make_node("Dropout", ["r"], ["d"], name="drop"),
+        helper.make_node("GlobalAveragePool", ["d"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+        helper.make_node("MatMul", ["f", "fc.w"], ["logits"], name="fc"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "bn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+        inits,
+    )
     return model_factory.make_model(graph)
 
 
@@ -226,8 +244,13 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(damaged, data, tmp_path, 
     for name, array in straight.state.items():
         np.testing.assert_array_equal(resumed.state[name], array, err_msg=name)
     with pytest.raises(OnnxCpError, match="different model"):
-        finetune(model_factory.tiny_cnn(num_classes=CLASSES, channels=8), (xt[:32], yt[:32]),
-                 checkpoint=ckpt, resume=True, epochs=4)
+        finetune(
+            model_factory.tiny_cnn(num_classes=CLASSES, channels=8),
+            (xt[:32], yt[:32]),
+            checkpoint=ckpt,
+            resume=True,
+            epochs=4,
+        )
 
 
 def test_steps_limit_training_length(data):
@@ -256,9 +279,25 @@ def test_cli_finetune_with_teacher_and_history(damaged, trained, data, tmp_path,
     np.savez(tmp_path / "train.npz", x=xt)
     np.savez(tmp_path / "val.npz", x=xv, y=yv)
     out = tmp_path / "tuned.onnx"
-    code = cli_main(["finetune", str(tmp_path / "cp.onnx"), str(out), "--data", str(tmp_path / "train.npz"),
-                     "--val", str(tmp_path / "val.npz"), "--teacher", str(tmp_path / "orig.onnx"),
-                     "--epochs", "3", "--lr", "0.1", "--history", str(tmp_path / "h.json")])
+    code = cli_main(
+        [
+            "finetune",
+            str(tmp_path / "cp.onnx"),
+            str(out),
+            "--data",
+            str(tmp_path / "train.npz"),
+            "--val",
+            str(tmp_path / "val.npz"),
+            "--teacher",
+            str(tmp_path / "orig.onnx"),
+            "--epochs",
+            "3",
+            "--lr",
+            "0.1",
+            "--history",
+            str(tmp_path / "h.json"),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "kept epoch" in printed and "val_accuracy" in printed

@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 
-import model_factory
 import numpy as np
 import onnx
 import pytest
@@ -24,6 +23,7 @@ import torch
 import torch.distributed as dist
 from test_finetune import accuracy, oriented_gratings
 
+import model_factory
 from onnx_cp.finetune import finetune
 
 pytestmark = pytest.mark.skipif(not dist.is_available(),

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import model_factory
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
 import torch
 
+import model_factory
 import onnx_cp
 from onnx_cp import verify
 from onnx_cp.finetune import to_torch

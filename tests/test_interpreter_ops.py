@@ -3,7 +3,6 @@ at two batch sizes (the batch is symbolic in every graph)."""
 
 from __future__ import annotations
 
-import model_factory
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -11,6 +10,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+import model_factory
 from onnx_cp.errors import OnnxCpError
 from onnx_cp.finetune import to_torch, write_back
 
@@ -31,8 +31,9 @@ def _rand(*shape, seed=1, scale=1.0):
     return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
 
 
-def single_op_model(op, attrs=None, x_shape=(4, 6, 6), consts=None, opset=18, n_outputs=1,
-                    const_as="initializer", extra_inputs=None):
+def single_op_model(
+    op, attrs=None, x_shape=(4, 6, 6), consts=None, opset=18, n_outputs=1, const_as="initializer", extra_inputs=None
+):
     """x [N, *x_shape] -> op(x, *consts) -> y0..; `consts` maps input names to arrays ('' = skip)."""
     consts = consts or {}
     inputs = ["x"] + list(consts)
@@ -45,7 +46,8 @@ def single_op_model(op, attrs=None, x_shape=(4, 6, 6), consts=None, opset=18, n_
     else:
         initializers = tensors
     graph = helper.make_graph(
-        nodes + [node], op,
+        nodes + [node],
+        op,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *x_shape])],
         [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
         initializers,
@@ -89,26 +91,72 @@ CASES = {
     "conv_1d": ("Conv", {"pads": [1, 0]}, (4, 9), {"W": _rand(3, 4, 3)}),
     "conv_const_weight": ("Conv", {}, (4, 6, 6), {"W": W33, "B": B5}, 18, 1, "constant"),
     "convtranspose": ("ConvTranspose", {"strides": [2, 2]}, (4, 5, 5), {"W": _rand(4, 3, 3, 3), "B": _rand(3)}),
-    "convtranspose_pads_outpad": ("ConvTranspose", {"strides": [2, 2], "pads": [1, 0, 0, 1], "output_padding": [1, 1]}, (4, 5, 5), {"W": _rand(4, 3, 3, 3)}),
-    "convtranspose_group_dil": ("ConvTranspose", {"group": 2, "dilations": [2, 2]}, (4, 5, 5), {"W": _rand(4, 2, 3, 3)}),
-    "convtranspose_output_shape": ("ConvTranspose", {"strides": [2, 2], "output_shape": [10, 11]}, (4, 5, 5), {"W": _rand(4, 3, 3, 3)}),
-    "convtranspose_same_upper": ("ConvTranspose", {"strides": [2, 2], "auto_pad": "SAME_UPPER"}, (4, 5, 5), {"W": _rand(4, 3, 3, 3)}),
+    "convtranspose_pads_outpad": (
+        "ConvTranspose",
+        {"strides": [2, 2], "pads": [1, 0, 0, 1], "output_padding": [1, 1]},
+        (4, 5, 5),
+        {"W": _rand(4, 3, 3, 3)},
+    ),
+    "convtranspose_group_dil": (
+        "ConvTranspose",
+        {"group": 2, "dilations": [2, 2]},
+        (4, 5, 5),
+        {"W": _rand(4, 2, 3, 3)},
+    ),
+    "convtranspose_output_shape": (
+        "ConvTranspose",
+        {"strides": [2, 2], "output_shape": [10, 11]},
+        (4, 5, 5),
+        {"W": _rand(4, 3, 3, 3)},
+    ),
+    "convtranspose_same_upper": (
+        "ConvTranspose",
+        {"strides": [2, 2], "auto_pad": "SAME_UPPER"},
+        (4, 5, 5),
+        {"W": _rand(4, 3, 3, 3)},
+    ),
     # pooling
     "maxpool": ("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]}, (4, 6, 6), {}),
-    "maxpool_pads_ceil": ("MaxPool", {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1}, (4, 8, 8), {}),
+    "maxpool_pads_ceil": (
+        "MaxPool",
+        {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1},
+        (4, 8, 8),
+        {},
+    ),
     "maxpool_ceil": ("MaxPool", {"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1}, (4, 8, 8), {}),
     "maxpool_asym_dil": ("MaxPool", {"kernel_shape": [2, 3], "dilations": [2, 1], "pads": [0, 1, 1, 2]}, (4, 7, 7), {}),
     "maxpool_same": ("MaxPool", {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"}, (4, 7, 7), {}),
     "avgpool": ("AveragePool", {"kernel_shape": [2, 2], "strides": [2, 2]}, (4, 6, 6), {}),
     "avgpool_pads_exclude": ("AveragePool", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}, (4, 6, 6), {}),
-    "avgpool_pads_include": ("AveragePool", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "count_include_pad": 1}, (4, 6, 6), {}),
-    "avgpool_asym_ceil": ("AveragePool", {"kernel_shape": [3, 2], "strides": [2, 2], "pads": [1, 0, 0, 1], "ceil_mode": 1}, (4, 7, 7), {}),
+    "avgpool_pads_include": (
+        "AveragePool",
+        {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "count_include_pad": 1},
+        (4, 6, 6),
+        {},
+    ),
+    "avgpool_asym_ceil": (
+        "AveragePool",
+        {"kernel_shape": [3, 2], "strides": [2, 2], "pads": [1, 0, 0, 1], "ceil_mode": 1},
+        (4, 7, 7),
+        {},
+    ),
     "avgpool_ceil_nopad": ("AveragePool", {"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1}, (4, 8, 8), {}),
     "globalavgpool": ("GlobalAveragePool", {}, (4, 5, 6), {}),
     "globalmaxpool": ("GlobalMaxPool", {}, (4, 5, 6), {}),
     # normalization
-    "batchnorm": ("BatchNormalization", {"epsilon": 1e-3}, (4, 5, 5), {"s": _rand(4), "b": _rand(4), "m": _rand(4), "v": np.abs(_rand(4)) + 0.5}),
-    "batchnorm_opset9": ("BatchNormalization", {}, (4, 5, 5), {"s": _rand(4), "b": _rand(4), "m": _rand(4), "v": np.abs(_rand(4)) + 0.5}, 9),
+    "batchnorm": (
+        "BatchNormalization",
+        {"epsilon": 1e-3},
+        (4, 5, 5),
+        {"s": _rand(4), "b": _rand(4), "m": _rand(4), "v": np.abs(_rand(4)) + 0.5},
+    ),
+    "batchnorm_opset9": (
+        "BatchNormalization",
+        {},
+        (4, 5, 5),
+        {"s": _rand(4), "b": _rand(4), "m": _rand(4), "v": np.abs(_rand(4)) + 0.5},
+        9,
+    ),
     "instancenorm": ("InstanceNormalization", {}, (4, 5, 5), {"s": _rand(4), "b": _rand(4)}),
     "layernorm": ("LayerNormalization", {"axis": 1}, (4, 5, 5), {"s": _rand(4, 5, 5), "b": _rand(4, 5, 5)}),
     "lrn_odd": ("LRN", {"size": 3, "alpha": 0.01, "beta": 0.75, "bias": 2.0}, (6, 3, 3), {}),
@@ -169,7 +217,12 @@ CASES = {
     "split_equal": ("Split", {"axis": 2}, (2, 6), {}, 13, 3),
     "split_num_outputs": ("Split", {"axis": 1, "num_outputs": 2}, (5, 2), {}, 18, 2),
     "slice": ("Slice", {}, (6, 6), {"st": _i64(1, 0), "en": _i64(5, -1), "ax": _i64(1, 2)}),
-    "slice_steps": ("Slice", {}, (6, 7), {"st": _i64(0, -1), "en": _i64(100, -100), "ax": _i64(1, 2), "sp": _i64(2, -2)}),
+    "slice_steps": (
+        "Slice",
+        {},
+        (6, 7),
+        {"st": _i64(0, -1), "en": _i64(100, -100), "ax": _i64(1, 2), "sp": _i64(2, -2)},
+    ),
     "slice_opset9": ("Slice", {"starts": [1], "ends": [4], "axes": [2]}, (6, 6), {}, 9),
     "gather": ("Gather", {"axis": 1}, (5, 3), {"idx": _i64(0, -1, 2)}),
     "gather_scalar": ("Gather", {"axis": 2}, (5, 3), {"idx": np.array(1, np.int64)}),
@@ -188,23 +241,35 @@ CASES = {
     "spacetodepth": ("SpaceToDepth", {"blocksize": 2}, (2, 4, 4), {}),
 }
 
-RESIZE_MODES = ["asymmetric", "half_pixel", "align_corners", "pytorch_half_pixel",
-                "half_pixel_symmetric"]
+RESIZE_MODES = ["asymmetric", "half_pixel", "align_corners", "pytorch_half_pixel", "half_pixel_symmetric"]
 for _coord in RESIZE_MODES:
     for _mode in ("nearest", "linear"):
         CASES[f"resize_{_mode}_{_coord}_scales"] = (
-            "Resize", {"mode": _mode, "coordinate_transformation_mode": _coord}, (3, 4, 5),
-            {"": np.zeros(0, np.float32), "scales": _f32(1, 1, 2, 1.5)})
+            "Resize",
+            {"mode": _mode, "coordinate_transformation_mode": _coord},
+            (3, 4, 5),
+            {"": np.zeros(0, np.float32), "scales": _f32(1, 1, 2, 1.5)},
+        )
         CASES[f"resize_{_mode}_{_coord}_sizes_axes"] = (
-            "Resize", {"mode": _mode, "coordinate_transformation_mode": _coord, "axes": [2, 3]},
-            (3, 6, 5), {"": np.zeros(0, np.float32), " ": np.zeros(0, np.float32),
-                        "sizes": _i64(4, 9)})
+            "Resize",
+            {"mode": _mode, "coordinate_transformation_mode": _coord, "axes": [2, 3]},
+            (3, 6, 5),
+            {"": np.zeros(0, np.float32), " ": np.zeros(0, np.float32), "sizes": _i64(4, 9)},
+        )
 for _nearest in ("round_prefer_ceil", "floor", "ceil"):
     CASES[f"resize_nearest_{_nearest}"] = (
-        "Resize", {"mode": "nearest", "nearest_mode": _nearest}, (3, 4, 5),
-        {"": np.zeros(0, np.float32), "scales": _f32(1, 1, 1.7, 0.6)})
-CASES["resize_opset11_roi"] = ("Resize", {"mode": "linear"}, (3, 4, 4),
-                               {"roi": np.zeros(0, np.float32), "scales": _f32(1, 1, 2, 2)}, 11)
+        "Resize",
+        {"mode": "nearest", "nearest_mode": _nearest},
+        (3, 4, 5),
+        {"": np.zeros(0, np.float32), "scales": _f32(1, 1, 1.7, 0.6)},
+    )
+CASES["resize_opset11_roi"] = (
+    "Resize",
+    {"mode": "linear"},
+    (3, 4, 4),
+    {"roi": np.zeros(0, np.float32), "scales": _f32(1, 1, 2, 2)},
+    11,
+)
 CASES["resize_opset10"] = ("Resize", {"mode": "nearest"}, (3, 4, 4), {"scales": _f32(1, 1, 2, 3)}, 10)
 CASES["upsample_opset9"] = ("Upsample", {"mode": "linear"}, (3, 4, 4), {"scales": _f32(1, 1, 2, 2)}, 9)
 
@@ -214,8 +279,9 @@ def _build(case):
     opset = rest[0] if rest else 18
     n_outputs = rest[1] if len(rest) > 1 else 1
     const_as = rest[2] if len(rest) > 2 else "initializer"
-    model = single_op_model(op, attrs, x_shape, {k: v for k, v in consts.items() if k.strip()},
-                            opset, n_outputs, const_as)
+    model = single_op_model(
+        op, attrs, x_shape, {k: v for k, v in consts.items() if k.strip()}, opset, n_outputs, const_as
+    )
     # Keys made of blanks mark omitted optional inputs: re-insert them as empty names in place.
     node = model.graph.node[-1]
     del node.input[:]
@@ -255,18 +321,26 @@ def test_logic_ops_parity():
         helper.make_node("Cast", ["am"], ["y1"], name="cast", to=TensorProto.FLOAT),
     ]
     graph = helper.make_graph(
-        nodes, "logic", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5])],
+        nodes,
+        "logic",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5])],
         [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("y0", "y1")],
-        [numpy_helper.from_array(_f32(0.1), "c")])
+        [numpy_helper.from_array(_f32(0.1), "c")],
+    )
     assert_parity(model_factory.make_model(graph))
 
 
 def test_constant_value_floats_is_a_parameter():
-    nodes = [helper.make_node("Constant", [], ["scale"], value_floats=[0.5, 2.0, -1.0]),
-             helper.make_node("Mul", ["x", "scale"], ["y0"], name="mul")]
+    nodes = [
+        helper.make_node("Constant", [], ["scale"], value_floats=[0.5, 2.0, -1.0]),
+        helper.make_node("Mul", ["x", "scale"], ["y0"], name="mul"),
+    ]
     graph = helper.make_graph(
-        nodes, "vf", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
-        [helper.make_tensor_value_info("y0", TensorProto.FLOAT, None)])
+        nodes,
+        "vf",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y0", TensorProto.FLOAT, None)],
+    )
     model = model_factory.make_model(graph)
     assert_parity(model)
     assert set(to_torch(model).onnx_parameters()) == {"scale"}
@@ -284,20 +358,27 @@ def _shape_arith_model(opset=18):
         helper.make_node("Reshape", ["x", "target"], ["flat"], name="reshape"),
         helper.make_node("Shape", ["flat"], ["fs"], name="shape2", start=1),
         helper.make_node("Cast", ["fs"], ["fsf"], name="cast", to=TensorProto.FLOAT),
-        helper.make_node("ConstantOfShape", ["s"], ["ones"], name="cos",
-                         value=numpy_helper.from_array(_f32(2.0))),
+        helper.make_node("ConstantOfShape", ["s"], ["ones"], name="cos", value=numpy_helper.from_array(_f32(2.0))),
         helper.make_node("Mul", ["x", "ones"], ["x2"], name="mul"),
         helper.make_node("ReduceSum", ["x2", "ax0_1"], ["rs"], name="rsum", keepdims=0),
         helper.make_node("Div", ["flat", "fsf"], ["y0"], name="div"),
     ]
-    inits = [numpy_helper.from_array(np.array(0, np.int64), "zero"),
-             numpy_helper.from_array(_i64(0), "ax0"), numpy_helper.from_array(_i64(-1), "minus1"),
-             numpy_helper.from_array(_i64(1), "ax0_1")]
+    inits = [
+        numpy_helper.from_array(np.array(0, np.int64), "zero"),
+        numpy_helper.from_array(_i64(0), "ax0"),
+        numpy_helper.from_array(_i64(-1), "minus1"),
+        numpy_helper.from_array(_i64(1), "ax0_1"),
+    ]
     graph = helper.make_graph(
-        nodes, "shape_arith",
+        nodes,
+        "shape_arith",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 3, 4])],
-        [helper.make_tensor_value_info("y0", TensorProto.FLOAT, None),
-         helper.make_tensor_value_info("rs", TensorProto.FLOAT, None)], inits)
+        [
+            helper.make_tensor_value_info("y0", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("rs", TensorProto.FLOAT, None),
+        ],
+        inits,
+    )
     return model_factory.make_model(graph, opset)
 
 
@@ -306,8 +387,9 @@ def test_shape_arithmetic_keeps_batch_symbolic():
 
 
 def test_float_constants_become_parameters_and_stats_buffers():
-    model = single_op_model("BatchNormalization", {}, (4, 5, 5),
-                            {"s": _rand(4), "b": _rand(4), "m": _rand(4), "v": _rand(4) ** 2 + 1})
+    model = single_op_model(
+        "BatchNormalization", {}, (4, 5, 5), {"s": _rand(4), "b": _rand(4), "m": _rand(4), "v": _rand(4) ** 2 + 1}
+    )
     module = to_torch(model)
     assert set(module.onnx_parameters()) == {"s", "b"}
     assert {k for k, (kind, _) in module.onnx_names.items() if kind == "buffer"} == {"m", "v"}
