@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from onnx_cp import model_io, select, verify
 from onnx_cp.errors import OnnxCpError
-from onnx_cp.rewrite import CPConvPass, ConvSite, find_conv_sites, reconstruct, select_sites
+from onnx_cp.rewrite import ConvSite, CPConvPass, find_conv_sites, reconstruct, select_sites
 
 
 @dataclass

@@ -14,7 +14,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Union
 
 import onnx
 import onnx_ir as ir
@@ -23,7 +22,7 @@ from onnx_ir import external_data as ir_external_data
 
 from onnx_cp.errors import OnnxCpError
 
-ModelLike = Union[str, os.PathLike, onnx.ModelProto, ir.Model]
+ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model
 
 # protobuf refuses messages over 2 GiB; stay clear of the limit.
 PROTOBUF_SAFE_BYTES = 1_800_000_000

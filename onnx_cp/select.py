@@ -168,7 +168,7 @@ def _auto_candidates(site: ConvSite) -> list[int]:
 def _combined_error(site: ConvSite, group_results: Sequence[object]) -> float:
     """Relative error over the whole kernel from the per-group relative errors."""
     squares = sum(
-        (getattr(r, "rel_error") * float((k ** 2).sum()) ** 0.5) ** 2
+        (r.rel_error * float((k ** 2).sum()) ** 0.5) ** 2
         for r, k in zip(group_results, site.group_kernels())
     )
     total = float((site.kernel.astype(float) ** 2).sum())

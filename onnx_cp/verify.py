@@ -12,9 +12,8 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnx_cp.model_io import has_external_data, save_model
-
 from onnx_cp.errors import OnnxCpError, UsageError
+from onnx_cp.model_io import has_external_data, save_model
 
 DEFAULT_BATCH = 1
 DEFAULT_OTHER_DIM = 32

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import tempfile
 from pathlib import Path
 
 from onnx_cp import api, model_io, select, verify
 from onnx_cp.errors import OnnxCpError, UsageError
+from onnx_cp.measure import write_json, write_report
 
 
 def register(subparsers) -> None:
@@ -66,8 +65,6 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         write_json(report, Path(args.report))
     if args.report_dir:
-        from onnx_cp.measure import write_report
-
         write_report(report, Path(args.report_dir))
     if not args.quiet:
         print(format_report(report))
@@ -86,22 +83,6 @@ def _check_paths(source: Path, target: Path, force: bool) -> None:
         raise OnnxCpError(f"{target}: output folder {folder} is not writable")
     if target.is_dir():
         raise OnnxCpError(f"{target}: is a folder")
-
-
-def write_json(data: dict, path: Path) -> None:
-    """Atomic JSON write (temporary file in the same folder, then rename)."""
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OnnxCpError(f"{path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".onnx-cp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def format_report(report: dict) -> str:
