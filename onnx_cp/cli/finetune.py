@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -66,6 +67,10 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.resume and not args.checkpoint:
         raise UsageError("--resume needs --checkpoint FILE")
+    for path in (args.output, args.checkpoint, args.history):  # fail before training, not after
+        folder = Path(path).parent if path else None
+        if folder is not None and not folder.is_dir():
+            raise UsageError(f"{path}: folder {folder} does not exist")
     options = {"size": _numbers(args.size, "--size", int), "grayscale": args.grayscale,
                "scale": args.scale, "mean": _numbers(args.mean, "--mean", float),
                "std": _numbers(args.std, "--std", float), "limit": args.limit}

@@ -98,8 +98,15 @@ class OnnxModule(nn.Module):
         for name, (kind, key) in self.onnx_names.items():
             env[name] = self.params[key] if kind == "param" else getattr(self.consts, key)
         ctx = _Context(self.opset, self.training, self.update_bn_stats)
+        # Shape arithmetic makes small tensors on the CPU; on an accelerator, move them to the
+        # data's device as they meet it (on the CPU nothing needs to move).
+        device = args[0].device if args else next(iter(kwargs.values())).device
+        on_cpu = device.type == "cpu"
         for node in self.nodes:
             inputs = [env[n] if n else None for n in node.inputs]
+            if not on_cpu:
+                inputs = [t.to(device) if t is not None and t.device != device else t
+                          for t in inputs]
             try:
                 result = OPS[node.op_type](node, inputs, ctx)
             except OnnxCpError:
