@@ -54,6 +54,13 @@ def optimize(
     input_shapes: dict[str, list[int]] | None = None,
     verify_outputs: bool = True,
     seed: int = 0,
+    finetune_data: object | None = None,
+    val_data: object | None = None,
+    teacher_from_input: bool = False,
+    finetune_options: dict | None = None,
+    eval_data: object | None = None,
+    measure_latency: bool = False,
+    threads: int = 1,
 ) -> OptimizeResult:
     """Replace the eligible Convs of `model` by CP chains.
 
@@ -63,6 +70,14 @@ def optimize(
     layers / exclude: regular expressions (re.search) on Conv layer names.
     decomposer(kernel (T,S,kh,kw) float64, rank) -> factors or a result with .factors; defaults
     to onnx_cp.cp.decompose (NLS) run over layers in parallel worker processes.
+    finetune_data: training data (.npz path, image folder, Dataset or arrays) to fine-tune the
+    rewritten model on, with `val_data` for validation; `teacher_from_input` distils from the
+    input model (needs no labels); `finetune_options` go to onnx_cp.finetune.finetune
+    (epochs, steps, lr, batch_size, ...).
+    eval_data: labelled or unlabelled data to measure accuracy (or agreement with the input
+    model) before decomposition, after it, and after fine-tuning (default: val_data).
+    measure_latency: benchmark the input and output models with onnxruntime (`threads` threads)
+    and profile them per layer.
     The input is never modified.
     """
     started = time.perf_counter()
@@ -106,10 +121,56 @@ def optimize(
     }
     if verify_outputs:
         report["verification"] = verify.verify_rewrite(original, rewritten, shapes, seed=seed)
+    final = rewritten
+    if finetune_data is not None and report["totals"]["decomposed"]:
+        final = _finetune(rewritten, original, finetune_data, val_data, teacher_from_input,
+                          finetune_options or {}, seed, report)
+    eval_data = eval_data if eval_data is not None else val_data
+    if eval_data is not None:
+        report["accuracy"] = _accuracy(original, rewritten, final, eval_data, threads)
+    if measure_latency:
+        report.update(_latency(original, final, shapes, threads, seed))
     report["seconds"] = round(time.perf_counter() - started, 3)
     report["had_external_data"] = had_external_data
-    output = ir.to_proto(rewritten) if isinstance(model, onnx.ModelProto) else rewritten
+    output = ir.to_proto(final) if isinstance(model, onnx.ModelProto) else final
     return OptimizeResult(model=output, report=report)
+
+
+def _finetune(rewritten: ir.Model, original: ir.Model, train, val, teacher_from_input: bool,
+              options: dict, seed: int, report: dict) -> ir.Model:
+    from onnx_cp.finetune import finetune  # torch is imported only when fine-tuning
+
+    tuned = finetune(rewritten, train, val=val, teacher=original if teacher_from_input else None,
+                     seed=seed, **options)
+    report["finetune"] = {
+        "history": tuned.history, "best_epoch": tuned.best_epoch, "metric": tuned.metric,
+        "seconds": tuned.seconds, "samples_per_second": tuned.samples_per_second,
+        "teacher": "input model" if teacher_from_input else None, "options": options,
+    }
+    return ir.from_proto(tuned.model)
+
+
+def _accuracy(original: ir.Model, rewritten: ir.Model, final: ir.Model, data, threads: int) -> dict:
+    from onnx_cp.data import open_dataset
+    from onnx_cp.measure import evaluate
+
+    dataset = open_dataset(data) if isinstance(data, (str, Path)) else data
+    accuracy = {"original": evaluate(original, dataset, threads=threads),
+                "decomposed": evaluate(rewritten, dataset, reference=original, threads=threads)}
+    if final is not rewritten:
+        accuracy["finetuned"] = evaluate(final, dataset, reference=original, threads=threads)
+    return accuracy
+
+
+def _latency(original: ir.Model, final: ir.Model, shapes: dict, threads: int, seed: int) -> dict:
+    from onnx_cp.measure import benchmark_latency, layer_profile
+
+    return {
+        "latency": benchmark_latency([original, final], names=["original", "optimized"],
+                                     threads=threads, input_shapes=shapes, seed=seed),
+        "profile": {"before": layer_profile(original, threads=threads, input_shapes=shapes, label="original"),
+                    "after": layer_profile(final, threads=threads, input_shapes=shapes, label="optimized")},
+    }
 
 
 def _solver(decomposer, method: str, workers: int | None, seed: int) -> select.SolveMany:

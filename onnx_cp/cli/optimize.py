@@ -39,6 +39,22 @@ def register(subparsers) -> None:
                    help="weights in OUT.data beside OUT: auto = when the input had external data "
                    "or the model is over 2 GB")
     p.add_argument("--force", action="store_true", help="allow OUT to be the same file as IN")
+    tune = p.add_argument_group("fine-tuning (the paper's second step) and measurement")
+    tune.add_argument("--finetune-data", metavar="TRAIN", help="fine-tune the rewritten model on this "
+                      "data (.npz with x and optional y, or an image folder)")
+    tune.add_argument("--val", metavar="VAL", help="validation data: picks the best epoch, and is where "
+                      "accuracy is measured unless --eval-data is given")
+    tune.add_argument("--teacher-from-input", action="store_true",
+                      help="distil from the input model's outputs (needs no labels)")
+    tune.add_argument("--epochs", type=int, help="fine-tuning epochs (default 5)")
+    tune.add_argument("--steps", type=int, help="fine-tuning steps (instead of --epochs)")
+    tune.add_argument("--lr", type=float, help="learning rate (default 0.01)")
+    tune.add_argument("--batch-size", type=int, help="fine-tuning batch size (default 32)")
+    tune.add_argument("--eval-data", metavar="DATA", help="measure top-1/top-5 accuracy (or agreement "
+                      "with IN without labels) before decomposition, after it, and after fine-tuning")
+    tune.add_argument("--bench", action="store_true", help="measure onnxruntime latency of IN and OUT "
+                      "and profile them per layer (implied by --report-dir)")
+    tune.add_argument("--threads", type=int, default=1, help="onnxruntime threads for measurements (default 1)")
     p.set_defaults(run=run)
 
 
@@ -57,6 +73,13 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         input_shapes=verify.parse_input_shapes(args.input_shape),
         seed=args.seed,
+        finetune_data=args.finetune_data,
+        val_data=args.val,
+        teacher_from_input=args.teacher_from_input,
+        finetune_options=_finetune_options(args),
+        eval_data=args.eval_data,
+        measure_latency=args.bench or bool(args.report_dir),
+        threads=args.threads,
     )
     report = result.report
     report["output"] = str(target)
@@ -69,6 +92,15 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(format_report(report))
     return 0
+
+
+def _finetune_options(args: argparse.Namespace) -> dict:
+    options = {"epochs": args.epochs, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size}
+    if args.finetune_data is None and any(v is not None for v in options.values()):
+        raise UsageError("--epochs/--steps/--lr/--batch-size need --finetune-data")
+    if args.teacher_from_input and args.finetune_data is None:
+        raise UsageError("--teacher-from-input needs --finetune-data")
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def _check_paths(source: Path, target: Path, force: bool) -> None:
@@ -122,8 +154,37 @@ def format_report(report: dict) -> str:
             f"random inputs ({shapes}): max abs error {check['max_abs_error']:.3g}, "
             f"relative error {check['max_rel_error']:.3g}"
         )
+    lines += _measurement_lines(report)
     lines.append(f"wrote {report['output']} in {report['seconds']:.1f} s")
     return "\n".join(lines)
+
+
+def _measurement_lines(report: dict) -> list[str]:
+    lines = []
+    tuned = report.get("finetune")
+    if tuned:
+        lines.append(f"fine-tuned for {len(tuned['history']) - 1} epoch(s) in {tuned['seconds']:.0f} s; "
+                     f"kept epoch {tuned['best_epoch']}")
+    accuracy = report.get("accuracy")
+    if accuracy:
+        steps = []
+        for stage, result in accuracy.items():
+            if result.get("top1") is not None:
+                text = f"{stage} top-1 {100 * result['top1']:.2f}%"
+            else:
+                text = f"{stage}"
+            if result.get("agreement_top1") is not None:
+                text += f" (agrees with input {100 * result['agreement_top1']:.1f}%)"
+            steps.append(text)
+        lines.append(f"accuracy on {accuracy['original']['n']} samples: " + " -> ".join(steps))
+    latency = report.get("latency")
+    if latency:
+        original, optimized = latency["models"][:2]
+        lines.append(
+            f"latency (onnxruntime, {latency['threads']} thread(s), batch {latency['batch']}, median): "
+            f"{original['median_ms']:.3f} ms -> {optimized['median_ms']:.3f} ms "
+            f"({original['median_ms'] / optimized['median_ms']:.2f}x faster)")
+    return lines
 
 
 def _count(n: int | None) -> str:
