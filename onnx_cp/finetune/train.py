@@ -141,7 +141,9 @@ def finetune(
         if world.is_main:
             shapes = dict(input_shapes or {})
             shapes.setdefault(input_name, [2, *x_train.shape[1:]])
-            result.model = write_back(source, state, input_shapes=shapes, seed=seed)
+            # the caller's file or proto, not our IR copy: fields IR does not keep stay as they were
+            original = source if isinstance(model, ir.Model) else model
+            result.model = write_back(original, state, input_shapes=shapes, seed=seed)
         distributed.barrier(world)
         result.seconds = round(time.perf_counter() - started, 3)
         return result
