@@ -39,9 +39,19 @@ class CharNet(nn.Module):
         self.mo4 = Maxout(144, 4, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            # same maths, faster CPU backward: channels_last makes oneDNN's weight gradient of the
+            # 1-channel conv1 ~5x faster, and conv3 (8x8 kernel on an 8x8 map) is a matmul
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.mo1(self.conv1(x))
         x = self.mo2(self.conv2(x))
-        x = self.drop(self.mo3(self.conv3(x)))
+        if self.training:
+            w = self.conv3.weight
+            x = nn.functional.linear(x.reshape(x.shape[0], -1), w.reshape(w.shape[0], -1),
+                                     self.conv3.bias).reshape(x.shape[0], -1, 1, 1)
+        else:
+            x = self.conv3(x)
+        x = self.drop(self.mo3(x))
         return self.mo4(self.conv4(x)).reshape(-1, 36)  # constant-shape Reshape in ONNX
 
 
@@ -66,21 +76,24 @@ class BasicBlock(nn.Module):
 
 
 class CharResNet(nn.Module):
-    """Small ResNet: stem 3x3 1->32 (24x24); basic blocks 32->64 /2 (12x12), 64->128 (12x12),
-    128->256 /2 (6x6); global average pool; linear 256 -> 36. Holds a 128->128 3x3 conv at 12x12
-    and a strided 128->256 3x3 conv (kernel 256x128x3x3), the solver benchmark's shapes."""
+    """Small ResNet: stem 3x3 1->32 (24x24); basic blocks 32->64 /2 (12x12), 64->128 /2 (6x6),
+    128->256 /2 (3x3); global average pool; linear 256 -> 36. Holds a 128->128 3x3 conv and a
+    strided 128->256 3x3 conv (kernel 256x128x3x3), the solver benchmark's shapes. Strided early
+    so that it costs less than charnet to train on two cores."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stem = conv_bn(1, 32)
         self.relu = nn.ReLU()
         self.stage1 = BasicBlock(32, 64, 2)
-        self.stage2 = BasicBlock(64, 128, 1)
+        self.stage2 = BasicBlock(64, 128, 2)
         self.stage3 = BasicBlock(128, 256, 2)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(256, 36)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:  # oneDNN's weight gradient of the 1-channel stem is ~5x faster so
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.relu(self.stem(x))
         x = self.stage3(self.stage2(self.stage1(x)))
         return self.fc(self.pool(x).reshape(-1, 256))

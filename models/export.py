@@ -59,6 +59,24 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     model.graph.initializer.extend(keep)
 
 
+def _name_layers(model: onnx.ModelProto) -> None:
+    """Name Conv/Gemm/BatchNormalization nodes after their torch module ("conv2",
+    "stage2.conv2", "stage2.conv2.bn", "fc") instead of the exporter's "node_conv2d_1": these names
+    appear in every onnx-cp report and in the CP chain names ("conv2/cp/in")."""
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "BatchNormalization") or len(node.input) < 2:
+            continue
+        weight = node.input[1]
+        if not weight.endswith(".weight"):
+            continue
+        module = weight[: -len(".weight")]
+        if node.op_type == "BatchNormalization":
+            module = module.rsplit(".", 1)[0] + ".bn" if module.endswith(".1") else module
+        elif module.endswith(".0"):
+            module = module[:-2]  # nn.Sequential(conv, bn): the conv is item 0
+        node.name = module
+
+
 def export_onnx(model: torch.nn.Module, out: Path) -> onnx.ModelProto:
     model.eval()
     example = torch.randn(2, 1, 24, 24)
@@ -73,6 +91,7 @@ def export_onnx(model: torch.nn.Module, out: Path) -> onnx.ModelProto:
     proto = _simplify(proto)
     _global_average_pool(proto)
     _drop_unused_initializers(proto)
+    _name_layers(proto)
     proto.ir_version = IR_VERSION
     proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
     proto.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"

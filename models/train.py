@@ -31,7 +31,7 @@ RECIPES = {
     # one pass over fresh renders: the 2-core machine allows about 200k charnet training images
     # in the time budget; the images never repeat, so there is little to overfit
     "charnet": {"train_n": 200_000, "epochs": 1, "batch": 64, "lr": 1.5e-3, "wd": 1e-4},
-    "charresnet": {"train_n": 100_000, "epochs": 1, "batch": 64, "lr": 3e-3, "wd": 5e-4},
+    "charresnet": {"train_n": 200_000, "epochs": 0.5, "batch": 64, "lr": 3e-3, "wd": 5e-4},
 }
 VAL_N = 10_000
 
@@ -62,11 +62,11 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 1000) 
 
 
 def train(name: str, seed: int, cache_dir: Path, out: Path, epochs: int | None,
-          train_n: int | None) -> None:
+          train_n: int | None, threads: int = 2) -> None:
     recipe = dict(RECIPES[name])
-    recipe["epochs"] = epochs or recipe["epochs"]
+    recipe["epochs"] = epochs if epochs is not None else recipe["epochs"]
     recipe["train_n"] = train_n or recipe["train_n"]
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     x_train, y_train = cached_chars(recipe["train_n"], seed, "train", cache_dir)
@@ -76,17 +76,18 @@ def train(name: str, seed: int, cache_dir: Path, out: Path, epochs: int | None,
     print(f"{name}: {params} parameters, recipe {recipe}", flush=True)
 
     steps_per_epoch = math.ceil(len(x_train) / recipe["batch"])
+    total_steps = math.ceil(recipe["epochs"] * steps_per_epoch)  # epochs may be fractional
     opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["wd"])
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=recipe["lr"], total_steps=recipe["epochs"] * steps_per_epoch, pct_start=0.15)
+        opt, max_lr=recipe["lr"], total_steps=total_steps, pct_start=0.15)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.05)
     best_acc, best_state = -1.0, None
     t_start = time.time()
-    for epoch in range(recipe["epochs"]):
+    for epoch in range(math.ceil(recipe["epochs"])):
         model.train()
         order = rng.permutation(len(x_train))
         t0, seen, loss_sum = time.time(), 0, 0.0
-        for step in range(steps_per_epoch):
+        for step in range(min(steps_per_epoch, total_steps - epoch * steps_per_epoch)):
             idx = np.sort(order[step * recipe["batch"]:(step + 1) * recipe["batch"]])
             xb, yb = torch.from_numpy(x_train[idx]), torch.from_numpy(y_train[idx])
             loss = loss_fn(model(xb), yb)
@@ -95,7 +96,7 @@ def train(name: str, seed: int, cache_dir: Path, out: Path, epochs: int | None,
             opt.step()
             sched.step()
             seen += len(idx)
-            loss_sum += float(loss) * len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
             if step % 250 == 0:
                 probe = accuracy(model, x_val[:1000], y_val[:1000])
                 model.train()
@@ -122,11 +123,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/onnx-cp-chars"))
     parser.add_argument("--out", type=Path, default=None, help="default models/<model>.onnx")
-    parser.add_argument("--epochs", type=int, default=None, help="override the recipe")
+    parser.add_argument("--epochs", type=float, default=None, help="override the recipe")
     parser.add_argument("--train-n", type=int, default=None, help="override the recipe")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--export-only", action="store_true",
+                        help="only re-export the checkpoint of an earlier run from --cache-dir")
     args = parser.parse_args()
     out = args.out or Path(__file__).resolve().parent / f"{args.model}.onnx"
-    train(args.model, args.seed, args.cache_dir, out, args.epochs, args.train_n)
+    if args.export_only:
+        model = ARCHITECTURES[args.model]()
+        model.load_state_dict(torch.load(args.cache_dir / f"{args.model}_s{args.seed}.pt"))
+        export_onnx(model.eval(), out)
+        return
+    train(args.model, args.seed, args.cache_dir, out, args.epochs, args.train_n, args.threads)
 
 
 if __name__ == "__main__":
