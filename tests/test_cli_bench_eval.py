@@ -7,13 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import model_factory
 import numpy as np
 import onnx
 import pytest
 from PIL import Image
 from test_measure_profile import chain_cnn
 
+import model_factory
 from onnx_cp.cli import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import model_factory
 import numpy as np
 import onnxruntime as ort
 import pytest
 from test_measure_profile import chain_cnn
 
+import model_factory
 from onnx_cp.data import open_dataset
 from onnx_cp.errors import OnnxCpError
 from onnx_cp.measure import evaluate

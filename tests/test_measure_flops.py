@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import model_factory
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from test_measure_profile import chain_cnn
 
+import model_factory
 from onnx_cp.measure import count_flops
 from onnx_cp.measure import flops as flops_module
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 
-import model_factory
 import onnx
 import pytest
 from test_measure_profile import chain_cnn
 
+import model_factory
 from onnx_cp.errors import UsageError
 from onnx_cp.measure import benchmark_latency, format_table
 

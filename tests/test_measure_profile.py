@@ -3,12 +3,12 @@ chain's four convs count for the layer they replaced."""
 
 from __future__ import annotations
 
-import model_factory
 import numpy as np
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import model_factory
 from onnx_cp.chain_names import LAYER_METADATA_KEY, node_name, weight_name
 from onnx_cp.measure import layer_profile
 from onnx_cp.measure.profile import REORDER, NodeMapper, format_profile
