@@ -108,6 +108,15 @@ def test_totals_pairs_any_before_after_keys_and_nested_verification(tmp_path):
     assert "accuracy_vs_speedup.png" in _check_pngs(paths)
 
 
+def test_finetune_history_table(tmp_path):
+    history = [{"epoch": 0, "val_top1": 0.5, "train_loss": None},
+               {"epoch": 1, "val_top1": 0.8, "train_loss": 0.3, "lr": 0.01}]
+    write_report(_optimize_report(finetune={"history": history, "best_epoch": 1}), tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "## Fine-tuning" in md and "best_epoch: 1" in md
+    assert "| epoch | val_top1 | train_loss | lr |" in md and "| 1 | 0.8 | 0.3 | 0.01 |" in md
+
+
 def test_bench_json_with_profiles(tmp_path):
     bench = {**_latency(), "profile": {"original": _profile(0.16), "optimized": _profile(0.05)}}
     assert set(normalize(bench)) == {"latency", "profile"}

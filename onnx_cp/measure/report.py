@@ -214,6 +214,7 @@ def render_markdown(parts: dict, plots: list[Path]) -> str:
     out += _latency_md(parts.get("latency"))
     out += _profile_md(parts.get("profile"))
     out += _accuracy_md(parts.get("accuracy"))
+    out += _finetune_md(parts.get("finetune"))
     if plots:
         out += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     return "\n".join(out)
@@ -348,6 +349,21 @@ def _accuracy_md(accuracy: dict | None) -> list[str]:
                      _pct(entry.get("agreement_top1")), entry.get("max_abs_error")])
     return ["## Accuracy", ""] + _table(
         ["model", "samples", "top-1", "top-5", "top-1 agreement", "max abs error"], rows)
+
+
+def _finetune_md(finetune: dict | None) -> list[str]:
+    """One row per epoch of the fine-tuning history (whatever metrics it recorded)."""
+    if not isinstance(finetune, dict) or not finetune.get("history"):
+        return []
+    history = [row for row in finetune["history"] if isinstance(row, dict)]
+    columns: list[str] = []
+    for row in history:
+        columns += [key for key, value in row.items()
+                    if key not in columns and not isinstance(value, (dict, list))]
+    note = [f"{key}: {_cell(finetune[key])}" for key in ("best_epoch", "metric", "seconds", "teacher")
+            if finetune.get(key) is not None]
+    return (["## Fine-tuning", ""] + (["; ".join(note), ""] if note else [])
+            + _table(columns, [[row.get(c) for c in columns] for row in history]))
 
 
 def _pct(value) -> str | None:
