@@ -43,29 +43,59 @@ def data():
     return oriented_gratings(384, 0), oriented_gratings(256, 1)
 
 
+RANK = 4
+
+
+def low_rank_tiny_cnn(seed: int = 0) -> tuple[onnx.ModelProto, list[np.ndarray]]:
+    """tiny_cnn whose 5x5 conv2 starts as an exact rank-4 CP kernel (so that after training it
+    is close to rank 4, as the layers CP is meant for), and those factors."""
+    rng = np.random.default_rng(100 + seed)
+    factors = [rng.standard_normal((n, RANK)) for n in (32, 16, 5, 5)]
+    kernel = np.einsum("tr,sr,yr,xr->tsyx", *factors)
+    model = model_factory.tiny_cnn(num_classes=CLASSES, seed=seed)
+    for init in model.graph.initializer:
+        if init.name == "conv2.weight":
+            init.CopyFrom(numpy_helper.from_array((kernel * 0.05 / kernel.std()).astype(np.float32), init.name))
+    return model, factors
+
+
+def als(kernel: np.ndarray, factors: list[np.ndarray], iters: int = 25) -> list[np.ndarray]:
+    """Plain CP-ALS from given factors: the test's own solver, so that what it measures does not
+    move when onnx_cp.cp changes."""
+    k = kernel.astype(np.float64)
+    f = [np.array(x, dtype=np.float64) for x in factors]
+    letters = "tsyx"
+    for _ in range(iters):
+        for m in range(4):
+            others = [i for i in range(4) if i != m]
+            spec = ",".join(f"{letters[i]}r" for i in others) + "->" + "".join(letters[i] for i in others) + "r"
+            khatri_rao = np.einsum(spec, *[f[i] for i in others]).reshape(-1, RANK)
+            unfolded = np.moveaxis(k, m, 0).reshape(k.shape[m], -1)
+            f[m] = np.linalg.lstsq(khatri_rao, unfolded.T, rcond=None)[0].T
+    return f
+
+
 @pytest.fixture(scope="module")
 def trained(data):
     (xt, yt), (xv, yv) = data
-    result = finetune(model_factory.tiny_cnn(num_classes=CLASSES), (xt, yt), val=(xv, yv), epochs=2, lr=0.05)
+    model, _ = low_rank_tiny_cnn()
+    result = finetune(model, (xt, yt), val=(xv, yv), epochs=3, lr=0.05)
     assert accuracy(result.model, xv, yv) >= 0.95
     return result.model
 
 
-def _random_factors(kernel: np.ndarray, rank: int):
-    rng = np.random.default_rng(7)
-    t, s, kh, kw = kernel.shape
-    return [rng.standard_normal((n, rank)) * 0.3 for n in (t, s, kh, kw)]
-
-
 @pytest.fixture(scope="module")
 def damaged(trained):
-    """conv2 (5x5) CP-rewritten at rank 3 with the real pass, then its vertical factor replaced
-    by noise: a rewrite far worse than any solver's, so the recovery margin is large."""
-    rewritten = onnx_cp.optimize(trained, rank=3, layers="conv2", workers=1).model
+    """conv2 CP-rewritten at rank 4 by the real splice (factors from the test's ALS), then its
+    vertical factor perturbed by noise as large as itself: accuracy falls to chance."""
+    kernel = next(numpy_helper.to_array(i) for i in trained.graph.initializer if i.name == "conv2.weight")
+    fitted = als(kernel, low_rank_tiny_cnn()[1])
+    rewritten = onnx_cp.optimize(trained, rank=RANK, layers="conv2", decomposer=lambda k, r: fitted, workers=1).model
     for init in rewritten.graph.initializer:
         if init.name == "conv2/cp/vertical.weight":
-            noise = np.random.default_rng(3).standard_normal(tuple(init.dims)).astype(np.float32)
-            init.CopyFrom(numpy_helper.from_array(noise * 0.5, init.name))
+            w = numpy_helper.to_array(init)
+            noise = np.random.default_rng(0).standard_normal(w.shape).astype(np.float32)
+            init.CopyFrom(numpy_helper.from_array(w + noise * np.abs(w).mean(), init.name))
     return rewritten
 
 
@@ -82,10 +112,10 @@ def test_cp_rewrite_is_what_we_expect(damaged):
 def test_finetuning_recovers_a_damaged_cp_rewrite(damaged, data):
     (xt, yt), (xv, yv) = data
     before = accuracy(damaged, xv, yv)
-    result = finetune(damaged, (xt, yt), val=(xv, yv), epochs=3, lr=0.02, seed=0)
+    result = finetune(damaged, (xt, yt), val=(xv, yv), epochs=3, lr=0.05, seed=0)
     after = accuracy(result.model, xv, yv)
-    assert before <= 0.7  # the damage is real
-    assert after >= before + 0.25 and after >= 0.85
+    assert before <= 0.6  # the damage is real
+    assert after >= before + 0.3 and after >= 0.85
     # the reported history agrees with onnxruntime on the written model
     assert result.metric == "val_accuracy"
     assert result.metric_at(0) == pytest.approx(before)
@@ -96,10 +126,10 @@ def test_finetuning_recovers_a_damaged_cp_rewrite(damaged, data):
 def test_distillation_needs_no_labels(damaged, trained, data):
     (xt, _), (xv, yv) = data
     before = accuracy(damaged, xv, yv)
-    result = finetune(damaged, xt, val=xv, teacher=trained, epochs=3, lr=0.1)
+    result = finetune(damaged, xt, val=xv, teacher=trained, epochs=3, lr=0.05)
     assert result.metric == "val_agreement"
-    assert result.metric_at(result.best_epoch) >= result.metric_at(0) + 0.25
-    assert accuracy(result.model, xv, yv) >= before + 0.25
+    assert result.metric_at(result.best_epoch) >= result.metric_at(0) + 0.3
+    assert accuracy(result.model, xv, yv) >= before + 0.3
 
 
 def test_gradients_reach_every_parameter_of_the_cp_chain(damaged, data):
@@ -293,7 +323,7 @@ def test_cli_finetune_with_teacher_and_history(damaged, trained, data, tmp_path,
             "--epochs",
             "3",
             "--lr",
-            "0.1",
+            "0.05",
             "--history",
             str(tmp_path / "h.json"),
         ]
@@ -302,6 +332,6 @@ def test_cli_finetune_with_teacher_and_history(damaged, trained, data, tmp_path,
     printed = capsys.readouterr().out
     assert "kept epoch" in printed and "val_accuracy" in printed
     tuned = onnx.load(out)
-    assert accuracy(tuned, xv, yv) >= accuracy(damaged, xv, yv) + 0.25
+    assert accuracy(tuned, xv, yv) >= accuracy(damaged, xv, yv) + 0.3
     code = cli_main(["finetune", str(tmp_path / "cp.onnx"), str(out), "--data", str(tmp_path / "train.npz")])
     assert code == 2 and "no labels" in capsys.readouterr().err

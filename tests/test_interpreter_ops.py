@@ -397,6 +397,15 @@ def test_float_constants_become_parameters_and_stats_buffers():
     assert set(to_torch(const_model).onnx_parameters()) == {"W/x.y", "B"}
 
 
+def test_dead_branches_are_dropped():
+    model = single_op_model("Conv", {}, (4, 6, 6), {"W": W33})
+    model.graph.node.append(helper.make_node("Gemm", ["x", "unused_w"], ["dead"], name="dead"))
+    model.graph.initializer.append(numpy_helper.from_array(_rand(3, 3), "unused_w"))
+    module = to_torch(model)
+    assert set(module.onnx_parameters()) == {"W"}
+    assert [n.name for n in module.nodes] == ["conv_node"]
+
+
 def test_unsupported_op_is_a_clear_error():
     model = single_op_model("NonMaxSuppression", {}, (4, 5), {})
     with pytest.raises(OnnxCpError, match=r"unsupported operator NonMaxSuppression \(node 'nonmaxsuppression_node'\)"):

@@ -33,8 +33,8 @@ def register(subparsers) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay (default 0)")
     p.add_argument("--schedule", choices=["cosine", "step", "constant"], default="cosine",
                    help="learning-rate schedule (default cosine; step = /10 at 50%% and 75%%)")
-    p.add_argument("--temperature", type=float, default=2.0,
-                   help="distillation temperature (default 2)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="distillation temperature (default 1)")
     p.add_argument("--distill", choices=["auto", "kl", "mse"], default="auto",
                    help="distillation loss: kl on softened logits, mse on raw outputs, auto = kl "
                    "for (N, classes) outputs (default)")

@@ -68,6 +68,7 @@ class OnnxModule(nn.Module):
         self.input_names = [v.name for v in graph.inputs if v.name not in graph.initializers]
         self.output_names = [v.name for v in graph.outputs]
         tensors, nodes = _collect_constants(graph)
+        nodes = _live_nodes(nodes, self.output_names)
         trainable = _trainable_names(nodes, tensors)
         used = {name for node in nodes for name in node.inputs} | set(self.output_names)
         keys: set[str] = set()
@@ -218,6 +219,18 @@ def _constant_value(node: ir.Node, name: str) -> np.ndarray:
         if key in attrs:
             return np.array(attrs[key].value, dtype=dtype)
     raise OnnxCpError(f"Constant node {name!r}: only tensor, float and int values are supported")
+
+
+def _live_nodes(nodes: list[_Node], outputs: list[str]) -> list[_Node]:
+    """Drop nodes whose results never reach an output: their weights would get no gradient,
+    which DistributedDataParallel treats as an error."""
+    needed = set(outputs)
+    live = []
+    for node in reversed(nodes):
+        if any(out in needed for out in node.outputs if out):
+            live.append(node)
+            needed.update(name for name in node.inputs if name)
+    return live[::-1]
 
 
 def _trainable_names(nodes: list[_Node], tensors: dict[str, np.ndarray]) -> set[str]:

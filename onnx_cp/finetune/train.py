@@ -73,7 +73,7 @@ def finetune(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     schedule: str = "cosine",
-    temperature: float = 2.0,
+    temperature: float = 1.0,
     distill: str = "auto",
     keep: str = "best",
     input_shapes: dict[str, list[int]] | None = None,
@@ -99,39 +99,25 @@ def finetune(
     if not world.is_main:
         progress.set_quiet(True)  # one set of progress bars, from rank 0
     try:
-        x_train, y_train = _arrays(train, "training data")
-        _check_sample_shape(source, input_name, x_train.shape[1:])
-        x_val, y_val = _arrays(val, "validation data") if val is not None else (None, None)
-        if x_val is not None:
-            _check_sample_shape(source, input_name, x_val.shape[1:])
-        if teacher is None and y_train is None:
-            raise UsageError("the training data has no labels: give a teacher model to distil "
-                             "from (--teacher ORIGINAL.onnx)")
-        train_idx = distributed.shard(len(x_train), world)
-        val_idx = distributed.shard(len(x_val), world) if x_val is not None else None
-        teacher_train = teacher_val = None
-        if teacher is not None:
-            teacher_model = model_io.to_ir(teacher)
-            teacher_train = _run_onnx(teacher_model, x_train, train_idx, "teacher (training data)")
-            if x_val is not None:
-                teacher_val = _run_onnx(teacher_model, x_val, val_idx, "teacher (validation data)")
+        data = _prepare_data(source, input_name, train, val, teacher, world)
         module = to_torch(source).to(world.device)
         module.update_bn_stats = not freeze_bn
         trainer = _Trainer(
             module=module, world=world, lr=lr, momentum=momentum, weight_decay=weight_decay,
             schedule=schedule, batch_size=batch_size, seed=seed, temperature=temperature,
-            distill=_distill_kind(distill, teacher_train), has_teacher=teacher is not None,
+            distill=_distill_kind(distill, data.teacher_train), has_teacher=teacher is not None,
         )
-        steps_per_epoch = max(1, math.ceil(len(train_idx) / batch_size))
+        steps_per_epoch = max(1, math.ceil(len(data.train_idx) / batch_size))
         total_steps = steps if steps else (epochs or DEFAULT_EPOCHS) * steps_per_epoch
         trainer.configure(total_steps, steps_per_epoch)
-        validation = _Validation(x_val, y_val, val_idx, teacher_val, world)
+        validation = _Validation(data.x_val, data.y_val, data.val_idx, data.teacher_val, world)
         fresh = not (resume and checkpoint and Path(checkpoint).exists())
         if fresh:
             trainer.record(0, validation.run(module), train_loss=None, seconds=0.0, samples=0)
         else:
             trainer.load(checkpoint)
-        trainer.fit(x_train, y_train, train_idx, teacher_train, validation, checkpoint)
+        trainer.fit(data.x_train, data.y_train, data.train_idx, data.teacher_train, validation,
+                    checkpoint)
         state = trainer.final_state(keep)
         result = FinetuneResult(
             model=None, history=trainer.history, best_epoch=trainer.kept_epoch(keep),
@@ -140,7 +126,7 @@ def finetune(
         )
         if world.is_main:
             shapes = dict(input_shapes or {})
-            shapes.setdefault(input_name, [2, *x_train.shape[1:]])
+            shapes.setdefault(input_name, [2, *data.x_train.shape[1:]])
             # the caller's file or proto, not our IR copy: fields IR does not keep stay as they were
             original = source if isinstance(model, ir.Model) else model
             result.model = write_back(original, state, input_shapes=shapes, seed=seed)
@@ -413,6 +399,42 @@ class _Validation:
 
 
 # ------------------------------------------------------------------------------- data and models
+@dataclass
+class _Data:
+    """Samples in memory, this rank's shard of them, and the teacher's outputs on that shard."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray | None
+    train_idx: np.ndarray
+    teacher_train: np.ndarray | None = None
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
+    val_idx: np.ndarray | None = None
+    teacher_val: np.ndarray | None = None
+
+
+def _prepare_data(source: ir.Model, input_name: str, train, val, teacher,
+                  world: distributed.World) -> _Data:
+    x_train, y_train = _arrays(train, "training data")
+    _check_sample_shape(source, input_name, x_train.shape[1:])
+    if teacher is None and y_train is None:
+        raise UsageError("the training data has no labels: give a teacher model to distil "
+                         "from (--teacher ORIGINAL.onnx)")
+    data = _Data(x_train, y_train, distributed.shard(len(x_train), world))
+    if val is not None:
+        data.x_val, data.y_val = _arrays(val, "validation data")
+        _check_sample_shape(source, input_name, data.x_val.shape[1:])
+        data.val_idx = distributed.shard(len(data.x_val), world)
+    if teacher is not None:
+        teacher_model = model_io.to_ir(teacher)
+        data.teacher_train = _run_onnx(teacher_model, x_train, data.train_idx,
+                                       "teacher (training data)")
+        if data.x_val is not None:
+            data.teacher_val = _run_onnx(teacher_model, data.x_val, data.val_idx,
+                                         "teacher (validation data)")
+    return data
+
+
 def _arrays(data: DataLike, what: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Training needs shuffled mini-batches: load the samples into memory."""
     if isinstance(data, tuple):
