@@ -1,10 +1,12 @@
 """Starting points for the solvers.
 
 "svd" (the default) is data-driven in every mode, including the small spatial modes that an
-HOSVD start (tensorly's init="svd") fills with random columns whenever R > kh*kw: it takes the
-leading singular vectors of the T and S unfoldings, forms the Tucker core slices
-G[i, j] = K x_T u_i x_S v_j (each a kh x kw matrix), and keeps the R largest singular triplets
-(sigma, y, x) over all slices as rank-one terms sigma * u_i o v_j o y o x.
+HOSVD start (tensorly's init="svd") fills with random columns whenever R > kh or R > kw: term r
+takes u_i and v_j, leading singular vectors of the T and S unfoldings (i = r, j = r while R fits,
+then further distinct (i, j) pairs), and the best rank-one y o x of the kh x kw matrix
+K x_T u_i x_S v_j. Tried against picking the R strongest Tucker-core triplets (which reuses u_0
+across terms and left ALS and NLS stuck at 15% error on a noisy rank-8 tensor) and HOSVD with
+random fill: as good or better on trained-like kernels and robust on the recovery tests.
 """
 
 from __future__ import annotations
@@ -22,24 +24,17 @@ def leading_vectors(unfolding: np.ndarray, count: int) -> np.ndarray:
     return v[:, np.argsort(-w, kind="stable")[:count]]
 
 
-def svd_init(kernel: np.ndarray, rank: int, seed: int) -> list[np.ndarray]:
-    t, s, y, x = kernel.shape
+def svd_init(kernel: np.ndarray, rank: int) -> list[np.ndarray]:
+    t, s, _, _ = kernel.shape
     u_t = leading_vectors(kernel.reshape(t, -1), min(t, rank))
     u_s = leading_vectors(kernel.transpose(1, 0, 2, 3).reshape(s, -1), min(s, rank))
-    core = np.einsum("tsyx,ti,sj->ijyx", kernel, u_t, u_s, optimize=True)
-    ni, nj = core.shape[:2]
-    uy, sig, vx = np.linalg.svd(core.reshape(ni * nj, y, x), full_matrices=False)
-    k = sig.shape[1]
-    order = np.argsort(-sig.ravel(), kind="stable")
-    if rank > order.size:  # more terms than candidates: repeat them, slightly perturbed below
-        order = np.resize(order, rank)
-    order = order[:rank]
-    slab, trip = np.divmod(order, k)
-    i, j = np.divmod(slab, nj)
-    factors = [u_t[:, i], u_s[:, j], uy[slab, :, trip].T * sig[slab, trip], vx[slab, trip, :].T]
-    if rank > ni * nj * k:
-        rng = np.random.default_rng(seed)
-        factors = [a + 1e-3 * rng.standard_normal(a.shape) for a in factors]
+    r = np.arange(rank)
+    # Distinct (i, j) pairs: the diagonal first, then shifted diagonals once a mode runs out.
+    i = r % u_t.shape[1]
+    j = (r + r // u_t.shape[1]) % u_s.shape[1]
+    slabs = np.einsum("tsyx,tr,sr->ryx", kernel, u_t[:, i], u_s[:, j], optimize=True)
+    uy, sig, vx = np.linalg.svd(slabs, full_matrices=False)
+    factors = [u_t[:, i], u_s[:, j], uy[:, :, 0].T * sig[:, 0], vx[:, 0, :].T]
     return [np.ascontiguousarray(a) for a in factors]
 
 
@@ -54,7 +49,7 @@ def initial_factors(kernel: np.ndarray, rank: int, init, seed: int) -> list[np.n
     """Factors for a unit-norm kernel from init = "auto" | "svd" | "random" | four arrays."""
     if isinstance(init, str):
         if init in ("auto", "svd"):
-            return svd_init(kernel, rank, seed)
+            return svd_init(kernel, rank)
         if init == "random":
             return random_init(kernel.shape, rank, seed)
         raise UsageError(f"unknown CP init {init!r} (use 'auto', 'svd', 'random' or four arrays)")

@@ -19,6 +19,9 @@ from onnx_cp.cp.result import CPResult
 from onnx_cp.errors import UsageError
 from onnx_cp.progress import bar
 
+# Total kernel size x rank below which decompose_many's default runs inline (about a second of
+# solver time on one core; a worker process costs about that much to start).
+INLINE_BELOW = 2_000_000
 _BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -46,12 +49,15 @@ def decompose_many(jobs: Sequence[tuple[np.ndarray, int]], *, workers: int | Non
                    **kwargs) -> list[CPResult]:
     """decompose(kernel, rank, method=method, seed=seed, **kwargs) for each job, in job order.
 
-    workers: processes to use (default: one per CPU, at most one per job); 1 runs in this process.
+    workers: processes to use; 1 runs in this process. Default: one per CPU and at most one per
+        job, or 1 when the jobs are too small to repay starting worker processes (each imports
+        onnx_cp, about a second).
     Invalid arguments raise UsageError before any worker starts.
     """
     jobs = list(jobs)
     if workers is None:
-        workers = os.cpu_count() or 1
+        work = sum(np.asarray(k).size * int(r) for k, r in jobs if np.ndim(k) == 4 and np.size(k))
+        workers = (os.cpu_count() or 1) if work > INLINE_BELOW else 1
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise UsageError(f"workers must be an integer >= 1, got {workers!r}")
     for job in jobs:
