@@ -201,7 +201,7 @@ class _Trainer:
             rows = indices[local]
             xb = torch.from_numpy(x[rows]).to(self.world.device)
             out = self.model(xb)
-            out = out[0] if isinstance(out, tuple) else out
+            out = _first_output(out)
             loss = self._loss(out, y, rows, teacher_out, local)
             if not torch.isfinite(loss):
                 raise OnnxCpError(f"the loss became {loss.item()} at epoch {self.epoch}, step "
@@ -374,7 +374,7 @@ class _Validation:
                 local = np.arange(start, min(start + EVAL_BATCH, len(self.indices)))
                 rows = self.indices[local]
                 out = module(torch.from_numpy(self.x[rows]).to(self.world.device))
-                out = (out[0] if isinstance(out, tuple) else out).float().cpu().numpy()
+                out = _first_output(out).float().cpu().numpy()
                 if self.y is not None:
                     sums[0] += float((out.argmax(1) == self.y[rows]).sum())
                 if self.teacher_out is not None:
@@ -502,13 +502,24 @@ def _run_onnx(model: ir.Model, x: np.ndarray, indices: np.ndarray, what: str) ->
             for start in progress.progress(range(0, len(indices), EVAL_BATCH), desc=what,
                                            total=math.ceil(len(indices) / EVAL_BATCH)):
                 rows = indices[start:start + EVAL_BATCH]
-                outputs.append(session.run(None, {name: x[rows]})[0])
+                out = session.run(None, {name: x[rows]})[0]
+                if out.ndim > 2 and all(d == 1 for d in out.shape[2:]):
+                    out = out.reshape(out.shape[0], out.shape[1])
+                outputs.append(out)
     except OnnxCpError:
         raise
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise OnnxCpError(f"onnxruntime cannot run the {what}: {first}") from None
     return np.ascontiguousarray(np.concatenate(outputs).astype(np.float32))
+
+
+def _first_output(out) -> torch.Tensor:
+    """The output trained on; (N, C, 1, 1) class scores count as (N, C)."""
+    out = out[0] if isinstance(out, tuple) else out
+    if out.dim() > 2 and all(d == 1 for d in out.shape[2:]):
+        out = out.reshape(out.shape[0], out.shape[1])
+    return out
 
 
 def _distill_kind(distill: str, teacher_out: np.ndarray | None) -> str:
