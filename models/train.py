@@ -30,7 +30,7 @@ RECIPES = {
     # name: (train images, epochs, batch, peak lr, weight decay)
     # one pass over fresh renders: the 2-core machine allows about 200k charnet training images
     # in the time budget; the images never repeat, so there is little to overfit
-    "charnet": {"train_n": 200_000, "epochs": 1, "batch": 64, "lr": 1.5e-3, "wd": 1e-4},
+    "charnet": {"train_n": 200_000, "epochs": 0.7, "batch": 64, "lr": 1.5e-3, "wd": 1e-4},
     "charresnet": {"train_n": 200_000, "epochs": 0.5, "batch": 64, "lr": 3e-3, "wd": 5e-4},
 }
 VAL_N = 10_000
