@@ -28,8 +28,9 @@ from onnx_cp.data.chars import generate_chars
 
 RECIPES = {
     # name: (train images, epochs, batch, peak lr, weight decay)
-    # one pass over fresh renders: the 2-core machine allows about 200k charnet training images
-    # in the time budget; the images never repeat, so there is little to overfit
+    # Less than one pass over 200k fresh renders (140k and 100k images seen): what a shared 2-core
+    # machine trains in ~45 min. No image repeats, so there is little to overfit; the val split
+    # (other fonts) picks the best epoch when there are several.
     "charnet": {"train_n": 200_000, "epochs": 0.7, "batch": 64, "lr": 1.5e-3, "wd": 1e-4},
     "charresnet": {"train_n": 200_000, "epochs": 0.5, "batch": 64, "lr": 3e-3, "wd": 5e-4},
 }

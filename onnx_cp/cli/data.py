@@ -35,9 +35,12 @@ def register(subparsers) -> None:
                        help="worker processes (default: all cores); the output does not depend on it")
     chars.add_argument("--out", type=Path, required=True, help="output .npz file")
     chars.set_defaults(run=_run_chars)
-    # `--quiet/--debug` are added by cli.build_parser to `data`; give `chars` its own too
-    chars.add_argument("-q", "--quiet", action="store_true", help=argparse.SUPPRESS)
-    chars.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    # cli.build_parser adds --quiet/--debug to `data`; accept them after `chars` too. SUPPRESS
+    # keeps an absent flag from overwriting the value given before `chars`.
+    chars.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="no output")
+    chars.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks on errors")
 
 
 def _run_chars(args: argparse.Namespace) -> int:
