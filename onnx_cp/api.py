@@ -12,9 +12,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnx_cp import model_io, select, verify
-from onnx_cp.errors import OnnxCpError
-from onnx_cp.rewrite import ConvSite, CPConvPass, find_conv_sites, reconstruct, select_sites
+from onnx_cp import budget, model_io, select, verify
+from onnx_cp.errors import UsageError
+from onnx_cp.rewrite import ConvSite, CPConvPass, LayerOutcome, find_conv_sites, reconstruct, select_sites
+
+SENSITIVITY_SAMPLES = 512
 
 
 @dataclass
@@ -37,7 +39,6 @@ class _Solved:
     factors: list[np.ndarray]
     rel_error: float
     max_component_norm: float = 0.0
-    seconds: float = 0.0
 
 
 def optimize(
@@ -48,6 +49,8 @@ def optimize(
     layers: str | None = None,
     exclude: str | None = None,
     max_error: float = select.DEFAULT_MAX_ERROR,
+    target_speedup: float | None = None,
+    max_accuracy_drop: float | None = None,
     decomposer: Callable[[np.ndarray, int], object] | None = None,
     method: str = "nls",
     workers: int | None = None,
@@ -60,117 +63,191 @@ def optimize(
     finetune_options: dict | None = None,
     eval_data: object | None = None,
     measure_latency: bool = False,
+    quantize: str | None = None,
+    calibration_data: object | None = None,
     threads: int = 1,
 ) -> OptimizeResult:
     """Replace the eligible Convs of `model` by CP chains.
 
-    rank / layer_ranks: explicit ranks (all layers / per layer name), clipped to each layer's
-    FLOP break-even. Layers without one get the data-free default: the smallest rank whose
-    kernel relative error is at most `max_error` among ranks that at least halve its MACs.
+    Ranks, one way of: `rank` / `layer_ranks` (explicit, per model / per layer name, clipped to
+    each layer's FLOP break-even); `target_speedup` (the whole model's onnxruntime latency must
+    drop that many times, measured); `max_accuracy_drop` (points of top-1, or of agreement with
+    the input model without labels, on `eval_data`, after fine-tuning when `finetune_data` is
+    given: the fastest model found within it); else the data-free default: per layer the smallest
+    grid rank whose kernel relative error is at most `max_error` among ranks that halve its MACs.
+    A budget that cannot be met raises BudgetError (the CLI's exit code 3).
     layers / exclude: regular expressions (re.search) on Conv layer names.
     decomposer(kernel (T,S,kh,kw) float64, rank) -> factors or a result with .factors; defaults
-    to onnx_cp.cp.decompose (NLS) run over layers in parallel worker processes.
-    finetune_data: training data (.npz path, image folder, Dataset or arrays) to fine-tune the
-    rewritten model on, with `val_data` for validation; `teacher_from_input` distils from the
-    input model (needs no labels); `finetune_options` go to onnx_cp.finetune.finetune
-    (epochs, steps, lr, batch_size, ...).
-    eval_data: labelled or unlabelled data to measure accuracy (or agreement with the input
-    model) before decomposition, after it, and after fine-tuning (default: val_data).
-    measure_latency: benchmark the input and output models with onnxruntime (`threads` threads)
-    and profile them per layer.
+    to onnx_cp.cp (NLS), run over layers in parallel worker processes.
+    finetune_data: training data (.npz path, image folder, Dataset or arrays); `val_data` picks the
+    best epoch; `teacher_from_input` distils from the input model (needs no labels);
+    `finetune_options` go to onnx_cp.finetune.finetune (epochs, steps, lr, batch_size, ...).
+    eval_data: data to measure accuracy (or agreement) before decomposition, after it, and after
+    fine-tuning (default: val_data).
+    measure_latency: benchmark input and output with onnxruntime (`threads`) and profile per layer.
+    quantize="int8": static INT8 quantization of the result, calibrated on `calibration_data`
+    (default: finetune_data, else eval_data).
     The input is never modified.
     """
     started = time.perf_counter()
-    source = str(model) if isinstance(model, (str, Path)) else None
-    original = model_io.to_ir(model)
-    had_external_data = model_io.has_external_data(original)
-    if model_io.initializer_bytes(original) < model_io.PROTOBUF_SAFE_BYTES:
-        ir.external_data.load_to_model(original)  # small enough to work in memory
+    if sum(x is not None for x in (rank, target_speedup, max_accuracy_drop)) > 1:
+        raise UsageError("give one of rank, target_speedup and max_accuracy_drop")
     if not max_error > 0:
-        raise OnnxCpError(f"max_error must be positive, got {max_error}")
-    shapes = verify.fill_input_shapes(original, input_shapes)
-    rewritten = original.clone()
-
-    sites = find_conv_sites(rewritten, _inferred_shapes(rewritten, shapes))
-    select_sites(sites, layers, exclude)
-    request = select.RankRequest(rank=rank, per_layer=dict(layer_ranks or {}), max_error=max_error)
-    select.check_layer_names(request, sites)
-    solve_many = _solver(decomposer, method, workers, seed)
-    choices = select.plan_ranks(sites, request, solve_many)
-
-    solved = {_key(k, c.rank): r for name, c in choices.items()
-              for k, r in zip(_site(sites, name).group_kernels(), c.results)}
-    cp_pass = CPConvPass(
-        rank_for=lambda site: choices[site.name].rank if site.name in choices else None,
-        decomposer=lambda kernel, r: solved[_key(kernel, r)],
-        sites=sites,
-    )
-    cp_pass(rewritten)
-    rows = [o.as_dict() for o in cp_pass.outcomes]
-    for row in rows:
-        if row["name"] in choices and choices[row["name"]].note:
-            row["note"] = choices[row["name"]].note
-
-    report = {
-        "input": source,
-        "layers": rows,
-        "totals": _totals(original, rewritten, rows),
-        "input_shapes": shapes,
-        "settings": {"rank": rank, "layer_ranks": layer_ranks or {}, "layers": layers,
-                     "exclude": exclude, "max_error": max_error, "method": method, "seed": seed},
-    }
-    if verify_outputs:
-        report["verification"] = verify.verify_rewrite(original, rewritten, shapes, seed=seed)
-    final = rewritten
-    if finetune_data is not None and report["totals"]["decomposed"]:
-        final = _finetune(rewritten, original, finetune_data, val_data, teacher_from_input,
-                          finetune_options or {}, seed, report)
+        raise UsageError(f"max_error must be positive, got {max_error}")
+    run = _Run(model, input_shapes, layers, exclude, _solver(decomposer, method, workers, seed),
+               threads, seed)
     eval_data = eval_data if eval_data is not None else val_data
+    tune = _Tuner(run, finetune_data, val_data, teacher_from_input, finetune_options or {})
+    request = select.RankRequest(rank=rank, per_layer=dict(layer_ranks or {}), max_error=max_error)
+    select.check_layer_names(request, run.sites)
+    report: dict = {"input": run.source, "input_shapes": run.shapes, "settings": {
+        "rank": rank, "layer_ranks": layer_ranks or {}, "layers": layers, "exclude": exclude,
+        "max_error": max_error, "target_speedup": target_speedup, "max_accuracy_drop": max_accuracy_drop,
+        "method": method, "seed": seed, "quantize": quantize}}
+
+    final = None
+    if target_speedup is not None:
+        choices, final, report["search"] = run.search_speedup(target_speedup)
+    elif max_accuracy_drop is not None:
+        if eval_data is None:
+            raise UsageError("max_accuracy_drop needs data to measure accuracy on (eval_data or val_data)")
+        choices, final, report["search"] = run.search_accuracy(max_accuracy_drop, eval_data, tune)
+    else:
+        choices = select.plan_ranks(run.sites, request, run.solve_many)
+    rewritten, outcomes = run.build(choices)
+    report["layers"] = _rows(outcomes, choices)
+    report["totals"] = _totals(run.original, rewritten, report["layers"])
+    if verify_outputs:
+        report["verification"] = verify.verify_rewrite(run.original, rewritten, run.shapes, seed=seed)
+    if final is None:
+        final = tune(rewritten, report) if report["totals"]["decomposed"] else rewritten
+    if quantize:
+        final = _quantize(final, quantize, calibration_data or finetune_data or eval_data, report)
     if eval_data is not None:
-        report["accuracy"] = _accuracy(original, rewritten, final, eval_data, threads)
+        report["accuracy"] = _accuracy(run.original, rewritten, final, eval_data, threads, quantize)
     if measure_latency:
-        report.update(_latency(original, final, shapes, threads, seed))
+        report.update(_latency(run.original, final, run.shapes, threads, seed))
     report["seconds"] = round(time.perf_counter() - started, 3)
-    report["had_external_data"] = had_external_data
+    report["had_external_data"] = run.had_external_data
     output = ir.to_proto(final) if isinstance(model, onnx.ModelProto) else final
     return OptimizeResult(model=output, report=report)
 
 
-def _finetune(rewritten: ir.Model, original: ir.Model, train, val, teacher_from_input: bool,
-              options: dict, seed: int, report: dict) -> ir.Model:
-    from onnx_cp.finetune import finetune  # torch is imported only when fine-tuning
+class _Run:
+    """The input model, its Conv sites and how to build a rewritten copy for any rank choice."""
 
-    tuned = finetune(rewritten, train, val=val, teacher=original if teacher_from_input else None,
-                     seed=seed, **options)
-    report["finetune"] = {
-        "history": tuned.history, "best_epoch": tuned.best_epoch, "metric": tuned.metric,
-        "seconds": tuned.seconds, "samples_per_second": tuned.samples_per_second,
-        "teacher": "input model" if teacher_from_input else None, "options": options,
-    }
-    return ir.from_proto(tuned.model)
+    def __init__(self, model, input_shapes, layers, exclude, solve_many, threads: int, seed: int):
+        self.source = str(model) if isinstance(model, (str, Path)) else None
+        self.original = model_io.to_ir(model)
+        self.had_external_data = model_io.has_external_data(self.original)
+        if model_io.initializer_bytes(self.original) < model_io.PROTOBUF_SAFE_BYTES:
+            ir.external_data.load_to_model(self.original)  # small enough to work in memory
+        self.shapes = verify.fill_input_shapes(self.original, input_shapes)
+        self.value_shapes = _inferred_shapes(self.original, self.shapes)
+        self.sites = find_conv_sites(self.original, self.value_shapes)
+        select_sites(self.sites, layers, exclude)
+        self.solve_many = solve_many
+        self.threads = threads
+        self.seed = seed
+
+    def build(self, choices: dict[str, select.RankChoice]) -> tuple[ir.Model, list[LayerOutcome]]:
+        model = self.original.clone()
+        sites = find_conv_sites(model, self.value_shapes)
+        for site, planned in zip(sites, self.sites):
+            site.reason = planned.reason
+        solved = {_key(k, c.rank): r for name, c in choices.items()
+                  for k, r in zip(_site(sites, name).group_kernels(), c.results)}
+        cp_pass = CPConvPass(rank_for=lambda site: choices[site.name].rank if site.name in choices else None,
+                             decomposer=lambda kernel, r: solved[_key(kernel, r)], sites=sites)
+        cp_pass(model)
+        return model, cp_pass.outcomes
+
+    def build_model(self, choices: dict[str, select.RankChoice]) -> ir.Model:
+        return self.build(choices)[0]
+
+    def timing(self) -> budget.Timing:
+        from onnx_cp.measure import benchmark_latency, layer_profile
+
+        total = benchmark_latency([self.original], threads=self.threads, input_shapes=self.shapes,
+                                  seed=self.seed)["models"][0]["median_ms"]
+        profile = layer_profile(self.original, threads=self.threads, input_shapes=self.shapes, seed=self.seed)
+        profiled = sum(layer["ms"] for layer in profile["layers"]) or 1.0
+        return budget.Timing(total, {layer["name"]: total * layer["ms"] / profiled for layer in profile["layers"]})
+
+    def menus(self, timing: budget.Timing) -> list[budget.LayerMenu]:
+        return budget.layer_menus(self.sites, self.solve_many, timing.layer_ms, self.threads)
+
+    def speedup_of(self, model: ir.Model) -> float:
+        from onnx_cp.measure import benchmark_latency
+
+        result = benchmark_latency([self.original, model], threads=self.threads, input_shapes=self.shapes,
+                                   seed=self.seed)
+        return result["models"][1]["speedup_vs_first"]
+
+    def search_speedup(self, target: float):
+        timing = self.timing()
+        choices, model, trace = budget.search_speedup(self.menus(timing), timing, target,
+                                                      self.build_model, self.speedup_of)
+        return choices, None, trace
+
+    def search_accuracy(self, max_drop: float, eval_data, tune: _Tuner):
+        from onnx_cp.measure import evaluate
+
+        timing = self.timing()
+        menus = self.menus(timing)
+        full, sample = _datasets(eval_data)
+
+        def drop_meter(dataset) -> Callable[[ir.Model], float]:
+            baseline = evaluate(self.original, dataset, threads=self.threads)
+            return lambda model: budget.accuracy_drop(
+                baseline, evaluate(model, dataset, reference=self.original, threads=self.threads))
+
+        budget.set_sensitivities(menus, self.build_model, drop_meter(sample))
+        drop_on_full = drop_meter(full)
+        tuning_reports: list[dict] = []
+
+        def tune_and_score(model: ir.Model) -> tuple[float, ir.Model]:
+            tuning_reports.append({})
+            tuned = tune(model, tuning_reports[-1])
+            return drop_on_full(tuned), tuned
+
+        choices, tuned, trace = budget.search_accuracy(menus, timing, max_drop, self.build_model,
+                                                       tune_and_score)
+        for step, tuning in zip(trace, tuning_reports):
+            step.update(tuning)
+        return choices, tuned, {"trace": trace, "sensitivity": {m.site.name: m.weight for m in menus}}
 
 
-def _accuracy(original: ir.Model, rewritten: ir.Model, final: ir.Model, data, threads: int) -> dict:
+class _Tuner:
+    """Fine-tunes a rewritten model when training data was given; otherwise returns it as is."""
+
+    def __init__(self, run: _Run, train, val, teacher_from_input: bool, options: dict):
+        self.run, self.train, self.val = run, train, val
+        self.teacher_from_input, self.options = teacher_from_input, options
+
+    def __call__(self, rewritten: ir.Model, report: dict) -> ir.Model:
+        if self.train is None:
+            return rewritten
+        from onnx_cp.finetune import finetune  # torch is imported only when fine-tuning
+
+        teacher = self.run.original if self.teacher_from_input else None
+        tuned = finetune(rewritten, self.train, val=self.val, teacher=teacher, seed=self.run.seed,
+                         **self.options)
+        report["finetune"] = {
+            "history": tuned.history, "best_epoch": tuned.best_epoch, "metric": tuned.metric,
+            "seconds": tuned.seconds, "samples_per_second": tuned.samples_per_second,
+            "teacher": "input model" if self.teacher_from_input else None, "options": self.options,
+        }
+        return ir.from_proto(tuned.model)
+
+
+def _datasets(data) -> tuple[object, object]:
+    """The evaluation data and a small sample of it (for per-layer sensitivities)."""
     from onnx_cp.data import open_dataset
-    from onnx_cp.measure import evaluate
 
-    dataset = open_dataset(data) if isinstance(data, (str, Path)) else data
-    accuracy = {"original": evaluate(original, dataset, threads=threads),
-                "decomposed": evaluate(rewritten, dataset, reference=original, threads=threads)}
-    if final is not rewritten:
-        accuracy["finetuned"] = evaluate(final, dataset, reference=original, threads=threads)
-    return accuracy
-
-
-def _latency(original: ir.Model, final: ir.Model, shapes: dict, threads: int, seed: int) -> dict:
-    from onnx_cp.measure import benchmark_latency, layer_profile
-
-    return {
-        "latency": benchmark_latency([original, final], names=["original", "optimized"],
-                                     threads=threads, input_shapes=shapes, seed=seed),
-        "profile": {"before": layer_profile(original, threads=threads, input_shapes=shapes, label="original"),
-                    "after": layer_profile(final, threads=threads, input_shapes=shapes, label="optimized")},
-    }
+    if isinstance(data, (str, Path)):
+        return open_dataset(data), open_dataset(data, limit=SENSITIVITY_SAMPLES)
+    return data, data
 
 
 def _solver(decomposer, method: str, workers: int | None, seed: int) -> select.SolveMany:
@@ -180,9 +257,7 @@ def _solver(decomposer, method: str, workers: int | None, seed: int) -> select.S
     from onnx_cp.cp import decompose_many
 
     def solve_many(jobs: Sequence[tuple[np.ndarray, int]]) -> list:
-        if not jobs:
-            return []
-        return decompose_many(list(jobs), workers=workers, method=method, seed=seed)
+        return decompose_many(list(jobs), workers=workers, method=method, seed=seed) if jobs else []
 
     return solve_many
 
@@ -200,6 +275,27 @@ def _key(kernel: np.ndarray, rank: int) -> tuple[str, int]:
 
 def _site(sites: Sequence[ConvSite], name: str) -> ConvSite:
     return next(s for s in sites if s.name == name)
+
+
+def _rows(outcomes: Sequence[LayerOutcome], choices: dict[str, select.RankChoice]) -> list[dict]:
+    rows = [o.as_dict() for o in outcomes]
+    for row in rows:
+        if row["name"] in choices and choices[row["name"]].note:
+            row["note"] = choices[row["name"]].note
+    return rows
+
+
+def _quantize(model: ir.Model, kind: str, data, report: dict) -> ir.Model:
+    if kind != "int8":
+        raise UsageError(f"quantize={kind!r}: only 'int8' is supported")
+    if data is None:
+        raise UsageError("INT8 quantization needs calibration data (calibration_data, finetune_data or eval_data)")
+    from onnx_cp.quantize import quantize_int8
+
+    started = time.perf_counter()
+    quantized = quantize_int8(model, data)
+    report["quantize"] = {"kind": "int8", "format": "QDQ", "seconds": round(time.perf_counter() - started, 3)}
+    return quantized
 
 
 def _inferred_shapes(model: ir.Model, input_shapes: dict[str, list[int]]) -> dict[str, list[int]]:
@@ -224,6 +320,31 @@ def _inferred_shapes(model: ir.Model, input_shapes: dict[str, list[int]]) -> dic
         if all(d.HasField("dim_value") for d in dims):
             shapes[value.name] = [d.dim_value for d in dims]
     return shapes
+
+
+def _accuracy(original: ir.Model, rewritten: ir.Model, final: ir.Model, data, threads: int,
+              quantize: str | None) -> dict:
+    from onnx_cp.data import open_dataset
+    from onnx_cp.measure import evaluate
+
+    dataset = open_dataset(data) if isinstance(data, (str, Path)) else data
+    accuracy = {"original": evaluate(original, dataset, threads=threads),
+                "decomposed": evaluate(rewritten, dataset, reference=original, threads=threads)}
+    if final is not rewritten:
+        stage = "finetuned+int8" if quantize else "finetuned"
+        accuracy[stage] = evaluate(final, dataset, reference=original, threads=threads)
+    return accuracy
+
+
+def _latency(original: ir.Model, final: ir.Model, shapes: dict, threads: int, seed: int) -> dict:
+    from onnx_cp.measure import benchmark_latency, layer_profile
+
+    return {
+        "latency": benchmark_latency([original, final], names=["original", "optimized"],
+                                     threads=threads, input_shapes=shapes, seed=seed),
+        "profile": {"before": layer_profile(original, threads=threads, input_shapes=shapes, label="original"),
+                    "after": layer_profile(final, threads=threads, input_shapes=shapes, label="optimized")},
+    }
 
 
 def _totals(original: ir.Model, rewritten: ir.Model, rows: list[dict]) -> dict:

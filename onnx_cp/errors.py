@@ -23,3 +23,9 @@ class BudgetError(OnnxCpError):
     """No model meets the requested accuracy budget: exit code 3 (the CI gate)."""
 
     exit_code = EXIT_BUDGET
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message, for one-line error reports."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0][:limit] if lines else type(exc).__name__

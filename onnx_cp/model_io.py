@@ -20,7 +20,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx_ir import external_data as ir_external_data
 
-from onnx_cp.errors import OnnxCpError
+from onnx_cp.errors import OnnxCpError, first_line
 
 ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model
 
@@ -38,14 +38,14 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
-        raise OnnxCpError(f"{path}: not a valid ONNX model ({_short(exc)})") from None
+        raise OnnxCpError(f"{path}: not a valid ONNX model ({first_line(exc, 200)})") from None
     if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
         raise OnnxCpError(f"{path}: not a valid ONNX model (no graph)")
     _check_external_locations(proto, path.parent)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # onnx_ir raises various types on malformed graphs
-        raise OnnxCpError(f"{path}: malformed ONNX model ({_short(exc)})") from None
+        raise OnnxCpError(f"{path}: malformed ONNX model ({first_line(exc, 200)})") from None
     ir_external_data.set_base_dir(model.graph, str(path.parent))
     return model
 
@@ -105,7 +105,7 @@ def save_model(
         try:
             ir.save(model, staging / path.name, external_data=data_name)
         except OSError as exc:
-            raise OnnxCpError(f"{path}: cannot write ({_short(exc)})") from None
+            raise OnnxCpError(f"{path}: cannot write ({first_line(exc, 200)})") from None
         written = []
         # Data first: a model file never points at data that is not yet in place.
         if data_name is not None:
@@ -148,8 +148,3 @@ def _all_tensors(proto: onnx.ModelProto):
                     yield from graph_tensors(sub)
 
     yield from graph_tensors(proto.graph)
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

@@ -225,7 +225,7 @@ class CPConvPass(ir.passes.InPlacePass):
     @staticmethod
     def _splice(graph: ir.Graph, site: ConvSite, rank: int, weights: list[ir.Value]) -> None:
         conv = site.node
-        attrs = _conv_attributes(conv)
+        attrs = conv_attributes(conv)
         channels = rank * site.group
         x = conv.inputs[0]
         bias = conv.inputs[2] if len(conv.inputs) > 2 else None
@@ -323,7 +323,7 @@ def _unique_initializer_name(graph: ir.Graph, name: str) -> str:
     return candidate
 
 
-def _conv_attributes(conv: ir.Node) -> dict:
+def conv_attributes(conv: ir.Node) -> dict:
     """strides, dilations, pads [top, left, bottom, right] and auto_pad with ONNX defaults."""
     def ints(name, default):
         attr = conv.attributes.get(name)

@@ -134,7 +134,7 @@ def _search_automatic(sites: Sequence[ConvSite], max_error: float, solve_many: S
             per_layer.setdefault(name, []).append(result)
         for name, group_results in per_layer.items():
             rank = candidates[name][probes[name]]
-            error = _combined_error(by_name[name], group_results)
+            error = combined_error(by_name[name], group_results)
             lo, hi = bounds[name]
             if error <= max_error:
                 best[name] = RankChoice(rank, group_results, f"smallest grid rank with kernel error <= {max_error:g}")
@@ -165,7 +165,7 @@ def _auto_candidates(site: ConvSite) -> list[int]:
     return list(range(step, ceiling + 1, step))
 
 
-def _combined_error(site: ConvSite, group_results: Sequence[object]) -> float:
+def combined_error(site: ConvSite, group_results: Sequence[object]) -> float:
     """Relative error over the whole kernel from the per-group relative errors."""
     squares = sum(
         (r.rel_error * float((k ** 2).sum()) ** 0.5) ** 2

@@ -12,7 +12,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnx_cp.errors import OnnxCpError, UsageError
+from onnx_cp.errors import OnnxCpError, UsageError, first_line
 from onnx_cp.model_io import has_external_data, save_model
 
 DEFAULT_BATCH = 1
@@ -55,7 +55,9 @@ def fill_input_shapes(model: ir.Model, input_shapes: dict[str, list[int]] | None
     return filled
 
 
-def random_inputs(model: ir.Model, input_shapes: dict[str, list[int]] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+def random_inputs(
+    model: ir.Model, input_shapes: dict[str, list[int]] | None = None, seed: int = 0
+) -> dict[str, np.ndarray]:
     """Seeded random feeds for every graph input (normal floats, zeros for integers, False for bools)."""
     rng = np.random.default_rng(seed)
     feeds = {}
@@ -108,7 +110,7 @@ def run_model(model: ir.Model, feeds: dict[str, np.ndarray], what: str) -> list[
         with ort_session(model) as session:
             return session.run(None, feeds)
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise OnnxCpError(f"onnxruntime cannot run the {what}: {_first_line(exc)}") from None
+        raise OnnxCpError(f"onnxruntime cannot run the {what}: {first_line(exc)}") from None
 
 
 def compare_outputs(expected: list[np.ndarray], actual: list[np.ndarray], names: list[str]) -> dict:
@@ -143,9 +145,9 @@ def verify_rewrite(
         try:
             check_model(original)
         except Exception:  # noqa: BLE001
-            notes.append(f"the input model already fails onnx.checker: {_first_line(exc)}")
+            notes.append(f"the input model already fails onnx.checker: {first_line(exc)}")
         else:
-            raise OnnxCpError(f"the rewritten model fails onnx.checker: {_first_line(exc)}") from None
+            raise OnnxCpError(f"the rewritten model fails onnx.checker: {first_line(exc)}") from None
     feeds = random_inputs(original, input_shapes, seed=seed)
     expected = run_model(original, feeds, "input model")
     actual = run_model(rewritten, feeds, "rewritten model")
@@ -160,8 +162,3 @@ def verify_rewrite(
         "max_abs_error": max((o["max_abs_error"] for o in outputs.values()), default=0.0),
         "max_rel_error": max((o["rel_error"] for o in outputs.values()), default=0.0),
     }
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0][:300] if lines else type(exc).__name__

@@ -1,0 +1,213 @@
+"""Ranks chosen under a budget: a measured whole-model speed-up, or an accuracy drop.
+
+Every eligible layer gets a menu of options: the original Conv, or its CP chain at ranks on
+onnxruntime's channel grid, each with its kernel error (from the solver) and its latency (the
+layer's share of the model's profiled time, scaled by the chain/Conv ratio measured in isolation,
+see layer_cost). A greedy walk down the menus trades the least weighted error per millisecond
+saved until the predicted model time fits the budget; predictions are then checked by measuring
+the whole model, and the budget tightened when the model falls short.
+
+With data, layer weights come from each layer's measured accuracy sensitivity, and a bisection on
+the speed-up finds the fastest model whose accuracy (after fine-tuning, when data is given) stays
+within the allowed drop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from onnx_cp import layer_cost
+from onnx_cp.errors import BudgetError, UsageError
+from onnx_cp.rewrite import ConvSite
+from onnx_cp.select import RankChoice, SolveMany, combined_error, preferred_channel_block
+
+# Only ranks that cut a layer's MACs by at least this much are worth measuring.
+MIN_OPTION_GAIN = 1.5
+SPEEDUP_ATTEMPTS = 3
+ACCURACY_BISECTION_STEPS = 5
+
+BuildModel = Callable[[dict[str, RankChoice]], ir.Model]
+
+
+@dataclass
+class Option:
+    rank: int | None  # None: keep the original Conv
+    error: float
+    ms: float
+    results: list = field(default_factory=list)
+
+
+@dataclass
+class LayerMenu:
+    site: ConvSite
+    options: list[Option]  # the original first
+    weight: float = 1.0
+
+
+def candidate_ranks(site: ConvSite) -> list[int]:
+    """Grid ranks (multiples of the channel block, roughly geometric) that cut MACs enough."""
+    ceiling = int(site.macs_before() / MIN_OPTION_GAIN) // max(site.macs_after(1), 1)
+    block = preferred_channel_block()
+    multiples = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
+    ranks = [block * m for m in multiples if block * m <= ceiling]
+    if not ranks and ceiling >= 1:
+        ranks = [2 ** int(math.log2(ceiling))]
+    return ranks
+
+
+def layer_menus(
+    sites: Sequence[ConvSite], solve_many: SolveMany, layer_ms: dict[str, float], threads: int
+) -> list[LayerMenu]:
+    """Options for each eligible layer with a measured time; one solver batch for all of them."""
+    menus = [LayerMenu(s, [Option(None, 0.0, layer_ms[s.name])]) for s in sites
+             if s.eligible and layer_ms.get(s.name, 0) > 0 and candidate_ranks(s)]
+    jobs = [(menu, rank, kernel) for menu in menus for rank in candidate_ranks(menu.site)
+            for kernel in menu.site.group_kernels()]
+    results = solve_many([(kernel, rank) for _, rank, kernel in jobs])
+    grouped: dict[tuple[str, int], list] = {}
+    for (menu, rank, _), result in zip(jobs, results):
+        grouped.setdefault((menu.site.name, rank), []).append(result)
+    for menu in menus:
+        ranks = candidate_ranks(menu.site)
+        ratios = layer_cost.chain_time_ratios(layer_cost.LayerShape.of(menu.site), ranks, threads=threads)
+        for rank in ranks:
+            group_results = grouped[(menu.site.name, rank)]
+            menu.options.append(Option(rank, combined_error(menu.site, group_results),
+                                       ratios[rank] * menu.options[0].ms, group_results))
+    return menus
+
+
+def plan_for_time(menus: Sequence[LayerMenu], budget_ms: float, rest_ms: float) -> dict[str, Option] | None:
+    """Greedy: from the original model, take the move that costs the least weighted error per
+    millisecond saved until the predicted time fits `budget_ms`; None if it cannot."""
+    chosen = {m.site.name: m.options[0] for m in menus}
+    total = rest_ms + sum(o.ms for o in chosen.values())
+    while total > budget_ms:
+        best = None
+        for menu in menus:
+            current = chosen[menu.site.name]
+            for option in menu.options:
+                saved = current.ms - option.ms
+                if saved <= 0:
+                    continue
+                cost = menu.weight * (option.error - current.error) / saved
+                if best is None or cost < best[0]:
+                    best = (cost, menu.site.name, option)
+        if best is None:
+            return None
+        _, name, option = best
+        total -= chosen[name].ms - option.ms
+        chosen[name] = option
+    return chosen
+
+
+def fastest_time(menus: Sequence[LayerMenu], rest_ms: float) -> float:
+    return rest_ms + sum(min(o.ms for o in m.options) for m in menus)
+
+
+def to_choices(plan: dict[str, Option], note: str) -> dict[str, RankChoice]:
+    return {name: RankChoice(o.rank, o.results, note) for name, o in plan.items() if o.rank is not None}
+
+
+@dataclass
+class Timing:
+    """The original model's measured time and the eligible layers' share of it."""
+
+    total_ms: float
+    layer_ms: dict[str, float]
+
+    def rest_ms(self, menus: Sequence[LayerMenu]) -> float:
+        return self.total_ms - sum(m.options[0].ms for m in menus)
+
+
+def search_speedup(
+    menus: Sequence[LayerMenu],
+    timing: Timing,
+    target: float,
+    build: BuildModel,
+    measure_speedup: Callable[[ir.Model], float],
+) -> tuple[dict[str, RankChoice], ir.Model, list[dict]]:
+    """Ranks whose model is measured at least `target` times faster than the original."""
+    if target <= 1:
+        raise UsageError(f"--target-speedup must be above 1 (got {target:g})")
+    rest = timing.rest_ms(menus)
+    trace: list[dict] = []
+    goal = target
+    for attempt in range(1, SPEEDUP_ATTEMPTS + 1):
+        plan = plan_for_time(menus, timing.total_ms / goal, rest)
+        if plan is None:
+            break
+        model = build(to_choices(plan, f"chosen for a measured {target:g}x speed-up"))
+        measured = measure_speedup(model)
+        predicted = timing.total_ms / (rest + sum(o.ms for o in plan.values()))
+        trace.append({"attempt": attempt, "aimed_at": goal, "predicted": predicted, "measured": measured,
+                      "ranks": {n: o.rank for n, o in plan.items()}})
+        if measured >= target:
+            return to_choices(plan, f"chosen for a measured {target:g}x speed-up"), model, trace
+        goal *= target / measured  # the model fell short of its prediction: aim higher
+    best = max((t["measured"] for t in trace), default=None)
+    limit = timing.total_ms / fastest_time(menus, rest)
+    raise BudgetError(
+        f"no ranks reach a {target:g}x speed-up: the fastest options predict {limit:.2f}x"
+        + (f", the best measured model reached {best:.2f}x" if best else ""))
+
+
+def accuracy_drop(baseline: dict, candidate: dict) -> float:
+    """Points lost: top-1 with labels, else disagreement with the original model."""
+    if baseline.get("top1") is not None and candidate.get("top1") is not None:
+        return 100.0 * (baseline["top1"] - candidate["top1"])
+    return 100.0 * (1.0 - candidate["agreement_top1"])
+
+
+def set_sensitivities(
+    menus: Sequence[LayerMenu], build: BuildModel, drop_of: Callable[[ir.Model], float]
+) -> None:
+    """Weight each layer by the accuracy it loses per unit of kernel error, measured by
+    decomposing that layer alone at a middle option (no fine-tuning)."""
+    for menu in menus:
+        option = menu.options[(len(menu.options)) // 2]
+        if option.rank is None or option.error <= 0:
+            continue
+        drop = drop_of(build({menu.site.name: RankChoice(option.rank, option.results)}))
+        menu.weight = max(drop, 0.05) / option.error
+
+
+def search_accuracy(
+    menus: Sequence[LayerMenu],
+    timing: Timing,
+    max_drop: float,
+    build: BuildModel,
+    tune_and_score: Callable[[ir.Model], tuple[float, ir.Model]],
+) -> tuple[dict[str, RankChoice], ir.Model, list[dict]]:
+    """Bisection on the predicted speed-up for the fastest model within `max_drop` points;
+    `tune_and_score(model)` fine-tunes (when there is data for it) and returns (drop, model)."""
+    rest = timing.rest_ms(menus)
+    low, high = 1.0, timing.total_ms / fastest_time(menus, rest)
+    trace: list[dict] = []
+    best = None
+    for step in range(ACCURACY_BISECTION_STEPS):
+        speedup = high if step == 0 else math.sqrt(low * high)
+        plan = plan_for_time(menus, timing.total_ms / speedup, rest)
+        if plan is None or all(o.rank is None for o in plan.values()):
+            high = speedup
+            continue
+        drop, model = tune_and_score(build(to_choices(plan, "")))
+        trace.append({"predicted_speedup": speedup, "accuracy_drop": drop,
+                      "ranks": {n: o.rank for n, o in plan.items()}})
+        if drop <= max_drop:
+            best = (plan, model, speedup)
+            low = speedup
+            if step == 0:
+                break  # even the fastest options are within budget
+        else:
+            high = speedup
+    if best is None:
+        raise BudgetError(f"no decomposed model stays within {max_drop:g} points of accuracy "
+                          f"(smallest drop seen: {min((t['accuracy_drop'] for t in trace), default=float('nan')):.2f})")
+    plan, model, speedup = best
+    note = f"fastest found within {max_drop:g} points (predicted {speedup:.2f}x)"
+    return to_choices(plan, note), model, trace

@@ -1,0 +1,137 @@
+"""What a CP chain costs on this machine: onnxruntime latency of one Conv against its chain at
+several ranks, measured in isolation (interleaved, one process) and cached per shape, machine,
+onnxruntime version and thread count, so that rank searches do not re-measure what they know."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from onnx_cp.measure import benchmark_latency
+from onnx_cp.rewrite import ConvSite, CPConvPass, conv_attributes, find_conv_sites
+
+CACHE_ENV = "ONNX_CP_CACHE_DIR"
+_RUNS = 40
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """Everything about a Conv that decides its latency."""
+
+    kernel: tuple[int, int, int, int]  # (T, S/G, kh, kw)
+    group: int
+    input_hw: tuple[int, int]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...]
+    auto_pad: str
+
+    @classmethod
+    def of(cls, site: ConvSite) -> LayerShape:
+        attrs = conv_attributes(site.node)
+        return cls(tuple(site.kernel.shape), site.group, site.input_hw or (32, 32),
+                   tuple(attrs["strides"]), tuple(attrs["dilations"]), tuple(attrs["pads"]),
+                   attrs["auto_pad"])
+
+    def key(self) -> str:
+        return json.dumps([self.kernel, self.group, self.input_hw, self.strides, self.dilations,
+                           self.pads, self.auto_pad])
+
+
+def chain_time_ratios(shape: LayerShape, ranks: Sequence[int], *, threads: int = 1) -> dict[int, float]:
+    """Latency of the CP chain at each rank divided by the Conv's (cached)."""
+    cache = _Cache.open()
+    prefix = f"{_machine_key(threads)}|{shape.key()}"
+    missing = [r for r in ranks if f"{prefix}|{r}" not in cache.data]
+    if missing:
+        conv = single_conv_model(shape)
+        chains = [chain_model(conv, r) for r in missing]
+        result = benchmark_latency([conv, *chains], threads=threads, runs=_RUNS, warmup=5)
+        for rank, model in zip(missing, result["models"][1:]):
+            cache.data[f"{prefix}|{rank}"] = model["ratio_to_first"]
+        cache.save()
+    return {r: cache.data[f"{prefix}|{r}"] for r in ranks}
+
+
+def single_conv_model(shape: LayerShape, seed: int = 0) -> onnx.ModelProto:
+    t, s, kh, kw = shape.kernel
+    rng = np.random.default_rng(seed)
+    weight = numpy_helper.from_array(rng.standard_normal(shape.kernel).astype(np.float32), "W")
+    bias = numpy_helper.from_array(np.zeros(t, np.float32), "B")
+    attrs = {"kernel_shape": [kh, kw], "group": shape.group, "strides": list(shape.strides),
+             "dilations": list(shape.dilations)}
+    if shape.auto_pad in ("NOTSET", ""):
+        attrs["pads"] = list(shape.pads)
+    else:
+        attrs["auto_pad"] = shape.auto_pad
+    node = helper.make_node("Conv", ["x", "W", "B"], ["y"], name="conv", **attrs)
+    graph = helper.make_graph(
+        [node], "layer", [helper.make_tensor_value_info("x", 1, [1, s * shape.group, *shape.input_hw])],
+        [helper.make_tensor_value_info("y", 1, None)], [weight, bias])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    return model
+
+
+def chain_model(conv: onnx.ModelProto, rank: int, seed: int = 0) -> ir.Model:
+    """The conv's chain at `rank`, with random factors (latency does not depend on values)."""
+    rng = np.random.default_rng(seed)
+    model = ir.from_proto(conv)
+    sites = find_conv_sites(model)
+    CPConvPass(rank_for=lambda site: rank,
+               decomposer=lambda k, r: [rng.standard_normal((n, r)) for n in k.shape],
+               sites=sites)(model)
+    return model
+
+
+def _machine_key(threads: int) -> str:
+    return f"{platform.machine()}|{_cpu_name()}|ort{ort.__version__}|t{threads}"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+class _Cache:
+    def __init__(self, path: Path, data: dict) -> None:
+        self.path = path
+        self.data = data
+
+    @classmethod
+    def open(cls) -> _Cache:
+        folder = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "onnx-cp")
+        path = folder / "layer_latency.json"
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = {}
+        return cls(path, data if isinstance(data, dict) else {})
+
+    def save(self) -> None:
+        """Best effort and atomic: a cache that cannot be written only costs re-measuring."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".layer_latency-")
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.data, f)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
