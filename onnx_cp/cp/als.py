@@ -33,7 +33,6 @@ def als(kt: ops.KernelTensor, factors: list[np.ndarray], *, ridge: float, max_it
     g = ops.grams(a)
     if not history:
         history.append(ops.evaluate(kt, a, ridge).f)
-    f_start = history[-1]
     for sweep in range(1, max_iter + 1):
         ks = kt.contract_s(a[1])
         a[0] = solve_factor(ops.mttkrp_t(ks, a[2], a[3]), ops.hadamard_except(g, (0,)), ridge)
@@ -51,9 +50,8 @@ def als(kt: ops.KernelTensor, factors: list[np.ndarray], *, ridge: float, max_it
         f = ops.objective(float(np.vdot(m_s, a[1])), g, a, ridge)
         a = balance(a)
         g = ops.grams(a)
-        decrease = history[-1] - f
         history.append(f)
-        if f <= 1e-30 or decrease <= tol * f_start:
+        if ops.stalled(history, tol):
             return a, sweep, "tol"
         if deadline is not None and time.perf_counter() > deadline:
             return a, sweep, "time_limit"

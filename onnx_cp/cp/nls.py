@@ -97,12 +97,11 @@ def nls(kt: ops.KernelTensor, factors: list[np.ndarray], *, ridge: float, max_it
     if not history or pt.f < history[-1]:
         history.append(pt.f)
     grad = np.concatenate([g.ravel() for g in ops.complete_gradient(kt, pt)])
-    f_start = pt.f
     gramian = Gramian(pt.factors, pt.gram, ridge)
     damping = 1e-3 * max(float(np.max(np.diag(g))) for g in gramian.gamma)
     nu = 2.0
     for it in range(1, max_iter + 1):
-        if pt.f <= 1e-30:
+        if pt.f <= ops.EXACT_F:
             return pt.factors, it - 1, "tol"
         step = pcg(functools.partial(gramian.apply, damping=damping), -grad, gramian.preconditioner(damping),
                    CG_MAX_ITER, CG_TOL)
@@ -120,7 +119,7 @@ def nls(kt: ops.KernelTensor, factors: list[np.ndarray], *, ridge: float, max_it
             gramian = Gramian(pt.factors, pt.gram, ridge)
             damping *= max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
             nu = 2.0
-            if actual <= tol * f_start or small_step:
+            if small_step or ops.stalled(history, tol):
                 return pt.factors, it, "tol"
         else:
             if small_step:

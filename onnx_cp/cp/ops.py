@@ -107,6 +107,23 @@ def complete_gradient(kt: KernelTensor, pt: Point) -> list[np.ndarray]:
             enumerate(zip(pt.factors, pt.mttkrp))]
 
 
+# Objective of a unit-norm kernel below which the fit is exact to rounding (relative error ~4e-8):
+# the objective is computed from <K, model> and ||model||^2, which cancel to about 1e-16.
+EXACT_F = 1e-15
+STALL_WINDOW = 10
+
+
+def stalled(history: list[float], tol: float) -> bool:
+    """True when the fit is exact, or the objective fell by less than tol (relative to its
+    value) per iteration on average over the last STALL_WINDOW iterations."""
+    f = history[-1]
+    if f <= EXACT_F:
+        return True
+    if len(history) <= STALL_WINDOW:
+        return False
+    return history[-1 - STALL_WINDOW] - f <= STALL_WINDOW * tol * f
+
+
 def reconstruct(factors) -> np.ndarray:
     """The (T, S, kh, kw) tensor sum_r a_t[:, r] o a_s[:, r] o a_y[:, r] o a_x[:, r]."""
     a_t, a_s, a_y, a_x = (np.asarray(a, dtype=np.float64) for a in factors)
