@@ -149,12 +149,13 @@ class _Run:
         self.solve_many = solve_many
         self.threads = threads
         self.seed = seed
+        self.unchosen_reason = "no rank chosen"
 
     def build(self, choices: dict[str, select.RankChoice]) -> tuple[ir.Model, list[LayerOutcome]]:
         model = self.original.clone()
         sites = find_conv_sites(model, self.value_shapes)
         for site, planned in zip(sites, self.sites):
-            site.reason = planned.reason
+            site.reason = planned.reason or (None if site.name in choices else self.unchosen_reason)
         solved = {_key(k, c.rank): r for name, c in choices.items()
                   for k, r in zip(_site(sites, name).group_kernels(), c.results)}
         cp_pass = CPConvPass(rank_for=lambda site: choices[site.name].rank if site.name in choices else None,
@@ -185,6 +186,7 @@ class _Run:
         return result["models"][1]["speedup_vs_first"]
 
     def search_speedup(self, target: float):
+        self.unchosen_reason = "kept: the speed-up target was met without decomposing it"
         timing = self.timing()
         choices, model, trace = budget.search_speedup(self.menus(timing), timing, target,
                                                       self.build_model, self.speedup_of)
@@ -193,6 +195,7 @@ class _Run:
     def search_accuracy(self, max_drop: float, eval_data, tune: _Tuner):
         from onnx_cp.measure import evaluate
 
+        self.unchosen_reason = "kept: decomposing it cost more accuracy than it saved time"
         timing = self.timing()
         menus = self.menus(timing)
         full, sample = _datasets(eval_data)

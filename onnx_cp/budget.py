@@ -62,9 +62,14 @@ def candidate_ranks(site: ConvSite) -> list[int]:
 def layer_menus(
     sites: Sequence[ConvSite], solve_many: SolveMany, layer_ms: dict[str, float], threads: int
 ) -> list[LayerMenu]:
-    """Options for each eligible layer with a measured time; one solver batch for all of them."""
-    menus = [LayerMenu(s, [Option(None, 0.0, layer_ms[s.name])]) for s in sites
-             if s.eligible and layer_ms.get(s.name, 0) > 0 and candidate_ranks(s)]
+    """Options for each eligible layer with a measured time; one solver batch for all of them.
+    Layers without options get their reason."""
+    for site in sites:
+        if site.eligible and not candidate_ranks(site):
+            site.reason = f"no grid rank cuts its MACs by {MIN_OPTION_GAIN:g}x"
+        elif site.eligible and layer_ms.get(site.name, 0) <= 0:
+            site.reason = "no measurable time in the model's profile"
+    menus = [LayerMenu(s, [Option(None, 0.0, layer_ms[s.name])]) for s in sites if s.eligible]
     jobs = [(menu, rank, kernel) for menu in menus for rank in candidate_ranks(menu.site)
             for kernel in menu.site.group_kernels()]
     results = solve_many([(kernel, rank) for _, rank, kernel in jobs])
@@ -82,27 +87,41 @@ def layer_menus(
 
 
 def plan_for_time(menus: Sequence[LayerMenu], budget_ms: float, rest_ms: float) -> dict[str, Option] | None:
-    """Greedy: from the original model, take the move that costs the least weighted error per
-    millisecond saved until the predicted time fits `budget_ms`; None if it cannot."""
-    chosen = {m.site.name: m.options[0] for m in menus}
-    total = rest_ms + sum(o.ms for o in chosen.values())
-    while total > budget_ms:
-        best = None
-        for menu in menus:
-            current = chosen[menu.site.name]
-            for option in menu.options:
-                saved = current.ms - option.ms
-                if saved <= 0:
-                    continue
-                cost = menu.weight * (option.error - current.error) / saved
-                if best is None or cost < best[0]:
-                    best = (cost, menu.site.name, option)
-        if best is None:
-            return None
-        _, name, option = best
-        total -= chosen[name].ms - option.ms
-        chosen[name] = option
-    return chosen
+    """The option per layer with the least weighted error whose predicted total time fits
+    `budget_ms` (None if even the fastest options do not): a Lagrangian sweep over the price of a
+    millisecond, then the slack it leaves spent on the largest error reductions."""
+    def pick(price: float) -> dict[str, Option]:
+        return {m.site.name: min(m.options, key=lambda o: (m.weight * o.error + price * o.ms, o.ms))
+                for m in menus}
+
+    def total(plan: dict[str, Option]) -> float:
+        return rest_ms + sum(o.ms for o in plan.values())
+
+    cheap, dear = 1e-9, 1e9  # error units per millisecond
+    if total(pick(dear)) > budget_ms:
+        return None
+    for _ in range(64):
+        price = math.sqrt(cheap * dear)
+        if total(pick(price)) <= budget_ms:
+            dear = price
+        else:
+            cheap = price
+    plan = pick(0.0) if total(pick(0.0)) <= budget_ms else pick(dear)
+    _spend_slack(menus, plan, budget_ms - total(plan))
+    return plan
+
+
+def _spend_slack(menus: Sequence[LayerMenu], plan: dict[str, Option], slack: float) -> None:
+    """Move layers to more accurate (slower) options while the budget allows, best gain first."""
+    while True:
+        moves = [(m.weight * (plan[m.site.name].error - o.error), m.site.name, o)
+                 for m in menus for o in m.options
+                 if o.error < plan[m.site.name].error and o.ms - plan[m.site.name].ms <= slack]
+        if not moves:
+            return
+        _, name, option = max(moves, key=lambda move: move[0])
+        slack -= option.ms - plan[name].ms
+        plan[name] = option
 
 
 def fastest_time(menus: Sequence[LayerMenu], rest_ms: float) -> float:
@@ -135,10 +154,11 @@ def search_speedup(
     if target <= 1:
         raise UsageError(f"--target-speedup must be above 1 (got {target:g})")
     rest = timing.rest_ms(menus)
+    limit = timing.total_ms / fastest_time(menus, rest)
     trace: list[dict] = []
-    goal = target
+    goal = min(target, limit)
     for attempt in range(1, SPEEDUP_ATTEMPTS + 1):
-        plan = plan_for_time(menus, timing.total_ms / goal, rest)
+        plan = plan_for_time(menus, timing.total_ms / goal * (1 + 1e-9), rest)
         if plan is None:
             break
         model = build(to_choices(plan, f"chosen for a measured {target:g}x speed-up"))
@@ -148,9 +168,10 @@ def search_speedup(
                       "ranks": {n: o.rank for n, o in plan.items()}})
         if measured >= target:
             return to_choices(plan, f"chosen for a measured {target:g}x speed-up"), model, trace
-        goal *= target / measured  # the model fell short of its prediction: aim higher
+        if goal >= limit:
+            break  # the fastest options are already measured short
+        goal = min(goal * target / measured, limit)  # the model fell short of its prediction: aim higher
     best = max((t["measured"] for t in trace), default=None)
-    limit = timing.total_ms / fastest_time(menus, rest)
     raise BudgetError(
         f"no ranks reach a {target:g}x speed-up: the fastest options predict {limit:.2f}x"
         + (f", the best measured model reached {best:.2f}x" if best else ""))

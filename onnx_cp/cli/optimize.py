@@ -6,9 +6,14 @@ import argparse
 import os
 from pathlib import Path
 
-from onnx_cp import api, model_io, select, verify
+from onnx_cp import api, config, model_io, select, verify
 from onnx_cp.errors import OnnxCpError, UsageError
 from onnx_cp.measure import write_json, write_report
+
+# Defaults live here rather than in argparse, so that a config file can tell which options the
+# command line left unset (None) and fill them.
+DEFAULTS = {"max_error": select.DEFAULT_MAX_ERROR, "method": "nls", "seed": 0, "external_data": "auto",
+            "threads": 1}
 
 
 def register(subparsers) -> None:
@@ -20,26 +25,34 @@ def register(subparsers) -> None:
     )
     p.add_argument("input", metavar="IN", help="input ONNX model (never modified)")
     p.add_argument("output", metavar="OUT", help="output ONNX model (written atomically)")
-    p.add_argument("--rank", action="append", metavar="N|LAYER=N",
-                   help="CP rank for every layer (N) or one layer (LAYER=N, repeatable); clipped to "
-                   "each layer's FLOP break-even. Default: the data-free policy (see --max-error)")
-    p.add_argument("--max-error", type=float, default=select.DEFAULT_MAX_ERROR, metavar="E",
-                   help="kernel relative error budget of the default rank policy "
-                   f"(default {select.DEFAULT_MAX_ERROR})")
-    p.add_argument("--layers", metavar="REGEX", help="only Conv layers whose name matches")
-    p.add_argument("--exclude", metavar="REGEX", help="leave Conv layers whose name matches")
-    p.add_argument("--method", choices=["nls", "als"], default="nls", help="CP solver (default nls)")
-    p.add_argument("--workers", type=int, metavar="N", help="solver processes (default: CPU count)")
+    ranks = p.add_argument_group("layers and ranks (one of --rank, --target-speedup, --max-accuracy-drop; "
+                                 "default: the data-free --max-error policy)")
+    ranks.add_argument("--rank", action="append", metavar="N|LAYER=N",
+                       help="CP rank for every layer (N) or one layer (LAYER=N, repeatable); clipped to "
+                       "each layer's FLOP break-even")
+    ranks.add_argument("--max-error", type=float, metavar="E", help="kernel relative error budget of the "
+                       f"default rank policy (default {select.DEFAULT_MAX_ERROR})")
+    ranks.add_argument("--target-speedup", type=float, metavar="X", help="choose ranks so that the whole "
+                       "model's measured onnxruntime latency drops X times (exit 3 if impossible)")
+    ranks.add_argument("--max-accuracy-drop", type=float, metavar="P", help="the fastest model whose accuracy "
+                       "on --eval-data/--val (after fine-tuning, with --finetune-data) drops at most P points "
+                       "(agreement with IN without labels); exit 3 and no OUT if none")
+    ranks.add_argument("--layers", metavar="REGEX", help="only Conv layers whose name matches")
+    ranks.add_argument("--exclude", metavar="REGEX", help="leave Conv layers whose name matches")
+    ranks.add_argument("--method", choices=["nls", "als"], help="CP solver (default nls)")
+    ranks.add_argument("--workers", type=int, metavar="N", help="solver processes (default: CPU count)")
     p.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...",
                    help="shape for an input with symbolic dimensions (repeatable)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    p.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
     p.add_argument("--report", metavar="FILE.json", help="write the per-layer report as JSON")
     p.add_argument("--report-dir", metavar="DIR", help="write report.json, report.md and plots")
-    p.add_argument("--external-data", choices=["auto", "yes", "no"], default="auto",
-                   help="weights in OUT.data beside OUT: auto = when the input had external data "
+    p.add_argument("--external-data", choices=["auto", "yes", "no"],
+                   help="weights in OUT.data beside OUT: auto (default) = when the input had external data "
                    "or the model is over 2 GB")
     p.add_argument("--force", action="store_true", help="allow OUT to be the same file as IN")
-    tune = p.add_argument_group("fine-tuning (the paper's second step) and measurement")
+    p.add_argument("--config", metavar="FILE", help="settings from a TOML file (its [tool.onnx-cp] table, or "
+                   "the whole file); default: ./onnx-cp.toml, else [tool.onnx-cp] in ./pyproject.toml")
+    tune = p.add_argument_group("fine-tuning (the paper's second step), quantization and measurement")
     tune.add_argument("--finetune-data", metavar="TRAIN", help="fine-tune the rewritten model on this "
                       "data (.npz with x and optional y, or an image folder)")
     tune.add_argument("--val", metavar="VAL", help="validation data: picks the best epoch, and is where "
@@ -52,13 +65,18 @@ def register(subparsers) -> None:
     tune.add_argument("--batch-size", type=int, help="fine-tuning batch size (default 32)")
     tune.add_argument("--eval-data", metavar="DATA", help="measure top-1/top-5 accuracy (or agreement "
                       "with IN without labels) before decomposition, after it, and after fine-tuning")
+    tune.add_argument("--quantize", choices=["int8"], help="static INT8 quantization (onnxruntime, QDQ) "
+                      "after fine-tuning")
+    tune.add_argument("--calibration-data", metavar="DATA", help="INT8 calibration inputs "
+                      "(default: --finetune-data, else --eval-data)")
     tune.add_argument("--bench", action="store_true", help="measure onnxruntime latency of IN and OUT "
                       "and profile them per layer (implied by --report-dir)")
-    tune.add_argument("--threads", type=int, default=1, help="onnxruntime threads for measurements (default 1)")
-    p.set_defaults(run=run)
+    tune.add_argument("--threads", type=int, help="onnxruntime threads for measurements and searches (default 1)")
+    p.set_defaults(run=run, parser=p)
 
 
 def run(args: argparse.Namespace) -> int:
+    config_source = _apply_config(args)
     source, target = Path(args.input), Path(args.output)
     _check_paths(source, target, args.force)
     request = select.parse_rank_args(args.rank)
@@ -69,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         layers=args.layers,
         exclude=args.exclude,
         max_error=args.max_error,
+        target_speedup=args.target_speedup,
+        max_accuracy_drop=args.max_accuracy_drop,
         method=args.method,
         workers=args.workers,
         input_shapes=verify.parse_input_shapes(args.input_shape),
@@ -79,10 +99,13 @@ def run(args: argparse.Namespace) -> int:
         finetune_options=_finetune_options(args),
         eval_data=args.eval_data,
         measure_latency=args.bench or bool(args.report_dir),
+        quantize=args.quantize,
+        calibration_data=args.calibration_data,
         threads=args.threads,
     )
     report = result.report
     report["output"] = str(target)
+    report["config"] = config_source
     external = {"auto": True if report["had_external_data"] else None, "yes": True, "no": False}
     model_io.save_model(result.model, target, external_data=external[args.external_data])
     if args.report:
@@ -92,6 +115,26 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(format_report(report))
     return 0
+
+
+def _apply_config(args: argparse.Namespace) -> str | None:
+    """Fill the options the command line left unset from the config file, then the defaults."""
+    found = config.find_config(args.config)
+    if found is not None:
+        path, table = found
+        known = {a.dest for a in args.parser._actions}
+        unknown = sorted(k for k in table if k.replace("-", "_") not in known - {"input", "output", "help"})
+        if unknown:
+            raise UsageError(f"{path}: unknown setting(s) {unknown}; use the long options of onnx-cp optimize")
+        from_file = args.parser.parse_args(["IN", "OUT", *config.as_argv(table)])
+        for key in table:
+            dest = key.replace("-", "_")
+            if getattr(args, dest) in (None, False):
+                setattr(args, dest, getattr(from_file, dest))
+    for dest, value in DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
+    return str(found[0]) if found else None
 
 
 def _finetune_options(args: argparse.Namespace) -> dict:
@@ -161,6 +204,19 @@ def format_report(report: dict) -> str:
 
 def _measurement_lines(report: dict) -> list[str]:
     lines = []
+    if report.get("config"):
+        lines.append(f"settings from {report['config']}")
+    search = report.get("search")
+    if isinstance(search, list):  # --target-speedup attempts
+        for step in search:
+            lines.append(f"speed-up search: aimed at {step['aimed_at']:.2f}x, predicted {step['predicted']:.2f}x, "
+                         f"measured {step['measured']:.2f}x")
+    elif search:  # --max-accuracy-drop bisection
+        for step in search["trace"]:
+            lines.append(f"accuracy search: predicted {step['predicted_speedup']:.2f}x -> "
+                         f"accuracy drop {step['accuracy_drop']:.2f} points")
+    if report.get("quantize"):
+        lines.append("quantized to INT8 (onnxruntime static quantization, QDQ, per-channel weights)")
     tuned = report.get("finetune")
     if tuned:
         lines.append(f"fine-tuned for {len(tuned['history']) - 1} epoch(s) in {tuned['seconds']:.0f} s; "

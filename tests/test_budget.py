@@ -1,0 +1,156 @@
+"""Ranks under a budget: the planner, the speed-up search, the accuracy gate (exit 3), INT8."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import model_factory
+from onnx_cp import api, optimize
+from onnx_cp.budget import LayerMenu, Option, Timing, plan_for_time, search_speedup
+from onnx_cp.cli import main
+from onnx_cp.errors import BudgetError
+
+
+class _Site:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def menu(name: str, original_ms: float, *options: tuple[int, float, float]) -> LayerMenu:
+    return LayerMenu(_Site(name), [Option(None, 0.0, original_ms)] + [Option(*o) for o in options])
+
+
+MENUS = [
+    menu("big", 10.0, (16, 0.5, 2.0), (32, 0.3, 4.0), (64, 0.1, 7.0)),
+    menu("small", 2.0, (16, 0.6, 1.0)),
+]
+
+
+@pytest.mark.parametrize("budget", [13.0, 12.0, 9.0, 7.0, 5.0])
+def test_plan_fits_the_budget_with_least_error(budget):
+    plan = plan_for_time(MENUS, budget, rest_ms=2.0)
+    total = 2.0 + sum(o.ms for o in plan.values())
+    assert total <= budget
+    # brute force over all combinations: the plan's error is the least that fits
+    best = min(a.error + b.error for a in MENUS[0].options for b in MENUS[1].options
+               if 2.0 + a.ms + b.ms <= budget)
+    assert sum(o.error for o in plan.values()) == pytest.approx(best)
+
+
+def test_plan_leaves_layers_alone_when_not_needed():
+    plan = plan_for_time(MENUS, 12.0, rest_ms=2.0)
+    assert plan["small"].rank is None  # the small layer does not pay for its error here
+
+
+def test_plan_is_none_when_even_the_fastest_options_do_not_fit():
+    assert plan_for_time(MENUS, 4.0, rest_ms=2.0) is None
+
+
+def test_speedup_search_tightens_until_the_measured_target_is_met():
+    timing = Timing(total_ms=14.0, layer_ms={"big": 10.0, "small": 2.0})
+    measured = iter([1.3, 2.5])  # the first model falls short of its prediction
+    built = []
+
+    def build(choices):
+        built.append({n: c.rank for n, c in choices.items()})
+        return object()
+
+    choices, _, trace = search_speedup(MENUS, timing, 2.0, build, lambda model: next(measured))
+    assert len(trace) == 2 and trace[1]["aimed_at"] > trace[0]["aimed_at"]
+    assert trace[-1]["measured"] >= 2.0
+    assert built[-1] == {n: c.rank for n, c in choices.items()}
+
+
+def test_speedup_search_raises_budget_error_when_out_of_reach():
+    timing = Timing(total_ms=14.0, layer_ms={"big": 10.0, "small": 2.0})
+    with pytest.raises(BudgetError, match="no ranks reach"):
+        search_speedup(MENUS, timing, 10.0, lambda c: object(), lambda m: 1.0)
+
+
+def big_conv_model() -> onnx.ModelProto:
+    """A model dominated by a 9x9 conv (CP pays) with a small 3x3 conv (it does not)."""
+    proto = model_factory.tiny_cnn(channels=16)
+    return proto
+
+
+def labelled_by_model(proto: onnx.ModelProto, n: int = 96, seed: int = 0):
+    """Inputs labelled by the model itself: its accuracy is 100%, so drops are well defined."""
+    x = np.random.default_rng(seed).standard_normal((n, 3, 16, 16)).astype(np.float32)
+    logits, = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    return x, logits.argmax(1).astype(np.int64)
+
+
+def test_target_speedup_end_to_end_meets_its_own_measurement(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
+    result = optimize(model_factory.tiny_cnn(), target_speedup=1.2)
+    attempts = result.report["search"]
+    assert attempts[-1]["measured"] >= 1.2  # the search only returns models it measured fast enough
+    assert result.report["totals"]["decomposed"] >= 1
+    assert (tmp_path / "cache" / "layer_latency.json").is_file()  # per-layer costs are cached
+
+
+def test_max_accuracy_drop_stays_within_budget(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
+    proto = model_factory.tiny_cnn()
+    x, y = labelled_by_model(proto)
+    np.savez(tmp_path / "val.npz", x=x, y=y)
+    result = optimize(proto, max_accuracy_drop=20.0, eval_data=str(tmp_path / "val.npz"))
+    accuracy = result.report["accuracy"]
+    assert accuracy["original"]["top1"] == 1.0
+    best = [t for t in result.report["search"]["trace"] if t["accuracy_drop"] <= 20.0]
+    assert best, result.report["search"]
+    assert 100 * (1 - accuracy["decomposed"]["top1"]) <= 20.0 + 1e-9
+
+
+def zero_solver(*args, **kwargs):
+    """A solver that returns useless factors, so every decomposed model is wrong."""
+    return lambda jobs: [api._Solved([np.zeros((n, r)) for n in k.shape], 1.0) for k, r in jobs]
+
+
+def test_gate_exit_code_3_and_no_output(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(api, "_solver", zero_solver)
+    proto = model_factory.tiny_cnn()
+    x, y = labelled_by_model(proto)
+    np.savez(tmp_path / "val.npz", x=x, y=y)
+    onnx.save(proto, tmp_path / "in.onnx")
+    code = main(["optimize", str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"),
+                 "--max-accuracy-drop", "1", "--eval-data", str(tmp_path / "val.npz")])
+    assert code == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no decomposed model stays within 1 points" in err[0]
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_accuracy_budget_needs_data(tmp_path, capsys):
+    onnx.save(model_factory.tiny_cnn(), tmp_path / "in.onnx")
+    assert main(["optimize", str(tmp_path / "in.onnx"), str(tmp_path / "o.onnx"), "--max-accuracy-drop", "1"]) == 2
+    assert "needs data" in capsys.readouterr().err
+
+
+def test_budgets_are_exclusive(tmp_path, capsys):
+    onnx.save(model_factory.tiny_cnn(), tmp_path / "in.onnx")
+    assert main(["optimize", str(tmp_path / "in.onnx"), str(tmp_path / "o.onnx"), "--rank", "4",
+                 "--target-speedup", "2"]) == 2
+    assert "one of" in capsys.readouterr().err
+
+
+def test_int8_after_cp(tmp_path):
+    proto = model_factory.tiny_cnn()
+    x, y = labelled_by_model(proto, n=64)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    onnx.save(proto, tmp_path / "in.onnx")
+    assert main(["optimize", str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"), "--rank", "8",
+                 "--quantize", "int8", "--eval-data", str(tmp_path / "data.npz"),
+                 "--report", str(tmp_path / "r.json"), "-q"]) == 0
+    out = onnx.load(tmp_path / "out.onnx")
+    ops = {n.op_type for n in out.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    import json
+
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report["accuracy"]) == {"original", "decomposed", "finetuned+int8"}
+    assert report["accuracy"]["finetuned+int8"]["n"] == 64
