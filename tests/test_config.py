@@ -41,7 +41,8 @@ def test_command_line_wins_over_the_file(workdir):
 
 
 def test_pyproject_table_and_per_layer_ranks(workdir):
-    (workdir / "pyproject.toml").write_text('[project]\nname = "x"\n\n[tool.onnx-cp]\nrank = { conv1 = 3, conv2 = 5 }\n')
+    table = '[project]\nname = "x"\n\n[tool.onnx-cp]\nrank = { conv1 = 3, conv2 = 5 }\n'
+    (workdir / "pyproject.toml").write_text(table)
     assert optimize() == 0
     assert ranks_written(workdir) == {"conv1": 3, "conv2": 5}
 
