@@ -222,3 +222,12 @@ def test_reconstruct_is_the_cp_sum():
     factors = [rng.standard_normal((n, 4)) for n in (5, 3, 2, 4)]
     expected = np.einsum("tr,sr,yr,xr->tsyx", *factors)
     np.testing.assert_allclose(reconstruct(factors), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_restarts_keep_the_best_start():
+    kernel = structured_kernel(seed=16)
+    one = decompose(kernel, 6, max_iter=30)
+    three = decompose(kernel, 6, max_iter=30, restarts=3)
+    assert three.rel_error <= one.rel_error
+    with pytest.raises(UsageError, match="restarts"):
+        decompose(kernel, 6, restarts=0)

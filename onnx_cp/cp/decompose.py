@@ -65,7 +65,7 @@ def decompose(kernel: np.ndarray, rank: int, *, method: str = "nls", init="auto"
               time_limit: float | None = None, bound: float | None = None,
               ridge: float = DEFAULT_RIDGE, als_warm_start: int = DEFAULT_ALS_WARM_START,
               tol_step: float = DEFAULT_TOL_STEP, threads: int | None = 1,
-              callback: Callable[[int, float], None] | None = None) -> CPResult:
+              callback: Callable[[int, float], None] | None = None, restarts: int = 1) -> CPResult:
     """Rank-`rank` CP decomposition of a (T, S, kh, kw) kernel, K ~ sum_r t_r o s_r o y_r o x_r.
 
     method: "nls" (Levenberg-Marquardt Gauss-Newton started by `als_warm_start` ALS sweeps) or "als".
@@ -81,11 +81,31 @@ def decompose(kernel: np.ndarray, rank: int, *, method: str = "nls", init="auto"
     ridge: penalty 0.5 * ridge * sum ||A_n||^2 on the factors of K / ||K|| (keeps terms bounded).
     callback: called as callback(iteration, objective) at the start (0) and after every ALS sweep
         and accepted NLS step.
+    restarts: number of starting points to solve from, keeping the lowest error: the first is
+        `init`, then "hosvd", then random starts with seeds seed+1, seed+2, ... (low ranks have
+        several local minima of similar error; each start costs a full solve).
     threads: OpenBLAS threads while solving (1 is fastest for these small GEMMs; None: unchanged).
     """
+    if isinstance(restarts, bool) or not isinstance(restarts, (int, np.integer)) or restarts < 1:
+        raise UsageError(f"CP restarts must be an integer >= 1, got {restarts!r}")
+    check_args(kernel, rank, method, bound, ridge, time_limit, max_iter, tol)
+    starts = [(init, seed), ("hosvd", seed)] + [("random", seed + k) for k in range(1, restarts)]
+    best = None
+    began = time.perf_counter()
     with blas_threads(threads):
-        return _decompose(kernel, rank, method, init, max_iter, tol, seed, time_limit, bound, ridge,
-                          als_warm_start, tol_step, callback)
+        for start_init, start_seed in starts[:restarts]:
+            left = None if time_limit is None else time_limit - (time.perf_counter() - began)
+            if best is not None and left is not None and left <= 0:
+                break
+            res = _decompose(kernel, rank, method, start_init, max_iter, tol, start_seed,
+                             max(left, 1e-9) if left is not None else None, bound, ridge,
+                             als_warm_start, tol_step, callback)
+            if best is None or res.rel_error < best.rel_error:
+                best = res
+            if best.rel_error == 0.0:
+                break
+    best.seconds = time.perf_counter() - began
+    return best
 
 
 class _History(list):

@@ -38,6 +38,17 @@ def svd_init(kernel: np.ndarray, rank: int) -> list[np.ndarray]:
     return [np.ascontiguousarray(a) for a in factors]
 
 
+def hosvd_init(kernel: np.ndarray, rank: int) -> list[np.ndarray]:
+    """Leading singular vectors of each unfolding; a mode smaller than R repeats its vectors
+    (cyclically) instead of adding random columns. The first ALS sweep then fits the repeated
+    spatial columns to the data, since the T and S columns are orthonormal."""
+    out = []
+    for n, size in enumerate(kernel.shape):
+        u = leading_vectors(np.moveaxis(kernel, n, 0).reshape(size, -1), min(size, rank))
+        out.append(np.ascontiguousarray(u[:, np.arange(rank) % u.shape[1]]))
+    return out
+
+
 def random_init(shape: tuple[int, ...], rank: int, seed: int) -> list[np.ndarray]:
     """Gaussian factors scaled so the model's norm is about that of a unit-norm kernel."""
     rng = np.random.default_rng(seed)
@@ -46,13 +57,15 @@ def random_init(shape: tuple[int, ...], rank: int, seed: int) -> list[np.ndarray
 
 
 def initial_factors(kernel: np.ndarray, rank: int, init, seed: int) -> list[np.ndarray]:
-    """Factors for a unit-norm kernel from init = "auto" | "svd" | "random" | four arrays."""
+    """Factors for a unit-norm kernel from init = "auto" | "svd" | "hosvd" | "random" | arrays."""
     if isinstance(init, str):
         if init in ("auto", "svd"):
             return svd_init(kernel, rank)
+        if init == "hosvd":
+            return hosvd_init(kernel, rank)
         if init == "random":
             return random_init(kernel.shape, rank, seed)
-        raise UsageError(f"unknown CP init {init!r} (use 'auto', 'svd', 'random' or four arrays)")
+        raise UsageError(f"unknown CP init {init!r} (use 'auto', 'svd', 'hosvd', 'random' or four arrays)")
     if not isinstance(init, Sequence) or len(init) != 4:
         raise UsageError("CP init must be 'auto', 'svd', 'random' or a list of four factor arrays")
     factors = [np.array(a, dtype=np.float64) for a in init]
