@@ -231,3 +231,11 @@ def test_restarts_keep_the_best_start():
     assert three.rel_error <= one.rel_error
     with pytest.raises(UsageError, match="restarts"):
         decompose(kernel, 6, restarts=0)
+
+
+@pytest.mark.parametrize("init", ["svd", "hosvd", "random"])
+def test_every_init_handles_rank_above_every_mode(init):
+    kernel = structured_kernel(5, 4, 3, 2, seed=17)
+    res = decompose(kernel, 24, init=init, max_iter=30)
+    assert all(np.all(np.isfinite(a)) for a in res.factors)
+    assert res.rel_error < 0.05  # 24 terms are plenty for a 5x4x3x2 tensor

@@ -89,7 +89,11 @@ def decompose(kernel: np.ndarray, rank: int, *, method: str = "nls", init="auto"
     if isinstance(restarts, bool) or not isinstance(restarts, (int, np.integer)) or restarts < 1:
         raise UsageError(f"CP restarts must be an integer >= 1, got {restarts!r}")
     check_args(kernel, rank, method, bound, ridge, time_limit, max_iter, tol)
-    starts = [(init, seed), ("hosvd", seed)] + [("random", seed + k) for k in range(1, restarts)]
+    if isinstance(als_warm_start, bool) or not isinstance(als_warm_start, (int, np.integer)) \
+            or als_warm_start < 0:
+        raise UsageError(f"CP als_warm_start must be an integer >= 0, got {als_warm_start!r}")
+    second = "svd" if isinstance(init, str) and init == "hosvd" else "hosvd"
+    starts = [(init, seed), (second, seed)] + [("random", seed + k) for k in range(1, restarts)]
     best = None
     began = time.perf_counter()
     with blas_threads(threads):
