@@ -122,7 +122,13 @@ def main() -> int:
     ap.add_argument("--threads", default="1")
     ap.add_argument("--only", default=None, help="comma-separated labels to run")
     ap.add_argument("--no-als", action="store_true", help="skip onnx-cp's own ALS column")
+    ap.add_argument("--merge", nargs="+", default=None,
+                    help="only combine earlier .json results (e.g. runs with --only) into --out")
     args = ap.parse_args()
+    if args.merge:
+        runs = [json.loads(Path(p).read_text()) for p in args.merge]
+        write(Path(args.out), [r for run in runs for r in run["rows"]], runs[0]["meta"])
+        return 0
 
     found = find_kernels(Path(args.models))
     rows = []
@@ -157,34 +163,39 @@ def main() -> int:
         meta["tensorly"] = tensorly.__version__
     except ImportError:
         pass
-    out = Path(args.out)
+    write(Path(args.out), rows, meta)
+    return 0
+
+
+def write(out: Path, rows: list[dict], meta: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     out.with_suffix(".md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))
-    return 0
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
-        "| kernel (T x S x kh x kw) | source | rank | tensorly error | tensorly s | onnx-cp NLS error"
-        " | onnx-cp NLS s | speed-up | NLS max term | onnx-cp ALS error | onnx-cp ALS s |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| kernel | shape | rank | tensorly error | tensorly s | onnx-cp NLS error | onnx-cp NLS s"
+        " | speed-up | error ratio | max term tensorly / NLS | onnx-cp ALS error | onnx-cp ALS s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         t, o = r["tensorly"], r["ours"]
         a = r.get("ours_als", {})
         lines.append(
-            f"| {r['kernel']} ({'x'.join(map(str, r['shape']))}) | {r['source']} | {r['rank']} "
-            f"| {t['rel_error']:.4f} | {t['seconds']:.1f} | **{o['rel_error']:.4f}** | {o['seconds']:.2f} "
-            f"| {r['time_ratio']:.0f}x | {o['max_component_norm']:.2f} "
+            f"| {r['source']} | {'x'.join(map(str, r['shape']))} | {r['rank']} "
+            f"| {t['rel_error']:.4f} | {t['seconds']:.1f} | {o['rel_error']:.4f} | {o['seconds']:.2f} "
+            f"| {r['time_ratio']:.1f}x | {r['error_ratio']:.4f} "
+            f"| {t['max_component_norm']:.2f} / {o['max_component_norm']:.2f} "
             f"| {a.get('rel_error', float('nan')):.4f} | {a.get('seconds', float('nan')):.2f} |")
     lines.append("")
     lines.append(
         f"Relative error ||K - K_hat|| / ||K||, wall seconds, one process, {meta['threads']} BLAS "
         f"thread(s), float64, {meta['date']}, {meta.get('cpus')} CPUs shared with other work. "
         "tensorly: parafac(init='svd', n_iter_max=500, tol=1e-8). onnx-cp: decompose() defaults "
-        "(NLS: 25 ALS sweeps, then Levenberg-Marquardt). 'max term': largest rank-one term norm / ||K||.")
+        "(NLS: 25 ALS sweeps, then Levenberg-Marquardt). speed-up: tensorly s / NLS s; error ratio: "
+        "NLS error / tensorly error. 'max term': largest rank-one term norm / ||K||.")
     return "\n".join(lines) + "\n"
 
 
