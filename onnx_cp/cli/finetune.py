@@ -33,6 +33,9 @@ def register(subparsers) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay (default 0)")
     p.add_argument("--schedule", choices=["cosine", "step", "constant"], default="cosine",
                    help="learning-rate schedule (default cosine; step = /10 at 50%% and 75%%)")
+    p.add_argument("--clip-grad-norm", type=float, default=1.0, metavar="G",
+                   help="scale gradients down to global norm G when above it; 0 = never "
+                   "(default 1: CP chains multiply four factors and can blow up)")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="distillation temperature (default 1)")
     p.add_argument("--distill", choices=["auto", "kl", "mse"], default="auto",
@@ -83,7 +86,7 @@ def _run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, seed=args.seed, freeze_bn=not args.unfreeze_bn,
         checkpoint=args.checkpoint, resume=args.resume, momentum=args.momentum,
         weight_decay=args.weight_decay, schedule=args.schedule, temperature=args.temperature,
-        distill=args.distill, keep=args.keep,
+        distill=args.distill, keep=args.keep, clip_grad_norm=args.clip_grad_norm or None,
     )
     if result.model is None:
         return 0  # a torchrun worker other than rank 0: rank 0 writes

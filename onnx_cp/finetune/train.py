@@ -76,6 +76,7 @@ def finetune(
     temperature: float = 1.0,
     distill: str = "auto",
     keep: str = "best",
+    clip_grad_norm: float | None = 1.0,
     input_shapes: dict[str, list[int]] | None = None,
 ) -> FinetuneResult:
     """Fine-tune `model` on `train` and return it with the trained weights written back.
@@ -88,6 +89,8 @@ def finetune(
     anything else) or "auto" (kl for 2-D outputs, mse otherwise).
     epochs / steps: training length (steps wins if both are given; default 5 epochs).
     keep: "best" (best validation epoch, when validation data is given) or "last".
+    clip_grad_norm: scale gradients down to this global norm when above it (a guard against the
+    blow-ups of multiplicative CP chains at high learning rates).
     freeze_bn: BatchNorm running statistics stay as they are (the default: fine-tuning batches are
     small and often unlabelled); its scale and shift are trained either way.
     """
@@ -106,6 +109,7 @@ def finetune(
             module=module, world=world, lr=lr, momentum=momentum, weight_decay=weight_decay,
             schedule=schedule, batch_size=batch_size, seed=seed, temperature=temperature,
             distill=_distill_kind(distill, data.teacher_train), has_teacher=teacher is not None,
+            clip_grad_norm=clip_grad_norm,
         )
         steps_per_epoch = max(1, math.ceil(len(data.train_idx) / batch_size))
         total_steps = steps if steps else (epochs or DEFAULT_EPOCHS) * steps_per_epoch
@@ -141,7 +145,8 @@ def finetune(
 class _Trainer:
     def __init__(self, *, module: OnnxModule, world: distributed.World, lr: float,
                  momentum: float, weight_decay: float, schedule: str, batch_size: int, seed: int,
-                 temperature: float, distill: str, has_teacher: bool):
+                 temperature: float, distill: str, has_teacher: bool,
+                 clip_grad_norm: float | None = None):
         self.module = module
         self.world = world
         self.model = distributed.wrap(module, world)
@@ -151,6 +156,7 @@ class _Trainer:
         self.distill = distill
         self.has_teacher = has_teacher
         self.schedule = schedule
+        self.clip_grad_norm = clip_grad_norm
         params = list(module.params.values())
         if not params:
             raise OnnxCpError("the model has no float weights to fine-tune")
@@ -208,6 +214,8 @@ class _Trainer:
                                   f"{self.step + 1}: lower the learning rate (--lr)")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.optimizer.params, self.clip_grad_norm)
             self.optimizer.step(self._lr_factor(self.step))
             self.step += 1
             total += float(loss.item()) * len(rows)
