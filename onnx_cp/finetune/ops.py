@@ -108,12 +108,33 @@ def conv(node, inputs, ctx):
     dilations = list(node.attrs.get("dilations", [1] * nsp))
     group = node.attrs.get("group", 1)
     pads = _spatial_pads(node, x, kernel, strides, dilations)
+    if group == 1 and not any(pads) and list(x.shape[2:]) == list(w.shape[2:]):
+        # The kernel covers the whole input (a classifier head such as charnet's conv3): a
+        # matrix product, whose backward pass is many times faster than the convolution's.
+        y = x.flatten(1) @ w.flatten(1).t()
+        if b is not None:
+            y = y + b
+        return y.reshape(list(y.shape) + [1] * nsp)
     if _symmetric(pads):
         padding = pads[:nsp]
     else:  # torch convs only pad symmetrically: pad explicitly first
         x = F.pad(x, _torch_pad_order(pads))
         padding = [0] * nsp
+    if nsp == 2 and group == 1 and w.shape[1] == 1:
+        return _single_channel_conv2d(x, w, b, strides, padding, dilations)
     return _conv_fn(nsp)(x, w, b, strides, padding, dilations, group)
+
+
+def _single_channel_conv2d(x, w, b, strides, padding, dilations):
+    """A conv over a one-channel input (a grayscale network's first layer) as unfold + matrix
+    product: same numbers, and a backward pass several times faster than torch's CPU conv."""
+    n, _, h, wd = x.shape
+    t, _, kh, kw = w.shape
+    cols = F.unfold(x, (kh, kw), dilation=dilations, padding=padding, stride=strides)
+    oh = (h + 2 * padding[0] - dilations[0] * (kh - 1) - 1) // strides[0] + 1
+    ow = (wd + 2 * padding[1] - dilations[1] * (kw - 1) - 1) // strides[1] + 1
+    y = (w.reshape(t, -1) @ cols).reshape(n, t, oh, ow)
+    return y if b is None else y + b.reshape(1, -1, 1, 1)
 
 
 @op("ConvTranspose")
