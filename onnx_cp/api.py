@@ -17,6 +17,7 @@ from onnx_cp.errors import UsageError
 from onnx_cp.rewrite import ConvSite, CPConvPass, LayerOutcome, find_conv_sites, reconstruct, select_sites
 
 SENSITIVITY_SAMPLES = 512
+QUICK_ALS_SWEEPS = 20  # ~0.02-0.04 above the converged error: enough to screen and search ranks
 
 
 @dataclass
@@ -256,11 +257,16 @@ def _datasets(data) -> tuple[object, object]:
 def _solver(decomposer, method: str, workers: int | None, seed: int) -> select.SolveMany:
     """A batched solver: the user's decomposer in a loop, or onnx_cp.cp in worker processes."""
     if decomposer is not None:
-        return lambda jobs: [_normalise(decomposer(k, r), k) for k, r in jobs]
+        return lambda jobs, quick=False: [_normalise(decomposer(k, r), k) for k, r in jobs]
     from onnx_cp.cp import decompose_many
 
-    def solve_many(jobs: Sequence[tuple[np.ndarray, int]]) -> list:
-        return decompose_many(list(jobs), workers=workers, method=method, seed=seed) if jobs else []
+    def solve_many(jobs: Sequence[tuple[np.ndarray, int]], quick: bool = False) -> list:
+        if not jobs:
+            return []
+        if quick:
+            return decompose_many(list(jobs), workers=workers, method="als", max_iter=QUICK_ALS_SWEEPS, seed=seed,
+                                  desc="estimating")
+        return decompose_many(list(jobs), workers=workers, method=method, seed=seed)
 
     return solve_many
 

@@ -23,7 +23,10 @@ DEFAULT_MAX_ERROR = 0.15
 # have overheads that FLOPs do not show.
 MIN_AUTO_FLOP_GAIN = 2.0
 
-SolveMany = Callable[[Sequence[tuple]], Sequence[object]]  # [(kernel, rank)] -> [result]
+# solve_many([(kernel, rank), ...], quick=False) -> [result with .factors and .rel_error]; quick
+# asks for a cheap estimate (a few ALS sweeps), used to screen and search before the full solve.
+SolveMany = Callable[..., Sequence[object]]
+SCREEN_MARGIN = 0.05  # how much better than a quick estimate a full solve may do
 
 
 @dataclass
@@ -115,43 +118,69 @@ def _solve_fixed(sites, fixed: Mapping[str, int], solve_many: SolveMany, notes) 
 
 
 def _search_automatic(sites: Sequence[ConvSite], max_error: float, solve_many: SolveMany) -> dict[str, RankChoice]:
-    """Bisection over each layer's candidate ranks, all layers in lockstep so that every round
-    is one parallel batch of decompositions."""
+    """Per layer, the smallest candidate rank whose kernel error meets the budget.
+
+    Cheap first: a few ALS sweeps ("quick") at the top candidate screen out layers no rank can
+    serve (3x3 kernels usually), a quick bisection finds the rank, and only the chosen rank is
+    solved in full (stepping up when the full solve misses the budget). Layers go in lockstep,
+    so that every round is one parallel batch."""
     candidates = {s.name: _auto_candidates(s) for s in sites}
+    by_name = {s.name: s for s in sites}
     for site in sites:
         if not candidates[site.name]:
             site.reason = f"no rank gives at least {MIN_AUTO_FLOP_GAIN:g}x fewer MACs"
-    bounds = {name: [0, len(c) - 1] for name, c in candidates.items() if c}
+    top = {n: len(c) - 1 for n, c in candidates.items() if c}
+    screened = _errors(by_name, candidates, top, solve_many, quick=True)
+    for name, (error, _) in screened.items():
+        if error > max_error + SCREEN_MARGIN:
+            by_name[name].reason = (f"kernel error about {error:.2f} at rank {candidates[name][-1]}, the largest "
+                                    f"rank that halves its MACs, exceeds the budget {max_error:g}")
+    chosen = _quick_bisection(by_name, candidates, {n: i for n, i in top.items() if by_name[n].eligible},
+                              max_error, solve_many)
     best: dict[str, RankChoice] = {}
-    errors: dict[str, float] = {}
-    by_name = {s.name: s for s in sites}
+    while chosen:
+        full = _errors(by_name, candidates, chosen, solve_many, quick=False)
+        retry = {}
+        for name, (error, results) in full.items():
+            if error <= max_error:
+                best[name] = RankChoice(candidates[name][chosen[name]], results,
+                                        f"smallest grid rank with kernel error <= {max_error:g}")
+            elif chosen[name] + 1 < len(candidates[name]):
+                retry[name] = chosen[name] + 1
+            else:
+                by_name[name].reason = (f"kernel error {error:.3f} at rank {candidates[name][-1]}, the largest "
+                                        f"rank that halves its MACs, exceeds the budget {max_error:g}")
+        chosen = retry
+    return best
+
+
+def _quick_bisection(by_name, candidates, tops: dict[str, int], max_error: float, solve_many) -> dict[str, int]:
+    """Smallest candidate index whose quick error meets the budget (the top when none does)."""
+    chosen = dict(tops)
+    bounds = {name: [0, top - 1] for name, top in tops.items() if top > 0}
     while bounds:
         probes = {name: (lo + hi) // 2 for name, (lo, hi) in bounds.items()}
-        jobs = [(name, kernel) for name in probes for kernel in by_name[name].group_kernels()]
-        results = solve_many([(k, candidates[name][probes[name]]) for name, k in jobs])
-        per_layer: dict[str, list] = {}
-        for (name, _), result in zip(jobs, results):
-            per_layer.setdefault(name, []).append(result)
-        for name, group_results in per_layer.items():
-            rank = candidates[name][probes[name]]
-            error = combined_error(by_name[name], group_results)
+        for name, (error, _) in _errors(by_name, candidates, probes, solve_many, quick=True).items():
             lo, hi = bounds[name]
             if error <= max_error:
-                best[name] = RankChoice(rank, group_results, f"smallest grid rank with kernel error <= {max_error:g}")
-                hi = probes[name] - 1
+                chosen[name], hi = probes[name], probes[name] - 1
             else:
-                errors[name] = error
                 lo = probes[name] + 1
             if lo > hi:
                 del bounds[name]
             else:
                 bounds[name] = [lo, hi]
-    for site in sites:
-        if candidates[site.name] and site.name not in best:
-            top = candidates[site.name][-1]
-            site.reason = (f"kernel error {errors[site.name]:.3f} at rank {top}, the largest rank "
-                           f"that halves its MACs, exceeds the budget {max_error:g}")
-    return best
+    return chosen
+
+
+def _errors(by_name, candidates, index: dict[str, int], solve_many, quick: bool) -> dict[str, tuple[float, list]]:
+    """Kernel error and per-group results of each named layer at its candidate rank `index`."""
+    jobs = [(name, kernel) for name in index for kernel in by_name[name].group_kernels()]
+    results = solve_many([(k, candidates[name][index[name]]) for name, k in jobs], quick=quick)
+    per_layer: dict[str, list] = {}
+    for (name, _), result in zip(jobs, results):
+        per_layer.setdefault(name, []).append(result)
+    return {name: (combined_error(by_name[name], r), r) for name, r in per_layer.items()}
 
 
 def _auto_candidates(site: ConvSite) -> list[int]:
