@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -174,11 +176,14 @@ def test_default_ridge_keeps_terms_small_where_unregularised_grows():
     b = [rng.standard_normal(n) for n in (6, 5, 3, 3)]
     kernel = sum(np.einsum("t,s,y,x->tsyx", *[b[k] if k == j else a[k] for k in range(4)])
                  for j in range(4))
-    free = decompose(kernel, 2, ridge=0.0, max_iter=300, tol=0)
+    free = decompose(kernel, 2, ridge=0.0, bound=math.inf, max_iter=300, tol=0)
     default = decompose(kernel, 2)
     assert free.max_component_norm > 20  # and still growing: no minimiser exists
     assert default.max_component_norm < 5
     assert default.converged and default.rel_error < 0.01
+    # Even without the ridge, the default soft bound (20 * ||K||) reins the terms in.
+    soft = decompose(kernel, 2, ridge=0.0, max_iter=300, tol=0)
+    assert soft.max_component_norm <= 20
 
 
 def test_time_limit_stops_early():
