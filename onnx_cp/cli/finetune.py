@@ -26,7 +26,8 @@ def register(subparsers) -> None:
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, metavar="E", help="passes over the data (default 5)")
     length.add_argument("--steps", type=int, metavar="K", help="optimizer steps instead of epochs")
-    p.add_argument("--lr", type=float, default=0.01, help="peak learning rate (default 0.01)")
+    p.add_argument("--lr", type=float, default=0.001,
+                   help="peak learning rate (default 0.001: a trained network needs small steps)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="samples per step (per process under torchrun; default 32)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")

@@ -64,7 +64,7 @@ def finetune(
     teacher: model_io.ModelLike | None = None,
     epochs: int | None = None,
     steps: int | None = None,
-    lr: float = 0.01,
+    lr: float = 0.001,
     batch_size: int = 32,
     seed: int = 0,
     freeze_bn: bool = True,
