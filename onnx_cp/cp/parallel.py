@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import warnings
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
-from onnx_cp.cp.decompose import decompose
+from onnx_cp.cp.decompose import check_args, decompose
 from onnx_cp.cp.result import CPResult
 from onnx_cp.errors import UsageError
 from onnx_cp.progress import bar
@@ -42,6 +44,20 @@ def _blas_threads(n: int) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _run_pool(jobs, options, workers, results, progress) -> None:
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    # spawn, not fork: the caller may hold torch / onnxruntime threads that fork would copy.
+    context = multiprocessing.get_context("spawn")
+    with _blas_threads(threads), ProcessPoolExecutor(workers, mp_context=context) as pool:
+        # Largest jobs first so the pool does not end waiting on one big job.
+        order = sorted(range(len(jobs)), key=lambda i: -np.asarray(jobs[i][0]).size * int(jobs[i][1]))
+        futures = {pool.submit(_run_job, np.asarray(jobs[i][0]), int(jobs[i][1]), options): i
+                   for i in order}
+        for fut in as_completed(futures):
+            results[futures[fut]] = fut.result()
+            progress.update(1)
 
 
 def decompose_many(jobs: Sequence[tuple[np.ndarray, int]], *, workers: int | None = None,
@@ -74,23 +90,22 @@ def decompose_many(jobs: Sequence[tuple[np.ndarray, int]], *, workers: int | Non
                 progress.update(1)
             return results
         # Validate up front so a user error surfaces as one line, not a worker traceback.
-        from onnx_cp.cp.decompose import check_args
         for kernel, rank in jobs:
             check_args(kernel, rank, method, options.get("bound"), options.get("ridge", 0.0),
                        options.get("time_limit"), options.get("max_iter"), options.get("tol", 0.0))
         results: list[CPResult | None] = [None] * len(jobs)
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        # spawn, not fork: the caller may hold torch / onnxruntime threads that fork would copy.
-        context = multiprocessing.get_context("spawn")
-        with _blas_threads(threads), ProcessPoolExecutor(workers, mp_context=context) as pool:
-            # Largest kernels first so the pool does not end waiting on one big job.
-            order = sorted(range(len(jobs)), key=lambda i: -np.asarray(jobs[i][0]).size * jobs[i][1])
-            futures = {pool.submit(_run_job, np.asarray(jobs[i][0]), int(jobs[i][1]), options): i
-                       for i in order}
-            from concurrent.futures import as_completed
-            for fut in as_completed(futures):
-                results[futures[fut]] = fut.result()
-                progress.update(1)
+        try:
+            _run_pool(jobs, options, workers, results, progress)
+        except BrokenProcessPool:
+            # spawn re-imports the caller's __main__; from stdin, or a script whose top level is not
+            # guarded by `if __name__ == "__main__":`, the workers die. Finish in this process.
+            warnings.warn("onnx_cp.cp: worker processes failed to start; decomposing in this process "
+                          "(guard your script's top level with `if __name__ == \"__main__\":`)",
+                          RuntimeWarning, stacklevel=2)
+            for i, (kernel, rank) in enumerate(jobs):
+                if results[i] is None:
+                    results[i] = _run_job(kernel, rank, options)
+                    progress.update(1)
         return results  # type: ignore[return-value]
     finally:
         progress.close()
