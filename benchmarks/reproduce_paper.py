@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--train-n", type=int, default=40_000)
     parser.add_argument("--val-n", type=int, default=4_000)
     parser.add_argument("--test-n", type=int, default=10_000)
-    parser.add_argument("--epochs", type=float, default=1)
+    parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--runs", type=int, default=300, help="latency runs per model")
     parser.add_argument("--cache", default="/tmp/onnx-cp-paper", help="generated data (not committed)")
