@@ -250,6 +250,15 @@ CASES = {
     "spacetodepth": ("SpaceToDepth", {"blocksize": 2}, (2, 4, 4), {}),
 }
 
+for _unary in ("Sin", "Cos", "Sign", "Round", "Softsign", "Floor", "Ceil", "Neg", "Abs"):
+    CASES[_unary.lower()] = (_unary, {}, (4, 5), {})
+CASES["mish"] = ("Mish", {}, (4, 5), {})
+CASES["exp_log"] = ("Exp", {}, (4, 5), {})
+for _reduce in ("ReduceL2", "ReduceProd", "ReduceSumSquare", "ReduceMin"):
+    CASES[_reduce.lower()] = (_reduce, {"keepdims": 0}, (4, 5), {"axes": _i64(-1)})
+CASES["einsum"] = ("Einsum", {"equation": "bij,jk->bik"}, (4, 5), {"k": _rand(5, 3)})
+CASES["mod_fmod"] = ("Mod", {"fmod": 1}, (4, 5), {"d": _f32(0.7, 1.3, 0.9, 2.0, 0.5)})
+
 RESIZE_MODES = ["asymmetric", "half_pixel", "align_corners", "pytorch_half_pixel", "half_pixel_symmetric"]
 for _coord in RESIZE_MODES:
     for _mode in ("nearest", "linear"):
