@@ -313,12 +313,7 @@ def _inferred_shapes(model: ir.Model, input_shapes: dict[str, list[int]]) -> dic
     if model_io.has_external_data(model):
         return {}
     proto = ir.to_proto(model)
-    for value in proto.graph.input:
-        if value.name in input_shapes:
-            dims = value.type.tensor_type.shape.dim
-            del dims[:]
-            for d in input_shapes[value.name]:
-                dims.add().dim_value = d
+    verify.set_input_shapes(proto, input_shapes)
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception:  # noqa: BLE001 - shapes are a nicety for the report

@@ -89,13 +89,7 @@ def save_model(
     too large for a single protobuf.
     """
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OnnxCpError(f"{path}: output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise OnnxCpError(f"{path}: output folder {folder} is not writable")
-    if path.is_dir():
-        raise OnnxCpError(f"{path}: is a folder")
+    folder = check_output_path(path)
     if external_data is None:
         external_data = has_external_data(model) or initializer_bytes(model) > PROTOBUF_SAFE_BYTES
     data_name = path.name + ".data" if external_data else None
@@ -116,6 +110,18 @@ def save_model(
         return written
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_output_path(path: Path) -> Path:
+    """Fail early, before any long work, on an output that cannot be written; return its folder."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OnnxCpError(f"{path}: output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise OnnxCpError(f"{path}: output folder {folder} is not writable")
+    if path.is_dir():
+        raise OnnxCpError(f"{path}: is a folder")
+    return folder
 
 
 def _check_external_locations(proto: onnx.ModelProto, base: Path) -> None:

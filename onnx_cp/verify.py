@@ -55,6 +55,16 @@ def fill_input_shapes(model: ir.Model, input_shapes: dict[str, list[int]] | None
     return filled
 
 
+def set_input_shapes(proto: onnx.ModelProto, shapes: dict[str, list[int]]) -> None:
+    """Write concrete shapes into a ModelProto's graph inputs (before shape inference)."""
+    for value in proto.graph.input:
+        if value.name in shapes:
+            dims = value.type.tensor_type.shape.dim
+            del dims[:]
+            for d in shapes[value.name]:
+                dims.add().dim_value = d
+
+
 def random_inputs(
     model: ir.Model, input_shapes: dict[str, list[int]] | None = None, seed: int = 0
 ) -> dict[str, np.ndarray]:

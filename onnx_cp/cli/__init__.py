@@ -9,7 +9,7 @@ import sys
 import warnings
 
 from onnx_cp import progress
-from onnx_cp.errors import EXIT_USAGE, OnnxCpError
+from onnx_cp.errors import EXIT_USAGE, OnnxCpError, UsageError
 
 # Subcommand modules, in the order `onnx-cp --help` lists them.
 SUBCOMMANDS = ["optimize", "bench", "eval", "finetune", "data"]
@@ -75,3 +75,33 @@ def main(argv: list[str] | None = None) -> int:
             f"onnx-cp {args.command}: error: {type(exc).__name__}: {first} (rerun with --debug)\n"
         )
         return 1
+
+
+def add_preprocessing_args(group) -> None:
+    """The dataset preprocessing options shared by eval and finetune (see open_dataset)."""
+    group.add_argument("--limit", type=int, metavar="N", help="use only the first N samples")
+    group.add_argument("--size", metavar="H,W", help="resize images to H x W (image folders)")
+    group.add_argument("--grayscale", action="store_true", help="one channel images (image folders)")
+    group.add_argument("--scale", type=float, metavar="S",
+                       help="multiply pixel values by S (default 1/255 for images, 1 for .npz)")
+    group.add_argument("--mean", metavar="M[,M,M]", help="subtract per channel after scaling")
+    group.add_argument("--std", metavar="S[,S,S]", help="divide per channel after subtracting the mean")
+
+
+def preprocessing_options(args) -> dict:
+    """open_dataset keyword arguments from the options of add_preprocessing_args."""
+    return {"size": _numbers(args.size, "--size", int), "grayscale": args.grayscale, "scale": args.scale,
+            "mean": _numbers(args.mean, "--mean", float), "std": _numbers(args.std, "--std", float),
+            "limit": args.limit}
+
+
+def _numbers(text: str | None, flag: str, kind) -> list | None:
+    if text is None:
+        return None
+    try:
+        values = [kind(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated {'integers' if kind is int else 'numbers'}")
+    return values

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from onnx_cp.cli import add_preprocessing_args, preprocessing_options
 from onnx_cp.errors import UsageError
 
 
@@ -20,13 +21,7 @@ def register(subparsers) -> None:
     p.add_argument("--data", required=True, metavar="DATA", help=".npz file or image folder")
     p.add_argument("--reference", metavar="MODEL", help="compare predictions with this model")
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="samples per run (default 64)")
-    p.add_argument("--limit", type=int, metavar="N", help="use only the first N samples")
-    p.add_argument("--size", metavar="H,W", help="resize images to H x W (image folders)")
-    p.add_argument("--grayscale", action="store_true", help="one channel images (image folders)")
-    p.add_argument("--scale", type=float, metavar="S",
-                   help="multiply pixel values by S (default 1/255 for images, 1 for .npz)")
-    p.add_argument("--mean", metavar="M[,M,M]", help="subtract per channel after scaling")
-    p.add_argument("--std", metavar="S[,S,S]", help="divide per channel after subtracting the mean")
+    add_preprocessing_args(p)
     p.add_argument("--threads", default=None, metavar="N",
                    help="onnxruntime intra-op threads (default: onnxruntime's choice; 'all' = every core)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
@@ -41,15 +36,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    dataset = open_dataset(
-        args.data,
-        size=_floats(args.size, "--size", integer=True),
-        grayscale=args.grayscale,
-        scale=args.scale,
-        mean=_floats(args.mean, "--mean"),
-        std=_floats(args.std, "--std"),
-        limit=args.limit,
-    )
+    dataset = open_dataset(args.data, **preprocessing_options(args))
     result = evaluate(args.model, dataset, reference=args.reference, batch_size=args.batch_size,
                       threads=args.threads)
     if not args.quiet:
@@ -76,16 +63,3 @@ def format_result(result: dict) -> str:
                      f"max abs error: {result['max_abs_error']:.4g}   "
                      f"mean abs error: {result['mean_abs_error']:.4g}")
     return "\n".join(lines)
-
-
-def _floats(text: str | None, flag: str, integer: bool = False):
-    if text is None:
-        return None
-    try:
-        values = [(int if integer else float)(v) for v in text.replace("x", ",").split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values:
-        kind = "integers" if integer else "numbers"
-        raise UsageError(f"{flag} {text!r}: expected comma-separated {kind}")
-    return values

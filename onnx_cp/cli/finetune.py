@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from onnx_cp.cli import add_preprocessing_args, preprocessing_options
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -51,13 +53,7 @@ def register(subparsers) -> None:
                    help="update BatchNorm running statistics (frozen by default)")
     p.add_argument("--history", metavar="FILE.json", help="write the per-epoch history as JSON")
     data = p.add_argument_group("data preprocessing (as onnx-cp eval)")
-    data.add_argument("--limit", type=int, metavar="N", help="use only the first N samples")
-    data.add_argument("--size", metavar="H,W", help="resize images to H x W (image folders)")
-    data.add_argument("--grayscale", action="store_true", help="one channel images (image folders)")
-    data.add_argument("--scale", type=float, metavar="S",
-                      help="multiply pixel values by S (default 1/255 for images, 1 for .npz)")
-    data.add_argument("--mean", metavar="M[,M,M]", help="subtract per channel after scaling")
-    data.add_argument("--std", metavar="S[,S,S]", help="divide per channel after the mean")
+    add_preprocessing_args(data)
     p.set_defaults(run=_run)
 
 
@@ -75,9 +71,7 @@ def _run(args: argparse.Namespace) -> int:
         folder = Path(path).parent if path else None
         if folder is not None and not folder.is_dir():
             raise UsageError(f"{path}: folder {folder} does not exist")
-    options = {"size": _numbers(args.size, "--size", int), "grayscale": args.grayscale,
-               "scale": args.scale, "mean": _numbers(args.mean, "--mean", float),
-               "std": _numbers(args.std, "--std", float), "limit": args.limit}
+    options = preprocessing_options(args)
     train = open_dataset(args.data, **options)
     val = open_dataset(args.val, **options) if args.val else None
     model = load_model(args.input)
@@ -115,17 +109,3 @@ def format_result(result, output: str) -> str:
     lines.append(f"{kept}; {result.samples_per_second:.0f} samples/s; "
                  f"{result.seconds:.1f} s; wrote {output}")
     return "\n".join(lines)
-
-
-def _numbers(text: str | None, flag: str, kind):
-    from onnx_cp.errors import UsageError
-
-    if text is None:
-        return None
-    try:
-        values = [kind(v) for v in text.replace("x", ",").split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values:
-        raise UsageError(f"{flag} {text!r}: expected comma-separated numbers")
-    return values

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from onnx_cp import api, config, model_io, select, verify
@@ -61,7 +60,7 @@ def register(subparsers) -> None:
                       help="distil from the input model's outputs (needs no labels)")
     tune.add_argument("--epochs", type=int, help="fine-tuning epochs (default 5)")
     tune.add_argument("--steps", type=int, help="fine-tuning steps (instead of --epochs)")
-    tune.add_argument("--lr", type=float, help="learning rate (default 0.01)")
+    tune.add_argument("--lr", type=float, help="fine-tuning learning rate (default 0.001)")
     tune.add_argument("--batch-size", type=int, help="fine-tuning batch size (default 32)")
     tune.add_argument("--eval-data", metavar="DATA", help="measure top-1/top-5 accuracy (or agreement "
                       "with IN without labels) before decomposition, after it, and after fine-tuning")
@@ -151,13 +150,7 @@ def _check_paths(source: Path, target: Path, force: bool) -> None:
         raise OnnxCpError(f"{source}: no such file")
     if target.exists() and source.resolve() == target.resolve() and not force:
         raise UsageError(f"output {target} is the input file; pass --force to overwrite it")
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise OnnxCpError(f"{target}: output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise OnnxCpError(f"{target}: output folder {folder} is not writable")
-    if target.is_dir():
-        raise OnnxCpError(f"{target}: is a folder")
+    model_io.check_output_path(target)
 
 
 def format_report(report: dict) -> str:

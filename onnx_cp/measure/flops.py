@@ -18,7 +18,7 @@ from onnx_cp.chain_names import LAYER_METADATA_KEY, layer_of
 from onnx_cp.errors import OnnxCpError
 from onnx_cp.measure.inputs import measured_shapes
 from onnx_cp.model_io import ModelLike, has_external_data, to_ir
-from onnx_cp.verify import random_inputs
+from onnx_cp.verify import random_inputs, set_input_shapes
 
 COUNTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -34,7 +34,7 @@ def count_flops(model: ModelLike, input_shapes: dict[str, list[int]] | None = No
     ir_model = to_ir(model)
     shapes_in = measured_shapes(ir_model, input_shapes, batch)
     proto = ir.to_proto(ir_model)
-    _set_input_shapes(proto, shapes_in)
+    set_input_shapes(proto, shapes_in)
     constants = _constant_shapes(proto)
     shapes = _inferred_shapes(proto)
     shapes.update(constants)
@@ -94,15 +94,6 @@ def _needed(node: onnx.NodeProto) -> list[str]:
     return [node.input[0], node.input[1], node.output[0]]
 
 
-def _set_input_shapes(proto: onnx.ModelProto, shapes: dict[str, list[int]]) -> None:
-    for value in proto.graph.input:
-        if value.name in shapes:
-            dims = value.type.tensor_type.shape.dim
-            del dims[:]
-            for d in shapes[value.name]:
-                dims.add().dim_value = d
-
-
 def _constant_shapes(proto: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     shapes = {t.name: tuple(t.dims) for t in proto.graph.initializer}
     for node in proto.graph.node:
@@ -133,7 +124,7 @@ def _runtime_shapes(ir_model: ir.Model, proto: onnx.ModelProto, names: set[str],
     if has_external_data(ir_model):
         ir.external_data.load_to_model(ir_model)
         proto = ir.to_proto(ir_model)
-        _set_input_shapes(proto, shapes_in)
+        set_input_shapes(proto, shapes_in)
     existing = {o.name for o in proto.graph.output}
     for name in sorted(names - existing):
         proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
