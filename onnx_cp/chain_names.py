@@ -23,6 +23,3 @@ def layer_of(name: str) -> str:
         return head
     return name
 
-
-def is_chain_node(name: str) -> bool:
-    return layer_of(name) != name
