@@ -28,10 +28,6 @@ class OptimizeResult:
     model: onnx.ModelProto | ir.Model
     report: dict = field(default_factory=dict)
 
-    @property
-    def changed(self) -> bool:
-        return any(row["status"] == "decomposed" for row in self.report.get("layers", []))
-
 
 @dataclass
 class _Solved:
@@ -39,7 +35,6 @@ class _Solved:
 
     factors: list[np.ndarray]
     rel_error: float
-    max_component_norm: float = 0.0
 
 
 def optimize(
