@@ -23,7 +23,7 @@ import onnx_ir as ir
 from onnx_cp import layer_cost
 from onnx_cp.errors import BudgetError, UsageError
 from onnx_cp.rewrite import ConvSite
-from onnx_cp.select import RankChoice, SolveMany, combined_error, preferred_channel_block
+from onnx_cp.select import RankChoice, SolveMany, combined_error, preferred_channel_block, solve_layers
 
 # Only ranks that cut a layer's MACs by at least this much are worth measuring.
 MIN_OPTION_GAIN = 1.5
@@ -71,17 +71,12 @@ def layer_menus(
         elif site.eligible and layer_ms.get(site.name, 0) <= 0:
             site.reason = "no measurable time in the model's profile"
     menus = [LayerMenu(s, [Option(None, 0.0, layer_ms[s.name])]) for s in sites if s.eligible]
-    jobs = [(menu, rank, kernel) for menu in menus for rank in candidate_ranks(menu.site)
-            for kernel in menu.site.group_kernels()]
-    results = solve_many([(kernel, rank) for _, rank, kernel in jobs])
-    grouped: dict[tuple[str, int], list] = {}
-    for (menu, rank, _), result in zip(jobs, results):
-        grouped.setdefault((menu.site.name, rank), []).append(result)
+    solved = solve_layers([(m.site, rank) for m in menus for rank in candidate_ranks(m.site)], solve_many)
     for menu in menus:
         ranks = candidate_ranks(menu.site)
         ratios = layer_cost.chain_time_ratios(layer_cost.LayerShape.of(menu.site), ranks, threads=threads)
         for rank in ranks:
-            group_results = grouped[(menu.site.name, rank)]
+            group_results = solved[(menu.site.name, rank)]
             menu.options.append(Option(rank, combined_error(menu.site, group_results),
                                        ratios[rank] * menu.options[0].ms, group_results))
     return menus

@@ -106,15 +106,23 @@ def plan_ranks(
     return choices
 
 
+def solve_layers(layers: Sequence[tuple[ConvSite, int]], solve_many: SolveMany,
+                 quick: bool = False) -> dict[tuple[str, int], list]:
+    """Decompose each (site, rank), every group of each site, in one solver batch; the
+    per-group results come back keyed by (layer name, rank)."""
+    jobs = [(site.name, rank, kernel) for site, rank in layers for kernel in site.group_kernels()]
+    pairs = [(kernel, rank) for _, rank, kernel in jobs]
+    results = solve_many(pairs, quick=True) if quick else solve_many(pairs)
+    grouped: dict[tuple[str, int], list] = {}
+    for (name, rank, _), result in zip(jobs, results):
+        grouped.setdefault((name, rank), []).append(result)
+    return grouped
+
+
 def _solve_fixed(sites, fixed: Mapping[str, int], solve_many: SolveMany, notes) -> dict[str, RankChoice]:
     by_name = {s.name: s for s in sites}
-    jobs = [(name, kernel, rank) for name, rank in fixed.items()
-            for kernel in by_name[name].group_kernels()]
-    results = solve_many([(kernel, rank) for _, kernel, rank in jobs])
-    choices: dict[str, RankChoice] = {}
-    for (name, _, rank), result in zip(jobs, results):
-        choices.setdefault(name, RankChoice(rank, [], notes.get(name))).results.append(result)
-    return choices
+    solved = solve_layers([(by_name[name], rank) for name, rank in fixed.items()], solve_many)
+    return {name: RankChoice(rank, solved[(name, rank)], notes.get(name)) for name, rank in fixed.items()}
 
 
 def _search_automatic(sites: Sequence[ConvSite], max_error: float, solve_many: SolveMany) -> dict[str, RankChoice]:
@@ -175,12 +183,10 @@ def _quick_bisection(by_name, candidates, tops: dict[str, int], max_error: float
 
 def _errors(by_name, candidates, index: dict[str, int], solve_many, quick: bool) -> dict[str, tuple[float, list]]:
     """Kernel error and per-group results of each named layer at its candidate rank `index`."""
-    jobs = [(name, kernel) for name in index for kernel in by_name[name].group_kernels()]
-    results = solve_many([(k, candidates[name][index[name]]) for name, k in jobs], quick=quick)
-    per_layer: dict[str, list] = {}
-    for (name, _), result in zip(jobs, results):
-        per_layer.setdefault(name, []).append(result)
-    return {name: (combined_error(by_name[name], r), r) for name, r in per_layer.items()}
+    ranks = {name: candidates[name][i] for name, i in index.items()}
+    solved = solve_layers([(by_name[name], rank) for name, rank in ranks.items()], solve_many, quick)
+    return {name: (combined_error(by_name[name], solved[(name, rank)]), solved[(name, rank)])
+            for name, rank in ranks.items()}
 
 
 def _auto_candidates(site: ConvSite) -> list[int]:

@@ -89,36 +89,47 @@ def _real_inputs(model: ir.Model) -> list[ir.Value]:
 
 
 @contextlib.contextmanager
-def ort_session(model: ir.Model, threads: int = 1) -> Iterator[ort.InferenceSession]:
-    """An onnxruntime CPU session for an in-memory model (staged on disk if it has external data)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+def serialized(model: ir.Model) -> Iterator[bytes | str]:
+    """The model as onnx.checker and onnxruntime take it: bytes, or the path of one staged copy
+    on disk when it has external data (protobuf cannot hold it)."""
     if not has_external_data(model):
-        yield ort.InferenceSession(
-            ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+        yield ir.to_proto(model).SerializeToString()
         return
     with tempfile.TemporaryDirectory(prefix="onnx-cp-") as folder:
         path = f"{folder}/model.onnx"
         save_model(model, path, external_data=True)
-        yield ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        yield path
+
+
+@contextlib.contextmanager
+def ort_session(model: ir.Model, threads: int = 1) -> Iterator[ort.InferenceSession]:
+    """An onnxruntime CPU session for an in-memory model."""
+    with serialized(model) as source:
+        yield _session(source, threads)
 
 
 def check_model(model: ir.Model) -> None:
     """onnx.checker with full shape inference (raises onnx.checker.ValidationError and friends)."""
-    if has_external_data(model):
-        with tempfile.TemporaryDirectory(prefix="onnx-cp-") as folder:
-            save_model(model, f"{folder}/model.onnx", external_data=True)
-            onnx.checker.check_model(f"{folder}/model.onnx", full_check=True)
-    else:
-        onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    with serialized(model) as source:
+        onnx.checker.check_model(source, full_check=True)
 
 
 def run_model(model: ir.Model, feeds: dict[str, np.ndarray], what: str) -> list[np.ndarray]:
+    with serialized(model) as source:
+        return _run(source, feeds, what)
+
+
+def _session(source: bytes | str, threads: int = 1) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def _run(source: bytes | str, feeds: dict[str, np.ndarray], what: str) -> list[np.ndarray]:
     try:
-        with ort_session(model) as session:
-            return session.run(None, feeds)
+        return _session(source).run(None, feeds)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise OnnxCpError(f"onnxruntime cannot run the {what}: {first_line(exc)}") from None
 
@@ -149,18 +160,19 @@ def verify_rewrite(
 ) -> dict:
     """Checker, onnxruntime session and output comparison; raises OnnxCpError on failure."""
     notes = []
-    try:
-        check_model(rewritten)
-    except Exception as exc:  # noqa: BLE001 - checker failures come in several types
+    with serialized(rewritten) as source:  # staged once for the checker and the session
         try:
-            check_model(original)
-        except Exception:  # noqa: BLE001
-            notes.append(f"the input model already fails onnx.checker: {first_line(exc)}")
-        else:
-            raise OnnxCpError(f"the rewritten model fails onnx.checker: {first_line(exc)}") from None
-    feeds = random_inputs(original, input_shapes, seed=seed)
-    expected = run_model(original, feeds, "input model")
-    actual = run_model(rewritten, feeds, "rewritten model")
+            onnx.checker.check_model(source, full_check=True)
+        except Exception as exc:  # noqa: BLE001 - checker failures come in several types
+            try:
+                check_model(original)
+            except Exception:  # noqa: BLE001
+                notes.append(f"the input model already fails onnx.checker: {first_line(exc)}")
+            else:
+                raise OnnxCpError(f"the rewritten model fails onnx.checker: {first_line(exc)}") from None
+        feeds = random_inputs(original, input_shapes, seed=seed)
+        expected = run_model(original, feeds, "input model")
+        actual = _run(source, feeds, "rewritten model")
     outputs = compare_outputs(expected, actual, [v.name for v in original.graph.outputs])
     if not all(o["finite"] for o in outputs.values()):
         raise OnnxCpError("the rewritten model produces NaN or infinity on random inputs")

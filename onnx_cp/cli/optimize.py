@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 from pathlib import Path
 
 from onnx_cp import api, config, model_io, select, verify
 from onnx_cp.errors import OnnxCpError, UsageError
 from onnx_cp.measure import write_json, write_report
 
-# Defaults live here rather than in argparse, so that a config file can tell which options the
-# command line left unset (None) and fill them.
-DEFAULTS = {"max_error": select.DEFAULT_MAX_ERROR, "method": "nls", "seed": 0, "external_data": "auto",
-            "threads": 1}
+# Options left unset on the command line are None, so that a config file can fill them; what
+# neither sets takes the API's default (external data is the CLI's own).
+_API_DEFAULTS = inspect.signature(api.optimize).parameters
+DEFAULTS = {"external_data": "auto",
+            **{name: _API_DEFAULTS[name].default for name in ("max_error", "method", "seed", "threads")}}
 
 
 def register(subparsers) -> None:

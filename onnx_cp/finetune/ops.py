@@ -96,16 +96,22 @@ def _conv_fn(nsp: int, transpose: bool = False):
     return table[nsp][1 if transpose else 0]
 
 
-@op("Conv")
-def conv(node, inputs, ctx):
+def _conv_operands(node, inputs, what: str):
+    """Input, weight, bias, spatial rank, kernel, strides and dilations of a Conv/ConvTranspose."""
     x, w = inputs[0], inputs[1]
     b = inputs[2] if len(inputs) > 2 else None
     nsp = w.dim() - 2
     if nsp not in (1, 2, 3):
-        raise _fail(node, f"{nsp}-D convolution is not supported")
+        raise _fail(node, f"{nsp}-D {what} is not supported")
     kernel = list(node.attrs.get("kernel_shape", w.shape[2:]))
     strides = list(node.attrs.get("strides", [1] * nsp))
     dilations = list(node.attrs.get("dilations", [1] * nsp))
+    return x, w, b, nsp, kernel, strides, dilations
+
+
+@op("Conv")
+def conv(node, inputs, ctx):
+    x, w, b, nsp, kernel, strides, dilations = _conv_operands(node, inputs, "convolution")
     group = node.attrs.get("group", 1)
     pads = _spatial_pads(node, x, kernel, strides, dilations)
     if group == 1 and not any(pads) and list(x.shape[2:]) == list(w.shape[2:]):
@@ -139,14 +145,7 @@ def _single_channel_conv2d(x, w, b, strides, padding, dilations):
 
 @op("ConvTranspose")
 def conv_transpose(node, inputs, ctx):
-    x, w = inputs[0], inputs[1]
-    b = inputs[2] if len(inputs) > 2 else None
-    nsp = w.dim() - 2
-    if nsp not in (1, 2, 3):
-        raise _fail(node, f"{nsp}-D transposed convolution is not supported")
-    kernel = list(node.attrs.get("kernel_shape", w.shape[2:]))
-    strides = list(node.attrs.get("strides", [1] * nsp))
-    dilations = list(node.attrs.get("dilations", [1] * nsp))
+    x, w, b, nsp, kernel, strides, dilations = _conv_operands(node, inputs, "transposed convolution")
     out_pad = list(node.attrs.get("output_padding", [0] * nsp))
     group = node.attrs.get("group", 1)
     auto_pad = node.attrs.get("auto_pad", "NOTSET")

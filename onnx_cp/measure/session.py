@@ -11,7 +11,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnx_cp.errors import OnnxCpError, UsageError
+from onnx_cp.errors import OnnxCpError, UsageError, first_line
 from onnx_cp.model_io import ModelLike, has_external_data, load_model, to_ir
 
 OPTIMIZATION_LEVELS = {
@@ -94,16 +94,12 @@ def make_session(loaded: LoadedModel, options: ort.SessionOptions) -> ort.Infere
         return ort.InferenceSession(loaded.source, options, providers=PROVIDERS)
     except Exception as exc:  # noqa: BLE001 - ORT raises several private exception types
         raise OnnxCpError(f"{loaded.path or loaded.label}: onnxruntime cannot load the model "
-                          f"({_first_line(exc)})") from None
+                          f"({first_line(exc)})") from None
 
 
 def run(session: ort.InferenceSession, feeds: dict, what: str) -> list:
     try:
         return session.run(None, feeds)
     except Exception as exc:  # noqa: BLE001 - ORT raises several private exception types
-        raise OnnxCpError(f"{what}: onnxruntime failed to run the model ({_first_line(exc)})") from None
+        raise OnnxCpError(f"{what}: onnxruntime failed to run the model ({first_line(exc)})") from None
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:300] if lines else type(exc).__name__
