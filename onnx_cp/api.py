@@ -16,6 +16,9 @@ from onnx_cp import budget, model_io, select, verify
 from onnx_cp.errors import UsageError
 from onnx_cp.rewrite import ConvSite, CPConvPass, LayerOutcome, find_conv_sites, reconstruct, select_sites
 
+# Adam steps per CP chain in layer-wise reconstruction before fine-tuning (onnx_cp.finetune.reconstruct,
+# which imports torch: the default lives here so the API stays importable without it).
+DEFAULT_RECONSTRUCT_STEPS = 300
 SENSITIVITY_SAMPLES = 512
 QUICK_ALS_SWEEPS = 20  # ~0.02-0.04 above the converged error: enough to screen and search ranks
 
@@ -57,6 +60,7 @@ def optimize(
     val_data: object | None = None,
     teacher_from_input: bool = False,
     finetune_options: dict | None = None,
+    reconstruct_steps: int = DEFAULT_RECONSTRUCT_STEPS,
     eval_data: object | None = None,
     measure_latency: bool = False,
     quantize: str | None = None,
@@ -78,6 +82,8 @@ def optimize(
     finetune_data: training data (.npz path, image folder, Dataset or arrays); `val_data` picks the
     best epoch; `teacher_from_input` distils from the input model (needs no labels);
     `finetune_options` go to onnx_cp.finetune.finetune (epochs, steps, lr, batch_size, ...).
+    Before fine-tuning, `reconstruct_steps` Adam steps fit each CP chain to the output of the layer
+    it replaced on the first samples of `finetune_data` (onnx_cp.finetune.reconstruct; 0: off).
     eval_data: data to measure accuracy (or agreement) before decomposition, after it, and after
     fine-tuning (default: val_data).
     measure_latency: benchmark input and output with onnxruntime (`threads`) and profile per layer.
@@ -90,10 +96,12 @@ def optimize(
         raise UsageError("give one of rank, target_speedup and max_accuracy_drop")
     if not max_error > 0:
         raise UsageError(f"max_error must be positive, got {max_error}")
+    if reconstruct_steps < 0:
+        raise UsageError(f"reconstruct_steps must be 0 (off) or positive, got {reconstruct_steps}")
     run = _Run(model, input_shapes, layers, exclude, _solver(decomposer, method, workers, seed),
                threads, seed)
     eval_data = eval_data if eval_data is not None else val_data
-    tune = _Tuner(run, finetune_data, val_data, teacher_from_input, finetune_options or {})
+    tune = _Tuner(run, finetune_data, val_data, teacher_from_input, finetune_options or {}, reconstruct_steps)
     request = select.RankRequest(rank=rank, per_layer=dict(layer_ranks or {}), max_error=max_error)
     select.check_layer_names(request, run.sites)
     report: dict = {"input": run.source, "input_shapes": run.shapes, "settings": {
@@ -115,12 +123,18 @@ def optimize(
     report["totals"] = _totals(run.original, rewritten, report["layers"])
     if verify_outputs:
         report["verification"] = verify.verify_rewrite(run.original, rewritten, run.shapes, seed=seed)
-    if final is None:
-        final = tune(rewritten, report) if report["totals"]["decomposed"] else rewritten
+    stages = {"decomposed": rewritten}
+    if final is None and report["totals"]["decomposed"]:
+        final = tune(rewritten, report)
+        stages.update(tune.stages)
+    final = rewritten if final is None else final
+    if final is not rewritten:
+        stages["finetuned"] = final
     if quantize:
         final = _quantize(final, quantize, calibration_data or finetune_data or eval_data, report)
+        stages[f"{'finetuned' if 'finetuned' in stages else 'decomposed'}+int8"] = final
     if eval_data is not None:
-        report["accuracy"] = _accuracy(run.original, rewritten, final, eval_data, threads, quantize)
+        report["accuracy"] = _accuracy(run.original, stages, eval_data, threads)
     if measure_latency:
         report.update(_latency(run.original, final, run.shapes, threads, seed))
     report["seconds"] = round(time.perf_counter() - started, 3)
@@ -220,17 +234,20 @@ class _Run:
 class _Tuner:
     """Fine-tunes a rewritten model when training data was given; otherwise returns it as is."""
 
-    def __init__(self, run: _Run, train, val, teacher_from_input: bool, options: dict):
+    def __init__(self, run: _Run, train, val, teacher_from_input: bool, options: dict, reconstruct_steps: int):
         self.run, self.train, self.val = run, train, val
         self.teacher_from_input, self.options = teacher_from_input, options
+        self.reconstruct_steps = reconstruct_steps
+        self.stages: dict[str, ir.Model] = {}  # intermediate models of the last call
 
     def __call__(self, rewritten: ir.Model, report: dict) -> ir.Model:
         if self.train is None:
             return rewritten
         from onnx_cp.finetune import finetune  # torch is imported only when fine-tuning
 
+        start = self._reconstructed(rewritten, report) if self.reconstruct_steps else rewritten
         teacher = self.run.original if self.teacher_from_input else None
-        tuned = finetune(rewritten, self.train, val=self.val, teacher=teacher, seed=self.run.seed,
+        tuned = finetune(start, self.train, val=self.val, teacher=teacher, seed=self.run.seed,
                          **self.options)
         report["finetune"] = {
             "history": tuned.history, "best_epoch": tuned.best_epoch, "metric": tuned.metric,
@@ -238,6 +255,18 @@ class _Tuner:
             "teacher": "input model" if self.teacher_from_input else None, "options": self.options,
         }
         return ir.from_proto(tuned.model)
+
+    def _reconstructed(self, rewritten: ir.Model, report: dict) -> ir.Model:
+        from onnx_cp.data import first_inputs
+        from onnx_cp.finetune.reconstruct import DEFAULT_SAMPLES, fits_report, reconstruct_layers
+
+        started = time.perf_counter()
+        proto, fits = reconstruct_layers(rewritten, self.run.original, first_inputs(self.train, DEFAULT_SAMPLES),
+                                         steps=self.reconstruct_steps, seed=self.run.seed)
+        report["reconstruction"] = {"layers": fits_report(fits), "steps": self.reconstruct_steps,
+                                    "seconds": round(time.perf_counter() - started, 3)}
+        self.stages = {"reconstructed": ir.from_proto(proto)}
+        return self.stages["reconstructed"]
 
 
 def _datasets(data) -> tuple[object, object]:
@@ -321,17 +350,16 @@ def _inferred_shapes(model: ir.Model, input_shapes: dict[str, list[int]]) -> dic
     return shapes
 
 
-def _accuracy(original: ir.Model, rewritten: ir.Model, final: ir.Model, data, threads: int,
-              quantize: str | None) -> dict:
+def _accuracy(original: ir.Model, stages: dict[str, ir.Model], data, threads: int) -> dict:
+    """Accuracy of the input model, then of each stage (decomposed, reconstructed, finetuned,
+    +int8) with its agreement with the input model."""
     from onnx_cp.data import open_dataset
     from onnx_cp.measure import evaluate
 
     dataset = open_dataset(data) if isinstance(data, (str, Path)) else data
-    accuracy = {"original": evaluate(original, dataset, threads=threads),
-                "decomposed": evaluate(rewritten, dataset, reference=original, threads=threads)}
-    if final is not rewritten:
-        stage = "finetuned+int8" if quantize else "finetuned"
-        accuracy[stage] = evaluate(final, dataset, reference=original, threads=threads)
+    accuracy = {"original": evaluate(original, dataset, threads=threads)}
+    for stage, model in stages.items():
+        accuracy[stage] = evaluate(model, dataset, reference=original, threads=threads)
     return accuracy
 
 

@@ -11,6 +11,7 @@ from onnx import helper, numpy_helper
 
 import model_factory
 from onnx_cp import chain_names
+from onnx_cp.measure import count_flops
 from onnx_cp.rewrite import CPConvPass, balance, find_conv_sites, reconstruct
 
 
@@ -69,6 +70,8 @@ CASES = {
     "no_bias": dict(kernel=(6, 4, 3, 3), bias=False),
     "constant_weights": dict(kernel=(6, 4, 3, 3), weight_as="constant"),
     "opset11_constant": dict(kernel=(6, 4, 3, 3), weight_as="constant", opset=11),
+    "one_input_channel": dict(kernel=(6, 1, 3, 3), pads=[1, 1, 1, 1]),
+    "one_input_channel_strided": dict(kernel=(6, 1, 5, 3), strides=[2, 1], dilations=[1, 2], pads=[2, 0, 1, 2]),
 }
 
 
@@ -88,8 +91,9 @@ def test_splice_is_exact(case):
     assert modified and outcomes[0].status == "decomposed"
     assert outcomes[0].rel_error < 1e-6
     ops = [n.op_type for n in rewritten.graph.node]
-    assert ops[-4:] == ["Conv"] * 4
-    assert ops[:-4] == (["Constant"] if spec.get("weight_as") and bias is not None else [])  # bias only
+    stages = 3 if s == 1 and group == 1 else 4  # one input channel: the input stage is folded
+    assert ops[-stages:] == ["Conv"] * stages
+    assert ops[:-stages] == (["Constant"] if spec.get("weight_as") and bias is not None else [])  # bias only
     onnx.checker.check_model(rewritten, full_check=True)
     assert_same_outputs(model, rewritten, (2, in_channels, 11, 13))
     assert_same_outputs(model, rewritten, (1, in_channels, 11, 13))
@@ -116,6 +120,24 @@ def test_chain_structure_names_and_shapes():
     assert all(chain_names.layer_of(n) == "conv" for n in nodes)
     meta = {p.key: p.value for p in rewritten.graph.node[0].metadata_props}
     assert meta[chain_names.LAYER_METADATA_KEY] == "conv"
+
+
+def test_one_input_channel_folds_the_input_stage_into_the_vertical_one():
+    kernel = np.random.default_rng(0).standard_normal((8, 1, 5, 5)).astype(np.float32)
+    model = model_factory.conv_model(kernel, np.zeros(8, np.float32), input_shape=["N", 1, 12, 12])
+    rng = np.random.default_rng(1)
+    rewritten, _, _ = rewrite(model, rank_for=lambda site: 4,
+                                     decomposer=lambda k, r: [rng.standard_normal((n, r)) for n in k.shape])
+    assert [n.name for n in rewritten.graph.node] == ["conv/cp/vertical", "conv/cp/horizontal", "conv/cp/out"]
+    weights = {t.name: numpy_helper.to_array(t).shape for t in rewritten.graph.initializer}
+    assert weights["conv/cp/vertical.weight"] == (4, 1, 5, 1)  # a plain 1 -> R Conv, not depthwise
+    group = next(a for a in rewritten.graph.node[0].attribute if a.name == "group")
+    assert group.i == 1
+    # the cost model the rank search uses counts the three-conv chain, as the FLOP counter does
+    site = find_conv_sites(ir.from_proto(model), {"x": [1, 1, 12, 12], "y": [1, 8, 8, 8]})[0]
+    assert site.macs_after(4) == count_flops(rewritten, {"x": [1, 1, 12, 12]})["total_macs"]
+    assert site.params_after(4) == 4 * (5 + 5) + 8 * 4 == sum(
+        int(np.prod(shape)) for name, shape in weights.items() if "/cp/" in name)
 
 
 def test_low_rank_kernel_at_its_rank_is_exact():

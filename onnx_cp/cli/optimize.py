@@ -13,8 +13,8 @@ from onnx_cp.measure import write_json, write_report
 # Options left unset on the command line are None, so that a config file can fill them; what
 # neither sets takes the API's default (external data is the CLI's own).
 _API_DEFAULTS = inspect.signature(api.optimize).parameters
-DEFAULTS = {"external_data": "auto",
-            **{name: _API_DEFAULTS[name].default for name in ("max_error", "method", "seed", "threads")}}
+DEFAULTS = {"external_data": "auto", **{name: _API_DEFAULTS[name].default
+                                       for name in ("max_error", "method", "seed", "threads", "reconstruct_steps")}}
 
 
 def register(subparsers) -> None:
@@ -64,6 +64,9 @@ def register(subparsers) -> None:
     tune.add_argument("--steps", type=int, help="fine-tuning steps (instead of --epochs)")
     tune.add_argument("--lr", type=float, help="fine-tuning learning rate (default 0.001)")
     tune.add_argument("--batch-size", type=int, help="fine-tuning batch size (default 32)")
+    tune.add_argument("--reconstruct-steps", type=int, metavar="N", help="before fine-tuning, fit each CP chain "
+                      f"to the replaced layer's outputs on --finetune-data for N Adam steps (default "
+                      f"{_API_DEFAULTS['reconstruct_steps'].default}; 0: off)")
     tune.add_argument("--eval-data", metavar="DATA", help="measure top-1/top-5 accuracy (or agreement "
                       "with IN without labels) before decomposition, after it, and after fine-tuning")
     tune.add_argument("--quantize", choices=["int8"], help="static INT8 quantization (onnxruntime, QDQ) "
@@ -98,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         val_data=args.val,
         teacher_from_input=args.teacher_from_input,
         finetune_options=_finetune_options(args),
+        reconstruct_steps=args.reconstruct_steps,
         eval_data=args.eval_data,
         measure_latency=args.bench or bool(args.report_dir),
         quantize=args.quantize,
@@ -212,6 +216,10 @@ def _measurement_lines(report: dict) -> list[str]:
                          f"accuracy drop {step['accuracy_drop']:.2f} points")
     if report.get("quantize"):
         lines.append("quantized to INT8 (onnxruntime static quantization, QDQ, per-channel weights)")
+    fitted = [f for f in (report.get("reconstruction") or {}).get("layers", []) if f["status"] == "fitted"]
+    if fitted:
+        lines.append("layer-wise reconstruction (relative output error on the training data): " + ", ".join(
+            f"{f['layer']} {f['error_before']:.3f} -> {f['error_after']:.3f}" for f in fitted))
     tuned = report.get("finetune")
     if tuned:
         lines.append(f"fine-tuned for {len(tuned['history']) - 1} epoch(s) in {tuned['seconds']:.0f} s; "

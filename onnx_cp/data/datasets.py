@@ -311,3 +311,22 @@ def _size(size) -> tuple[int, int] | None:
 def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise UsageError(f"batch size {batch_size}: expected a positive integer")
+
+
+def first_inputs(data, n: int, batch_size: int = 64) -> np.ndarray:
+    """The first `n` input samples (float32) of a dataset path, a Dataset, an (x, y) pair or an
+    x array: what calibration and reconstruction need, without loading the rest."""
+    if isinstance(data, tuple):
+        data = data[0]
+    if isinstance(data, np.ndarray):
+        return np.ascontiguousarray(data[:n], dtype=np.float32)
+    dataset = open_dataset(data) if isinstance(data, (str, os.PathLike)) else data
+    parts, seen = [], 0
+    for x, _ in dataset.batches(batch_size):
+        parts.append(x[: n - seen])
+        seen += len(parts[-1])
+        if seen >= n:
+            break
+    if not parts:
+        raise OnnxCpError(f"{getattr(dataset, 'path', 'the data')}: no samples")
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)

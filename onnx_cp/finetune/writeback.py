@@ -37,7 +37,7 @@ def write_back(
     """
     # Edit the protobuf itself rather than an IR round trip: every field we do not know about
     # (value_info, doc strings, metadata) stays byte for byte.
-    written = _as_proto(model)
+    written = proto_copy(model)
     initializers = {t.name: t for t in written.graph.initializer}
     constants = {n.output[0]: n for n in written.graph.node
                  if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.output}
@@ -55,7 +55,7 @@ def write_back(
     return written
 
 
-def _as_proto(model: model_io.ModelLike) -> onnx.ModelProto:
+def proto_copy(model: model_io.ModelLike) -> onnx.ModelProto:
     """A ModelProto copy with all tensor data in memory."""
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
