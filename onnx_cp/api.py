@@ -48,6 +48,7 @@ def optimize(
     layers: str | None = None,
     exclude: str | None = None,
     max_error: float = select.DEFAULT_MAX_ERROR,
+    error_data: object | None = None,
     target_speedup: float | None = None,
     max_accuracy_drop: float | None = None,
     decomposer: Callable[[np.ndarray, int], object] | None = None,
@@ -74,7 +75,8 @@ def optimize(
     drop that many times, measured); `max_accuracy_drop` (points of top-1, or of agreement with
     the input model without labels, on `eval_data`, after fine-tuning when `finetune_data` is
     given: the fastest model found within it); else the data-free default: per layer the smallest
-    grid rank whose kernel relative error is at most `max_error` among ranks that halve its MACs.
+    grid rank whose kernel relative error is at most `max_error` among ranks that halve its MACs
+    (with `error_data`, sample inputs: the layer output's relative error on them instead).
     A budget that cannot be met raises BudgetError (the CLI's exit code 3).
     layers / exclude: regular expressions (re.search) on Conv layer names.
     decomposer(kernel (T,S,kh,kw) float64, rank) -> factors or a result with .factors; defaults
@@ -96,6 +98,9 @@ def optimize(
         raise UsageError("give one of rank, target_speedup and max_accuracy_drop")
     if not max_error > 0:
         raise UsageError(f"max_error must be positive, got {max_error}")
+    if error_data is not None and (rank is not None or layer_ranks or target_speedup or max_accuracy_drop):
+        raise UsageError("error_data sets what the default max_error policy measures; it does not combine "
+                         "with explicit ranks or budgets")
     if reconstruct_steps < 0:
         raise UsageError(f"reconstruct_steps must be 0 (off) or positive, got {reconstruct_steps}")
     run = _Run(model, input_shapes, layers, exclude, _solver(decomposer, method, workers, seed),
@@ -106,7 +111,8 @@ def optimize(
     select.check_layer_names(request, run.sites)
     report: dict = {"input": run.source, "input_shapes": run.shapes, "settings": {
         "rank": rank, "layer_ranks": layer_ranks or {}, "layers": layers, "exclude": exclude,
-        "max_error": max_error, "target_speedup": target_speedup, "max_accuracy_drop": max_accuracy_drop,
+        "max_error": max_error, "max_error_on": "kernel" if error_data is None else "layer outputs",
+        "target_speedup": target_speedup, "max_accuracy_drop": max_accuracy_drop,
         "method": method, "seed": seed, "quantize": quantize}}
 
     final = None
@@ -117,7 +123,7 @@ def optimize(
             raise UsageError("max_accuracy_drop needs data to measure accuracy on (eval_data or val_data)")
         choices, final, report["search"] = run.search_accuracy(max_accuracy_drop, eval_data, tune)
     else:
-        choices = select.plan_ranks(run.sites, request, run.solve_many)
+        choices = select.plan_ranks(run.sites, request, run.solve_many, _output_error(run, error_data))
     rewritten, outcomes = run.build(choices)
     report["layers"] = _rows(outcomes, choices)
     report["totals"] = _totals(run.original, rewritten, report["layers"])
@@ -323,11 +329,12 @@ def _quantize(model: ir.Model, kind: str, data, report: dict) -> ir.Model:
         raise UsageError(f"quantize={kind!r}: only 'int8' is supported")
     if data is None:
         raise UsageError("INT8 quantization needs calibration data (calibration_data, finetune_data or eval_data)")
-    from onnx_cp.quantize import quantize_int8
+    from onnx_cp.quantize import int8_scheme, quantize_int8
 
     started = time.perf_counter()
     quantized = quantize_int8(model, data)
-    report["quantize"] = {"kind": "int8", "format": "QDQ", "seconds": round(time.perf_counter() - started, 3)}
+    report["quantize"] = {"kind": "int8", "format": "QDQ", "scheme": int8_scheme(quantized).describe(),
+                          "seconds": round(time.perf_counter() - started, 3)}
     return quantized
 
 
@@ -348,6 +355,15 @@ def _inferred_shapes(model: ir.Model, input_shapes: dict[str, list[int]]) -> dic
         if all(d.HasField("dim_value") for d in dims):
             shapes[value.name] = [d.dim_value for d in dims]
     return shapes
+
+
+def _output_error(run: _Run, data) -> select.ErrorOf | None:
+    if data is None:
+        return None
+    from onnx_cp.data import first_inputs
+    from onnx_cp.layer_error import DEFAULT_SAMPLES, OutputError
+
+    return OutputError(run.original, run.sites, first_inputs(data, DEFAULT_SAMPLES))
 
 
 def _accuracy(original: ir.Model, stages: dict[str, ir.Model], data, threads: int) -> dict:

@@ -67,10 +67,13 @@ def chain_time_ratios(shape: LayerShape, ranks: Sequence[int], *, threads: int =
     return {r: cache.data[f"{prefix}|{r}"] for r in ranks}
 
 
-def single_conv_model(shape: LayerShape, seed: int = 0) -> onnx.ModelProto:
+def single_conv_model(shape: LayerShape, seed: int = 0, kernel: np.ndarray | None = None,
+                      batch: int | str = 1) -> onnx.ModelProto:
+    """One Conv of this shape, with `kernel` (random when None) and a zero bias."""
     t, s, kh, kw = shape.kernel
-    rng = np.random.default_rng(seed)
-    weight = numpy_helper.from_array(rng.standard_normal(shape.kernel).astype(np.float32), "W")
+    if kernel is None:
+        kernel = np.random.default_rng(seed).standard_normal(shape.kernel)
+    weight = numpy_helper.from_array(np.asarray(kernel, dtype=np.float32), "W")
     bias = numpy_helper.from_array(np.zeros(t, np.float32), "B")
     attrs = {"kernel_shape": [kh, kw], "group": shape.group, "strides": list(shape.strides),
              "dilations": list(shape.dilations)}
@@ -80,7 +83,7 @@ def single_conv_model(shape: LayerShape, seed: int = 0) -> onnx.ModelProto:
         attrs["auto_pad"] = shape.auto_pad
     node = helper.make_node("Conv", ["x", "W", "B"], ["y"], name="conv", **attrs)
     graph = helper.make_graph(
-        [node], "layer", [helper.make_tensor_value_info("x", 1, [1, s * shape.group, *shape.input_hw])],
+        [node], "layer", [helper.make_tensor_value_info("x", 1, [batch, s * shape.group, *shape.input_hw])],
         [helper.make_tensor_value_info("y", 1, None)], [weight, bias])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 10

@@ -1,9 +1,10 @@
 """Which layers, which ranks.
 
 Explicit ranks (`--rank N`, `--rank LAYER=N`) are clipped to each layer's FLOP break-even.
-Without one, the data-free default picks per layer the smallest rank on onnxruntime's preferred
-channel grid whose kernel relative error stays within `max_error`, among ranks that at least
-halve the layer's MACs; a layer where no such rank exists is left alone, with the reason.
+Without one, the default picks per layer the smallest rank on onnxruntime's preferred channel grid
+whose relative error stays within `max_error`, among ranks that at least halve the layer's MACs; a
+layer where no such rank exists is left alone, with the reason. The error is the kernel's (no data
+needed) or, given an `ErrorOf` measured on sample inputs, the layer output's.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ MIN_AUTO_FLOP_GAIN = 2.0
 # asks for a cheap estimate (a few ALS sweeps), used to screen and search before the full solve.
 SolveMany = Callable[..., Sequence[object]]
 SCREEN_MARGIN = 0.05  # how much better than a quick estimate a full solve may do
+# error_of(site, per-group solver results) -> relative error of the layer (kernel or output).
+ErrorOf = Callable[[ConvSite, Sequence[object]], float]
 
 
 @dataclass
@@ -81,8 +84,10 @@ def plan_ranks(
     sites: Sequence[ConvSite],
     request: RankRequest,
     solve_many: SolveMany,
+    error_of: ErrorOf | None = None,
 ) -> dict[str, RankChoice]:
-    """Ranks and solver results for the eligible sites; sets `site.reason` on those left alone."""
+    """Ranks and solver results for the eligible sites; sets `site.reason` on those left alone.
+    error_of: what the automatic policy bounds by `request.max_error` (default: kernel error)."""
     fixed: dict[str, int] = {}
     automatic: list[ConvSite] = []
     notes: dict[str, str] = {}
@@ -101,7 +106,8 @@ def plan_ranks(
         else:
             fixed[site.name] = wanted
     choices = _solve_fixed(sites, fixed, solve_many, notes)
-    choices.update(_search_automatic(automatic, request.max_error, solve_many))
+    measure = _Measure(error_of or combined_error, "kernel error" if error_of is None else "output error")
+    choices.update(_search_automatic(automatic, request.max_error, solve_many, measure))
     _share_choices(sites, unique, choices)
     return choices
 
@@ -125,8 +131,15 @@ def _solve_fixed(sites, fixed: Mapping[str, int], solve_many: SolveMany, notes) 
     return {name: RankChoice(rank, solved[(name, rank)], notes.get(name)) for name, rank in fixed.items()}
 
 
-def _search_automatic(sites: Sequence[ConvSite], max_error: float, solve_many: SolveMany) -> dict[str, RankChoice]:
-    """Per layer, the smallest candidate rank whose kernel error meets the budget.
+@dataclass
+class _Measure:
+    error_of: ErrorOf
+    what: str  # "kernel error" / "output error", for the report
+
+
+def _search_automatic(sites: Sequence[ConvSite], max_error: float, solve_many: SolveMany,
+                      measure: _Measure) -> dict[str, RankChoice]:
+    """Per layer, the smallest candidate rank whose error meets the budget.
 
     Cheap first: a few ALS sweeps ("quick") at the top candidate screen out layers no rank can
     serve (3x3 kernels usually), a quick bisection finds the rank, and only the chosen rank is
@@ -138,37 +151,38 @@ def _search_automatic(sites: Sequence[ConvSite], max_error: float, solve_many: S
         if not candidates[site.name]:
             site.reason = f"no rank gives at least {MIN_AUTO_FLOP_GAIN:g}x fewer MACs"
     top = {n: len(c) - 1 for n, c in candidates.items() if c}
-    screened = _errors(by_name, candidates, top, solve_many, quick=True)
+    screened = _errors(by_name, candidates, top, solve_many, measure, quick=True)
     for name, (error, _) in screened.items():
         if error > max_error + SCREEN_MARGIN:
-            by_name[name].reason = (f"kernel error about {error:.2f} at rank {candidates[name][-1]}, the largest "
+            by_name[name].reason = (f"{measure.what} about {error:.2f} at rank {candidates[name][-1]}, the largest "
                                     f"rank that halves its MACs, exceeds the budget {max_error:g}")
     chosen = _quick_bisection(by_name, candidates, {n: i for n, i in top.items() if by_name[n].eligible},
-                              max_error, solve_many)
+                              max_error, solve_many, measure)
     best: dict[str, RankChoice] = {}
     while chosen:
-        full = _errors(by_name, candidates, chosen, solve_many, quick=False)
+        full = _errors(by_name, candidates, chosen, solve_many, measure, quick=False)
         retry = {}
         for name, (error, results) in full.items():
             if error <= max_error:
                 best[name] = RankChoice(candidates[name][chosen[name]], results,
-                                        f"smallest grid rank with kernel error <= {max_error:g}")
+                                        f"smallest grid rank with {measure.what} {error:.3f} <= {max_error:g}")
             elif chosen[name] + 1 < len(candidates[name]):
                 retry[name] = chosen[name] + 1
             else:
-                by_name[name].reason = (f"kernel error {error:.3f} at rank {candidates[name][-1]}, the largest "
+                by_name[name].reason = (f"{measure.what} {error:.3f} at rank {candidates[name][-1]}, the largest "
                                         f"rank that halves its MACs, exceeds the budget {max_error:g}")
         chosen = retry
     return best
 
 
-def _quick_bisection(by_name, candidates, tops: dict[str, int], max_error: float, solve_many) -> dict[str, int]:
+def _quick_bisection(by_name, candidates, tops: dict[str, int], max_error: float, solve_many,
+                     measure: _Measure) -> dict[str, int]:
     """Smallest candidate index whose quick error meets the budget (the top when none does)."""
     chosen = dict(tops)
     bounds = {name: [0, top - 1] for name, top in tops.items() if top > 0}
     while bounds:
         probes = {name: (lo + hi) // 2 for name, (lo, hi) in bounds.items()}
-        for name, (error, _) in _errors(by_name, candidates, probes, solve_many, quick=True).items():
+        for name, (error, _) in _errors(by_name, candidates, probes, solve_many, measure, quick=True).items():
             lo, hi = bounds[name]
             if error <= max_error:
                 chosen[name], hi = probes[name], probes[name] - 1
@@ -181,11 +195,12 @@ def _quick_bisection(by_name, candidates, tops: dict[str, int], max_error: float
     return chosen
 
 
-def _errors(by_name, candidates, index: dict[str, int], solve_many, quick: bool) -> dict[str, tuple[float, list]]:
-    """Kernel error and per-group results of each named layer at its candidate rank `index`."""
+def _errors(by_name, candidates, index: dict[str, int], solve_many, measure: _Measure,
+            quick: bool) -> dict[str, tuple[float, list]]:
+    """Error and per-group results of each named layer at its candidate rank `index`."""
     ranks = {name: candidates[name][i] for name, i in index.items()}
     solved = solve_layers([(by_name[name], rank) for name, rank in ranks.items()], solve_many, quick)
-    return {name: (combined_error(by_name[name], solved[(name, rank)]), solved[(name, rank)])
+    return {name: (measure.error_of(by_name[name], solved[(name, rank)]), solved[(name, rank)])
             for name, rank in ranks.items()}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -106,6 +106,25 @@ def ort_session(model: ir.Model, threads: int = 1) -> Iterator[ort.InferenceSess
     """An onnxruntime CPU session for an in-memory model."""
     with serialized(model) as source:
         yield _session(source, threads)
+
+
+def tensor_values(model: onnx.ModelProto, names: Sequence[str], input_name: str, inputs: np.ndarray,
+                  batch_size: int = 64) -> list[np.ndarray]:
+    """The intermediate tensors `names` of a one-input `model` on `inputs`, computed by onnxruntime
+    in batches (a name may be the input itself)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    wanted = [name for name in dict.fromkeys(names) if name != input_name]
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in wanted)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
+    if wanted:
+        with ort_session(ir.serde.deserialize_model(probe)) as session:
+            for start in range(0, len(inputs), batch_size):
+                for name, value in zip(wanted, session.run(wanted, {input_name: inputs[start:start + batch_size]})):
+                    parts[name].append(value)
+    values = {name: np.concatenate(chunks) for name, chunks in parts.items()}
+    return [inputs if name == input_name else values[name] for name in names]
 
 
 def check_model(model: ir.Model) -> None:

@@ -101,3 +101,13 @@ def tiny_cnn(seed: int = 0, num_classes: int = 10, channels: int = 16) -> onnx.M
         initializers,
     )
     return make_model(graph)
+
+
+def smooth_inputs(n: int, seed: int, channels: int = 3, size: int = 16) -> np.ndarray:
+    """N x C x size x size smooth images (random mixtures of the 9 lowest cosine modes per channel):
+    inputs whose patches span few directions, as real activations do, so that a low-rank chain can
+    fit a layer on them far better than it fits the kernel."""
+    u = np.cos(np.pi * np.arange(3)[:, None] * (np.arange(size) + 0.5) / size)  # 3 modes x pixels
+    modes = np.einsum("ay,bx->abyx", u, u).reshape(9, size, size)
+    weights = np.random.default_rng(seed).standard_normal((n, channels, 9))
+    return np.einsum("ncm,myx->ncyx", weights, modes).astype(np.float32)

@@ -20,16 +20,6 @@ torch.set_num_threads(1)
 RANK = 4
 
 
-def structured_inputs(n: int, seed: int) -> np.ndarray:
-    """N x 3 x 16 x 16 smooth images (random mixtures of the 9 lowest cosine modes per channel):
-    inputs whose patches span few directions, as real activations do, so that a low-rank chain can
-    fit the layer on them far better than it fits the kernel."""
-    u = np.cos(np.pi * np.arange(3)[:, None] * (np.arange(16) + 0.5) / 16)  # 3 modes x 16 pixels
-    modes = np.einsum("ay,bx->abyx", u, u).reshape(9, 16, 16)
-    weights = np.random.default_rng(seed).standard_normal((n, 3, 9))
-    return np.einsum("ncm,myx->ncyx", weights, modes).astype(np.float32)
-
-
 def layer_output(model: onnx.ModelProto, name: str, x: np.ndarray) -> np.ndarray:
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -54,14 +44,14 @@ def rewritten(original):
 
 @pytest.fixture(scope="module")
 def reconstructed(original, rewritten):
-    return reconstruct_layers(rewritten, original, structured_inputs(512, seed=0), steps=150, seed=0)
+    return reconstruct_layers(rewritten, original, model_factory.smooth_inputs(512, seed=0), steps=150, seed=0)
 
 
 def test_each_chain_fits_the_replaced_layer_on_unseen_inputs(original, rewritten, reconstructed):
     model, fits = reconstructed
     assert [f.layer for f in fits] == ["conv1", "conv2"]
     assert all(f.status == "fitted" and f.samples == 512 for f in fits)
-    held_out = structured_inputs(256, seed=1)
+    held_out = model_factory.smooth_inputs(256, seed=1)
     for fit, output in zip(fits, ["c1", "c2"]):
         target = layer_output(original, output, held_out)
         before = relative_error(layer_output(rewritten, output, held_out), target)
@@ -85,7 +75,7 @@ def test_only_chain_weights_change(rewritten, reconstructed):
 
 
 def test_reconstruction_is_deterministic(original, rewritten, reconstructed):
-    again, _ = reconstruct_layers(rewritten, original, structured_inputs(512, seed=0), steps=150, seed=0)
+    again, _ = reconstruct_layers(rewritten, original, model_factory.smooth_inputs(512, seed=0), steps=150, seed=0)
     assert again.SerializeToString() == reconstructed[0].SerializeToString()
 
 
@@ -94,7 +84,7 @@ def test_a_chain_whose_weights_are_shared_is_left_alone(original, rewritten):
     shared.CopyFrom(rewritten)
     shared.graph.node.append(helper.make_node("Identity", ["conv2/cp/out.weight"], ["w_copy"], name="reuse"))
     shared.graph.output.append(onnx.ValueInfoProto(name="w_copy"))
-    model, fits = reconstruct_layers(shared, original, structured_inputs(64, seed=0), steps=20)
+    model, fits = reconstruct_layers(shared, original, model_factory.smooth_inputs(64, seed=0), steps=20)
     by_layer = {f.layer: f for f in fits}
     assert by_layer["conv2"].status.startswith("skipped: weights shared")
     assert by_layer["conv1"].status == "fitted"
@@ -104,8 +94,8 @@ def test_a_chain_whose_weights_are_shared_is_left_alone(original, rewritten):
 
 
 def test_optimize_reconstructs_before_finetuning_and_reports_each_stage(original, tmp_path):
-    x = structured_inputs(256, seed=0)
-    np.savez(tmp_path / "eval.npz", x=structured_inputs(64, seed=1))
+    x = model_factory.smooth_inputs(256, seed=0)
+    np.savez(tmp_path / "eval.npz", x=model_factory.smooth_inputs(64, seed=1))
     result = onnx_cp.optimize(original, rank=RANK, workers=1, finetune_data=x, teacher_from_input=True,
                               finetune_options={"epochs": 1, "lr": 0.01}, eval_data=str(tmp_path / "eval.npz"),
                               reconstruct_steps=60)

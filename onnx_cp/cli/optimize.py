@@ -33,6 +33,8 @@ def register(subparsers) -> None:
                        "each layer's FLOP break-even")
     ranks.add_argument("--max-error", type=float, metavar="E", help="kernel relative error budget of the "
                        f"default rank policy (default {select.DEFAULT_MAX_ERROR})")
+    ranks.add_argument("--error-data", metavar="DATA", help="sample inputs (no labels needed): --max-error then "
+                       "bounds each layer's output error on them instead of its kernel error")
     ranks.add_argument("--target-speedup", type=float, metavar="X", help="choose ranks so that the whole "
                        "model's measured onnxruntime latency drops X times (exit 3 if impossible)")
     ranks.add_argument("--max-accuracy-drop", type=float, metavar="P", help="the fastest model whose accuracy "
@@ -91,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         layers=args.layers,
         exclude=args.exclude,
         max_error=args.max_error,
+        error_data=args.error_data,
         target_speedup=args.target_speedup,
         max_accuracy_drop=args.max_accuracy_drop,
         method=args.method,
@@ -215,7 +218,7 @@ def _measurement_lines(report: dict) -> list[str]:
             lines.append(f"accuracy search: predicted {step['predicted_speedup']:.2f}x -> "
                          f"accuracy drop {step['accuracy_drop']:.2f} points")
     if report.get("quantize"):
-        lines.append("quantized to INT8 (onnxruntime static quantization, QDQ, per-channel weights)")
+        lines.append(f"quantized to INT8 (onnxruntime static quantization, QDQ): {report['quantize']['scheme']}")
     fitted = [f for f in (report.get("reconstruction") or {}).get("layers", []) if f["status"] == "fitted"]
     if fitted:
         lines.append("layer-wise reconstruction (relative output error on the training data): " + ", ".join(

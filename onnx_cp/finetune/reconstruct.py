@@ -134,16 +134,8 @@ def _layer_data(student: onnx.ModelProto, teacher: onnx.ModelProto, input_name: 
 
 def _run_for(model: onnx.ModelProto, value: str, input_name: str, inputs: np.ndarray) -> np.ndarray:
     """The tensor `value` of `model` on `inputs`, computed by onnxruntime."""
-    if value == input_name:
-        return inputs
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    probe.graph.output.append(onnx.ValueInfoProto(name=value))
-    with verify.ort_session(ir.serde.deserialize_model(probe)) as session:
-        parts = [session.run(None, {input_name: inputs[i:i + _RUN_BATCH]})[0]
-                 for i in range(0, len(inputs), _RUN_BATCH)]
-    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+    (values,) = verify.tensor_values(model, [value], input_name, inputs, batch_size=_RUN_BATCH)
+    return np.ascontiguousarray(values, dtype=np.float32)
 
 
 def _fit_chain(model: onnx.ModelProto, chain: _Chain, x: np.ndarray, y: np.ndarray, *, steps: int, lr: float,

@@ -1,0 +1,74 @@
+"""Layer-output error: how far a CP approximation moves a layer's outputs on sample inputs.
+
+Kernel error is a proxy. With sample inputs the error that matters is the layer's output error on
+the activations it really sees, ||conv(X, K - K_cp)|| / ||conv(X, K) + b||, and that is often far
+smaller: trained layers see inputs that span few directions. A Conv is linear in its kernel, so
+one onnxruntime Conv of the kernel difference gives the numerator exactly, with the layer's own
+strides, pads, dilations and groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnx_cp import verify
+from onnx_cp.errors import OnnxCpError
+from onnx_cp.layer_cost import LayerShape, single_conv_model
+from onnx_cp.rewrite import ConvSite, constant_array, reconstruct
+
+DEFAULT_SAMPLES = 256
+# The activations feeding every eligible layer are held in memory: fewer samples for big maps.
+MEMORY_BYTES = 1 << 30
+MIN_SAMPLES = 8
+
+
+class OutputError:
+    """error(site, per-group solver results) -> the layer's relative output error on the samples.
+
+    The original model runs once on the samples to collect each eligible layer's input."""
+
+    def __init__(self, model: ir.Model, sites: Sequence[ConvSite], inputs: np.ndarray) -> None:
+        proto = ir.to_proto(model)
+        initializers = {v.name for v in proto.graph.initializer}
+        names = [v.name for v in proto.graph.input if v.name not in initializers]
+        if len(names) != 1:
+            raise OnnxCpError(f"layer-output errors need a model with one input; this one has {names}")
+        self.sites = [s for s in sites if s.eligible]
+        feeds = [s.node.inputs[0].name for s in self.sites]
+        inputs = np.ascontiguousarray(inputs, dtype=np.float32)
+        one = verify.tensor_values(proto, feeds, names[0], inputs[:1])
+        n = int(np.clip(MEMORY_BYTES // max(sum(v.nbytes for v in one), 1), MIN_SAMPLES, len(inputs)))
+        self.samples = min(n, len(inputs))
+        values = verify.tensor_values(proto, feeds, names[0], inputs[:self.samples])
+        self.activations = {s.name: v.astype(np.float32) for s, v in zip(self.sites, values)}
+        self.output_norms = {s.name: self._output_norm(s) for s in self.sites}
+
+    def __call__(self, site: ConvSite, group_results: Sequence[object]) -> float:
+        approx = np.concatenate([reconstruct(r.factors) for r in group_results])
+        difference = self._conv(site, site.kernel.astype(np.float64) - approx)
+        norm = self.output_norms[site.name]
+        return float(np.linalg.norm(difference)) / norm if norm > 0 else 0.0
+
+    def _output_norm(self, site: ConvSite) -> float:
+        output = self._conv(site, site.kernel)
+        bias = _bias(site)
+        if bias is not None:
+            output += bias.reshape(1, -1, *([1] * (output.ndim - 2)))
+        return float(np.linalg.norm(output))
+
+    def _conv(self, site: ConvSite, kernel: np.ndarray) -> np.ndarray:
+        x = self.activations[site.name]
+        shape = dataclasses.replace(LayerShape.of(site), input_hw=tuple(x.shape[2:]))
+        model = single_conv_model(shape, kernel=kernel, batch="N")
+        (output,) = verify.tensor_values(model, ["y"], "x", x)
+        return output.astype(np.float64)
+
+
+def _bias(site: ConvSite) -> np.ndarray | None:
+    if len(site.node.inputs) < 3 or site.node.inputs[2] is None:
+        return None
+    return constant_array(site.node.inputs[2])

@@ -1,0 +1,72 @@
+"""--max-error on layer outputs: the error measured on sample inputs is the layer's real output
+error (checked against the rewritten model in onnxruntime), it is far below the kernel error on
+inputs that span few directions, and the default policy then picks smaller ranks."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+import model_factory
+import onnx_cp
+from onnx_cp import verify
+from onnx_cp.cli import main as cli_main
+from onnx_cp.cp import decompose
+from onnx_cp.layer_error import OutputError
+from onnx_cp.rewrite import find_conv_sites
+
+
+def conv_output(model: onnx.ModelProto, value: str, x: np.ndarray) -> np.ndarray:
+    return verify.tensor_values(model, [value], "x", x)[0]
+
+
+@pytest.fixture(scope="module")
+def layer():
+    """A 5x5 Conv whose kernel is rank 4 on input channels 0-3 plus noise on channels 4-7, which
+    the data never excites (dead channels): far from low rank as a kernel, exactly rank 4 on the
+    data; the inputs are smooth images on channels 0-3."""
+    low = model_factory.low_rank_kernel(16, 4, 5, 5, rank=4, seed=0)
+    noise = np.random.default_rng(0).standard_normal((16, 4, 5, 5))
+    kernel = np.concatenate([low / np.linalg.norm(low), 0.6 * noise / np.linalg.norm(noise)], axis=1)
+    bias = np.random.default_rng(1).standard_normal(16).astype(np.float32)
+    model = model_factory.conv_model(kernel.astype(np.float32), bias, input_shape=["N", 8, 16, 16], pads=[2, 2, 2, 2])
+    x = model_factory.smooth_inputs(64, seed=0, channels=8)
+    x[:, 4:] = 0
+    return model, x
+
+
+def test_output_error_is_the_rewritten_layers_output_error(layer):
+    original, x = layer
+    model = ir.from_proto(original)
+    site, = find_conv_sites(model, {"x": [1, 8, 16, 16], "y": [1, 16, 16, 16]})
+    error_of = OutputError(model, [site], x)
+    results = [decompose(k, 8, seed=0) for k in site.group_kernels()]
+    measured = error_of(site, results)
+
+    rewritten = onnx_cp.optimize(original, rank=8, decomposer=lambda k, r: results[0], workers=1).model
+    target = conv_output(original, "y", x)
+    actual = np.linalg.norm(conv_output(rewritten, "y", x) - target) / np.linalg.norm(target)
+    assert measured == pytest.approx(actual, rel=1e-3)
+    assert measured < 0.2 * results[0].rel_error  # the error sits where the data never looks
+
+
+def test_default_policy_on_outputs_takes_ranks_the_kernel_error_refuses(layer, tmp_path):
+    original, x = layer
+    np.savez(tmp_path / "samples.npz", x=x)
+    on_kernel = onnx_cp.optimize(original, max_error=0.2, workers=1).report
+    on_outputs = onnx_cp.optimize(original, max_error=0.2, error_data=str(tmp_path / "samples.npz"), workers=1).report
+    assert on_kernel["layers"][0]["status"] == "skipped" and "kernel error" in on_kernel["layers"][0]["reason"]
+    row = on_outputs["layers"][0]
+    assert row["status"] == "decomposed" and row["rank"] <= 8 and "output error" in row["note"]
+    assert on_outputs["settings"]["max_error_on"] == "layer outputs"
+
+
+def test_error_data_with_explicit_ranks_is_a_usage_error(layer, tmp_path):
+    original, x = layer
+    onnx.save(original, tmp_path / "m.onnx")
+    np.savez(tmp_path / "samples.npz", x=x)
+    code = cli_main(["optimize", str(tmp_path / "m.onnx"), str(tmp_path / "o.onnx"), "--rank", "4",
+                     "--error-data", str(tmp_path / "samples.npz")])
+    assert code == 2 and not (tmp_path / "o.onnx").exists()
