@@ -27,7 +27,7 @@ from onnx_cp.select import RankChoice, SolveMany, combined_error, preferred_chan
 
 # Only ranks that cut a layer's MACs by at least this much are worth measuring.
 MIN_OPTION_GAIN = 1.5
-SPEEDUP_ATTEMPTS = 4
+SPEEDUP_ATTEMPTS = 6
 SPEEDUP_SLACK = 0.1  # a measured speed-up this far above the target is close enough
 ACCURACY_BISECTION_STEPS = 5
 
@@ -157,13 +157,14 @@ def search_speedup(
     goal = min(target, limit)
     for attempt in range(1, SPEEDUP_ATTEMPTS + 1):
         plan = plan_for_time(menus, timing.total_ms / goal * (1 + 1e-9), rest)
-        if plan is None:
-            break
+        ranks = {n: o.rank for n, o in plan.items()} if plan is not None else None
+        if plan is None or any(t["ranks"] == ranks for t in trace):
+            break  # nothing fits, or this plan was measured already
         model = build(to_choices(plan, ""))
         measured = measure_speedup(model)
         predicted = timing.total_ms / (rest + sum(o.ms for o in plan.values()))
         trace.append({"attempt": attempt, "aimed_at": goal, "predicted": predicted, "measured": measured,
-                      "ranks": {n: o.rank for n, o in plan.items()}})
+                      "ranks": ranks})
         if measured >= target:
             error = sum(weights[n] * o.error for n, o in plan.items())
             if best is None or error < best[0]:
@@ -172,9 +173,7 @@ def search_speedup(
                 break  # close to the target: little accuracy left to win back
         elif goal >= limit:
             break  # the fastest options are already measured short
-        # Predictions are off by what the whole model adds or hides: correct the aim by the
-        # measured ratio, higher when the model fell short, lower to win accuracy when it overshot.
-        next_goal = min(goal * target / measured, limit)
+        next_goal = min(_next_goal(trace, target), limit)
         if abs(next_goal - goal) <= 1e-3 * goal:
             break
         goal = next_goal
@@ -184,6 +183,23 @@ def search_speedup(
     raise BudgetError(
         f"no ranks reach a {target:g}x speed-up: the fastest options predict {limit:.2f}x"
         + (f", the best measured model reached {measured_best:.2f}x" if measured_best else ""))
+
+
+def _next_goal(trace: list[dict], target: float) -> float:
+    """Where to aim next. Predictions are off by what the whole model adds or hides, so the aim is
+    corrected by measurements: scaled by target / measured from the last attempt until one attempt
+    falls short and another overshoots, then interpolated (log-log) between the closest two, as the
+    measured speed-up grows with the aim but not in proportion."""
+    short = [t for t in trace if t["measured"] < target]
+    fast = [t for t in trace if t["measured"] >= target]
+    if short and fast:
+        low = max(short, key=lambda t: t["aimed_at"])
+        high = min(fast, key=lambda t: t["aimed_at"])
+        if low["aimed_at"] < high["aimed_at"] and low["measured"] < high["measured"]:
+            fraction = math.log(target / low["measured"]) / math.log(high["measured"] / low["measured"])
+            return low["aimed_at"] * (high["aimed_at"] / low["aimed_at"]) ** fraction
+    last = trace[-1]
+    return last["aimed_at"] * target / last["measured"]
 
 
 def accuracy_drop(baseline: dict, candidate: dict) -> float:

@@ -79,6 +79,22 @@ def test_speedup_search_relaxes_when_it_overshoots_and_keeps_the_most_accurate()
     assert {n: c.rank for n, c in choices.items()} == built[1]
 
 
+def test_speedup_search_interpolates_once_it_has_bracketed_the_target():
+    timing = Timing(total_ms=14.0, layer_ms={"big": 10.0, "small": 2.0})
+    measured = iter([4.0, 1.5, 2.1])  # overshoots, then falls short: the target lies between
+    built = []
+
+    def build(choices):
+        built.append({n: c.rank for n, c in choices.items()})
+        return len(built)
+
+    choices, model, trace = search_speedup(MENUS, timing, 2.0, build, lambda m: next(measured))
+    aims = [t["aimed_at"] for t in trace]
+    assert len(trace) == 3 and aims[1] < aims[2] < aims[0]
+    assert len({str(b) for b in built}) == 3  # three different plans measured
+    assert model == 3 and {n: c.rank for n, c in choices.items()} == built[2]
+
+
 def test_speedup_search_raises_budget_error_when_out_of_reach():
     timing = Timing(total_ms=14.0, layer_ms={"big": 10.0, "small": 2.0})
     with pytest.raises(BudgetError, match="no ranks reach"):
