@@ -23,9 +23,9 @@ from onnx_cp.rewrite import ConvSite, CPConvPass, conv_attributes, find_conv_sit
 
 CACHE_ENV = "ONNX_CP_CACHE_DIR"
 _RUNS = 40
-# Part of the cache key: bump it when the chain's structure changes, so ratios measured on the old
-# structure are not reused (2: one-input-channel Convs get a three-conv chain).
-_CHAIN_LAYOUT = 2
+# Part of the cache key: bump it when the chain's structure or the way it is timed changes, so old
+# ratios are not reused (2: one-input-channel Convs get a three-conv chain; 3: timed in blocks).
+_CACHE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class LayerShape:
 def chain_time_ratios(shape: LayerShape, ranks: Sequence[int], *, threads: int = 1) -> dict[int, float]:
     """Latency of the CP chain at each rank divided by the Conv's (cached)."""
     cache = _Cache.open()
-    prefix = f"{_machine_key(threads)}|chain{_CHAIN_LAYOUT}|{shape.key()}"
+    prefix = f"{_machine_key(threads)}|v{_CACHE_VERSION}|{shape.key()}"
     missing = [r for r in ranks if f"{prefix}|{r}" not in cache.data]
     if missing:
         conv = single_conv_model(shape)

@@ -43,6 +43,19 @@ def test_fields_and_sane_values(pair):
     assert "original" in table and "optimized" in table and "median ms" in table
 
 
+def test_runs_go_in_blocks_each_after_an_unrecorded_run(pair, monkeypatch):
+    from onnx_cp.measure import latency
+
+    calls = []
+    real_run = latency.run
+    monkeypatch.setattr(latency, "run", lambda session, feed, name: calls.append(name) or real_run(session, feed, name))
+    result = benchmark_latency(pair, runs=7, warmup=2, block=3)
+    assert result["block"] == 3 and all(m["runs"] == 7 for m in result["models"])
+    a, b = pair
+    # warm-up, then per round: one unrecorded run and the block, model after model (3 + 3 + 1)
+    assert calls == [a] * 2 + [b] * 2 + [a] * 4 + [b] * 4 + [a] * 4 + [b] * 4 + [a] * 2 + [b] * 2
+
+
 def test_accepts_protos_batch_threads_and_levels():
     models = [model_factory.tiny_cnn(), model_factory.tiny_cnn(seed=1)]
     result = benchmark_latency(models, runs=2, warmup=0, batch=3, threads="all",
@@ -66,6 +79,7 @@ def test_input_shape_overrides_batch():
     ({"input_shapes": {"x": [1, 3, 20, 20]}}, "does not fit"),
     ({"input_shapes": {"x": [1, 3, 16]}}, "does not fit"),
     ({"runs": 0}, "runs"),
+    ({"block": 0}, "block"),
     ({"threads": -2}, "threads"),
     ({"threads": "many"}, "threads"),
 ])

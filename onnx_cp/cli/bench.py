@@ -25,6 +25,8 @@ def register(subparsers) -> None:
                    help="shape of an input, e.g. x:1,3,224,224 (repeatable; overrides --batch)")
     p.add_argument("--runs", type=int, default=100, metavar="K", help="timed runs per model (default 100)")
     p.add_argument("--warmup", type=int, default=10, metavar="W", help="untimed runs first (default 10)")
+    p.add_argument("--block", type=int, default=10, metavar="N", help="timed runs of one model in a row, "
+                   "after one untimed run, before the next model's (default 10; 1 = run by run)")
     p.add_argument("--optimization", choices=["all", "extended", "basic", "none"], default="all",
                    help="onnxruntime graph optimization level (default all = ORT_ENABLE_ALL)")
     p.add_argument("--profile", action="store_true",
@@ -47,7 +49,7 @@ def _run(args: argparse.Namespace) -> int:
     shapes = parse_input_shapes(args.input_shape)
     result = benchmark_latency(
         args.models, threads=args.threads, batch=args.batch, input_shapes=shapes,
-        runs=args.runs, warmup=args.warmup, optimization=args.optimization,
+        runs=args.runs, warmup=args.warmup, block=args.block, optimization=args.optimization,
     )
     if args.profile:
         result["profile"] = {

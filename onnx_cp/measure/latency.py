@@ -1,7 +1,11 @@
 """onnxruntime CPU latency of one or more models, measured side by side.
 
-Runs are interleaved (A B A B ...) after a warm-up, so that a noisy, shared machine slows every
-model alike and the ratios stay meaningful even when absolute times drift."""
+Runs are interleaved in blocks (A A A ... B B B ... A A A ...) after a warm-up, so that a noisy,
+shared machine slows every model alike and the ratios stay meaningful even when absolute times
+drift. Blocks, not single runs: a big model evicts a small one's weights and buffers from the CPU
+caches, so with A B A B the model run after a big one is measured cold (charnet's CP model ran
+1.3x slower right after the original than right after itself). Each block starts with one
+unrecorded run, so every model is measured as it runs in service, warm."""
 
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from onnx_cp.progress import bar
 
 DEFAULT_RUNS = 100
 DEFAULT_WARMUP = 10
+DEFAULT_BLOCK = 10  # recorded runs of one model in a row
 NOISY_SPREAD = 1.5  # p90 / p10 above this: the table says the numbers are noisy
 
 
@@ -42,17 +47,20 @@ def benchmark_latency(
     optimization: str = "all",
     names: Sequence[str] | None = None,
     seed: int = 0,
+    block: int = DEFAULT_BLOCK,
 ) -> dict:
     """Median / p10 / p90 latency (ms) of each model and its ratio to the first model.
 
     threads: onnxruntime intra-op threads (inter-op is 1, execution sequential); 0 or "all" =
     every core. optimization: "all" (ORT_ENABLE_ALL), "extended", "basic" or "none".
+    block: recorded runs of one model in a row, after one unrecorded run (see the module docstring).
     Returns the `onnx-cp bench` JSON (see README)."""
     models = _as_list(models)
     if not models:
         raise UsageError("no model to benchmark")
-    if runs < 1 or warmup < 0:
-        raise UsageError(f"runs must be >= 1 and warmup >= 0 (got runs={runs}, warmup={warmup})")
+    if runs < 1 or warmup < 0 or block < 1:
+        raise UsageError(f"runs and block must be >= 1 and warmup >= 0 (got runs={runs}, warmup={warmup}, "
+                         f"block={block})")
     threads = resolve_threads(threads)
     labels = _labels(models, names)
     loaded = [load(m, label) for m, label in zip(models, labels)]
@@ -61,16 +69,22 @@ def benchmark_latency(
     sessions = [make_session(m, options) for m in loaded]
     feeds = [measured_feeds(m.ir_model, input_shapes, batch, seed) for m in loaded]
 
-    times = [[] for _ in loaded]
+    times: list[list[float]] = [[] for _ in loaded]
     progress = bar(warmup + runs, desc="benchmarking")
-    for step in range(warmup + runs):
-        for i, (session, feed) in enumerate(zip(sessions, feeds)):
-            start = time.perf_counter()
+    for i, (session, feed) in enumerate(zip(sessions, feeds)):
+        for _ in range(warmup):
             run(session, feed, loaded[i].path or loaded[i].label)
-            elapsed = time.perf_counter() - start
-            if step >= warmup:
-                times[i].append(elapsed * 1e3)
-        progress.update(1)
+    progress.update(warmup)
+    while len(times[0]) < runs:
+        count = min(block, runs - len(times[0]))
+        for i, (session, feed) in enumerate(zip(sessions, feeds)):
+            name = loaded[i].path or loaded[i].label
+            run(session, feed, name)  # back in the caches after the other models
+            for _ in range(count):
+                start = time.perf_counter()
+                run(session, feed, name)
+                times[i].append((time.perf_counter() - start) * 1e3)
+        progress.update(count)
     progress.close()
 
     results = []
@@ -103,7 +117,8 @@ def benchmark_latency(
         "optimization_level": str(options.graph_optimization_level).split(".")[-1],
         "runs": runs,
         "warmup": warmup,
-        "order": "interleaved",
+        "block": block,
+        "order": "interleaved blocks",
         "onnxruntime": ort.__version__,
         "provider": "CPUExecutionProvider",
         "machine": _machine(),
@@ -168,7 +183,7 @@ def format_table(result: dict) -> str:
         lines.append(f"note: p90/p10 up to {spread:.1f}x: the machine is busy and long runs are "
                      f"preempted more often; compare the p10 columns too, or rerun when it is quiet")
     lines.append(
-        f"({result['runs']} interleaved runs after {result['warmup']} warm-up, "
+        f"({result['runs']} runs in interleaved blocks of {result.get('block', 1)} after {result['warmup']} warm-up, "
         f"{result['threads']} thread(s), batch {result['batch']}, "
         f"graph optimization {result['optimization']}, onnxruntime {result['onnxruntime']})"
     )
