@@ -14,7 +14,7 @@ reports on the held-out test split (fonts never seen in training or selection):
 - a table (results/paper.md), the raw numbers (results/paper.json) and a plot (results/paper.png);
 - the optimized model as models/charnet-cp.onnx with its report (models/charnet-cp.md).
 
-    python benchmarks/reproduce_paper.py            # about 35 minutes on 2 cores
+    python benchmarks/reproduce_paper.py            # about 20 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--train-n", type=int, default=40_000)
     parser.add_argument("--val-n", type=int, default=4_000)
     parser.add_argument("--test-n", type=int, default=10_000)
-    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--runs", type=int, default=300, help="latency runs per model")
     parser.add_argument("--cache", default="/tmp/onnx-cp-paper", help="generated data (not committed)")

@@ -29,6 +29,9 @@ from onnx_cp.select import RankChoice, SolveMany, combined_error, preferred_chan
 MIN_OPTION_GAIN = 1.5
 SPEEDUP_ATTEMPTS = 6
 SPEEDUP_SLACK = 0.1  # a measured speed-up this far above the target is close enough
+# Aim this far above the target, so that the model still meets it when measured again on a noisy
+# machine (charnet: the search measured 8.56x for an 8.5x target, a later benchmark 8.42x).
+SPEEDUP_MARGIN = 0.03
 ACCURACY_BISECTION_STEPS = 5
 
 BuildModel = Callable[[dict[str, RankChoice]], ir.Model]
@@ -153,8 +156,9 @@ def search_speedup(
     limit = timing.total_ms / fastest_time(menus, rest)
     weights = {m.site.name: m.weight for m in menus}
     trace: list[dict] = []
-    best = None  # (weighted error, plan, model) of the most accurate plan measured fast enough
-    goal = min(target, limit)
+    required = target * (1 + SPEEDUP_MARGIN)
+    best = None  # ((short of the margin, weighted error), plan, model): the best plan measured fast enough
+    goal = min(required, limit)
     for attempt in range(1, SPEEDUP_ATTEMPTS + 1):
         plan = plan_for_time(menus, timing.total_ms / goal * (1 + 1e-9), rest)
         ranks = {n: o.rank for n, o in plan.items()} if plan is not None else None
@@ -166,14 +170,14 @@ def search_speedup(
         trace.append({"attempt": attempt, "aimed_at": goal, "predicted": predicted, "measured": measured,
                       "ranks": ranks})
         if measured >= target:
-            error = sum(weights[n] * o.error for n, o in plan.items())
-            if best is None or error < best[0]:
-                best = (error, plan, model)
-            if measured < target * (1 + SPEEDUP_SLACK):
+            key = (measured < required, sum(weights[n] * o.error for n, o in plan.items()))
+            if best is None or key < best[0]:
+                best = (key, plan, model)
+            if required <= measured < required * (1 + SPEEDUP_SLACK):
                 break  # close to the target: little accuracy left to win back
         elif goal >= limit:
             break  # the fastest options are already measured short
-        next_goal = min(_next_goal(trace, target), limit)
+        next_goal = min(_next_goal(trace, required), limit)
         if abs(next_goal - goal) <= 1e-3 * goal:
             break
         goal = next_goal
