@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -262,12 +263,19 @@ class _Tuner:
         }
         return ir.from_proto(tuned.model)
 
-    def _reconstructed(self, rewritten: ir.Model, report: dict) -> ir.Model:
+    @functools.cached_property
+    def _reconstruction_inputs(self) -> np.ndarray:
+        """Read once: an accuracy search reconstructs every candidate it fine-tunes."""
         from onnx_cp.data import first_inputs
-        from onnx_cp.finetune.reconstruct import DEFAULT_SAMPLES, fits_report, reconstruct_layers
+        from onnx_cp.finetune.reconstruct import DEFAULT_SAMPLES
+
+        return first_inputs(self.train, DEFAULT_SAMPLES)
+
+    def _reconstructed(self, rewritten: ir.Model, report: dict) -> ir.Model:
+        from onnx_cp.finetune.reconstruct import fits_report, reconstruct_layers
 
         started = time.perf_counter()
-        proto, fits = reconstruct_layers(rewritten, self.run.original, first_inputs(self.train, DEFAULT_SAMPLES),
+        proto, fits = reconstruct_layers(rewritten, self.run.original, self._reconstruction_inputs,
                                          steps=self.reconstruct_steps, seed=self.run.seed)
         report["reconstruction"] = {"layers": fits_report(fits), "steps": self.reconstruct_steps,
                                     "seconds": round(time.perf_counter() - started, 3)}

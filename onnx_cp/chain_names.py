@@ -3,6 +3,11 @@ layer they replaced (profiles, reports, fine-tuning)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TypeVar
+
+N = TypeVar("N")
+
 STAGES = ("in", "vertical", "horizontal", "out")
 SEPARATOR = "/cp/"
 LAYER_METADATA_KEY = "onnx_cp.layer"
@@ -23,3 +28,17 @@ def layer_of(name: str) -> str:
         return head
     return name
 
+
+
+def find_chains(nodes: Iterable[N]) -> dict[str, list[N]]:
+    """The CP chains among `nodes` (anything with a .name: onnx NodeProtos or onnx_ir Nodes), by
+    layer in graph order, each as its stage nodes in chain order: four, or three when the input
+    stage was folded into the vertical one. Incomplete chains are left out."""
+    by_layer: dict[str, dict[str, N]] = {}
+    for node in nodes:
+        name = node.name or ""
+        layer = layer_of(name)
+        if layer != name:
+            by_layer.setdefault(layer, {})[name.rpartition(SEPARATOR)[2]] = node
+    return {layer: [stages[s] for s in STAGES if s in stages] for layer, stages in by_layer.items()
+            if set(stages) - {"in"} == set(STAGES[1:])}

@@ -16,7 +16,6 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_cp import verify
-from onnx_cp.errors import OnnxCpError
 from onnx_cp.layer_cost import LayerShape, single_conv_model
 from onnx_cp.rewrite import ConvSite, constant_array, reconstruct
 
@@ -32,20 +31,17 @@ class OutputError:
     The original model runs once on the samples to collect each eligible layer's input."""
 
     def __init__(self, model: ir.Model, sites: Sequence[ConvSite], inputs: np.ndarray) -> None:
+        input_name = verify.single_input(model, "layer-output errors")
         proto = ir.to_proto(model)
-        initializers = {v.name for v in proto.graph.initializer}
-        names = [v.name for v in proto.graph.input if v.name not in initializers]
-        if len(names) != 1:
-            raise OnnxCpError(f"layer-output errors need a model with one input; this one has {names}")
-        self.sites = [s for s in sites if s.eligible]
-        feeds = [s.node.inputs[0].name for s in self.sites]
+        eligible = [s for s in sites if s.eligible]
+        feeds = [s.node.inputs[0].name for s in eligible]
         inputs = np.ascontiguousarray(inputs, dtype=np.float32)
-        one = verify.tensor_values(proto, feeds, names[0], inputs[:1])
+        one = verify.tensor_values(proto, feeds, input_name, inputs[:1])
         n = int(np.clip(MEMORY_BYTES // max(sum(v.nbytes for v in one), 1), MIN_SAMPLES, len(inputs)))
         self.samples = min(n, len(inputs))
-        values = verify.tensor_values(proto, feeds, names[0], inputs[:self.samples])
-        self.activations = {s.name: v.astype(np.float32) for s, v in zip(self.sites, values)}
-        self.output_norms = {s.name: self._output_norm(s) for s in self.sites}
+        values = verify.tensor_values(proto, feeds, input_name, inputs[:self.samples])
+        self.activations = {s.name: v.astype(np.float32) for s, v in zip(eligible, values)}
+        self.output_norms = {s.name: self._output_norm(s) for s in eligible}
 
     def __call__(self, site: ConvSite, group_results: Sequence[object]) -> float:
         approx = np.concatenate([reconstruct(r.factors) for r in group_results])

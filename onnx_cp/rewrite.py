@@ -240,20 +240,21 @@ class CPConvPass(ir.passes.InPlacePass):
         bias = conv.inputs[2] if len(conv.inputs) > 2 else None
         vertical_pads = [attrs["pads"][0], 0, attrs["pads"][2], 0]
         horizontal_pads = [0, attrs["pads"][1], 0, attrs["pads"][3]]
-        stages = [
-            ("vertical", [None, weights[-3]], {
-                "group": 1 if site.folds_input_stage else channels, "strides": [attrs["strides"][0], 1],
-                "dilations": [attrs["dilations"][0], 1], **_padding(attrs, vertical_pads)}),
-            ("horizontal", [None, weights[-2]], {
-                "group": channels, "strides": [1, attrs["strides"][1]],
-                "dilations": [1, attrs["dilations"][1]], **_padding(attrs, horizontal_pads)}),
-            ("out", [None, weights[-1]] + ([bias] if bias is not None else []), {"group": site.group}),
-        ]
-        if not site.folds_input_stage:
-            stages.insert(0, ("in", [None, weights[0]], {"group": site.group}))
+        stages = {
+            "in": {"group": site.group},
+            "vertical": {"group": 1 if site.folds_input_stage else channels, "strides": [attrs["strides"][0], 1],
+                         "dilations": [attrs["dilations"][0], 1], **_padding(attrs, vertical_pads)},
+            "horizontal": {"group": channels, "strides": [1, attrs["strides"][1]],
+                           "dilations": [1, attrs["dilations"][1]], **_padding(attrs, horizontal_pads)},
+            "out": {"group": site.group},
+        }
+        if site.folds_input_stage:
+            del stages["in"]
         nodes: list[ir.Node] = []
-        for (stage, inputs, stage_attrs), weight in zip(stages, weights):
-            inputs[0] = nodes[-1].outputs[0] if nodes else x
+        for (stage, stage_attrs), weight in zip(stages.items(), weights):
+            inputs = [nodes[-1].outputs[0] if nodes else x, weight]
+            if stage == "out" and bias is not None:
+                inputs.append(bias)
             kernel_shape = list(weight.const_value.shape[2:])
             node = ir.node(
                 "Conv",

@@ -108,23 +108,39 @@ def ort_session(model: ir.Model, threads: int = 1) -> Iterator[ort.InferenceSess
         yield _session(source, threads)
 
 
-def tensor_values(model: onnx.ModelProto, names: Sequence[str], input_name: str, inputs: np.ndarray,
-                  batch_size: int = 64) -> list[np.ndarray]:
-    """The intermediate tensors `names` of a one-input `model` on `inputs`, computed by onnxruntime
-    in batches (a name may be the input itself)."""
+def iter_tensor_values(model: onnx.ModelProto, names: Sequence[str], input_name: str,
+                       batches: Iterable[np.ndarray]) -> Iterator[list[np.ndarray]]:
+    """The intermediate tensors `names` of a one-input `model`, batch by batch, computed by one
+    onnxruntime session (a name may be the input itself)."""
+    wanted = [name for name in dict.fromkeys(names) if name != input_name]
+    if not wanted:
+        for batch in batches:
+            yield [batch] * len(names)
+        return
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.output[:]
-    wanted = [name for name in dict.fromkeys(names) if name != input_name]
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in wanted)
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
-    if wanted:
-        with ort_session(ir.serde.deserialize_model(probe)) as session:
-            for start in range(0, len(inputs), batch_size):
-                for name, value in zip(wanted, session.run(wanted, {input_name: inputs[start:start + batch_size]})):
-                    parts[name].append(value)
-    values = {name: np.concatenate(chunks) for name, chunks in parts.items()}
-    return [inputs if name == input_name else values[name] for name in names]
+    with ort_session(ir.serde.deserialize_model(probe)) as session:
+        for batch in batches:
+            values = dict(zip(wanted, session.run(wanted, {input_name: batch})))
+            yield [batch if name == input_name else values[name] for name in names]
+
+
+def tensor_values(model: onnx.ModelProto, names: Sequence[str], input_name: str, inputs: np.ndarray,
+                  batch_size: int = 64) -> list[np.ndarray]:
+    """The intermediate tensors `names` of a one-input `model` on all of `inputs`."""
+    batches = (inputs[start:start + batch_size] for start in range(0, len(inputs), batch_size))
+    parts = list(iter_tensor_values(model, names, input_name, batches))
+    return [np.concatenate([part[i] for part in parts]) for i in range(len(names))]
+
+
+def single_input(model: ir.Model, purpose: str) -> str:
+    """The name of the model's only real input (initializers listed as inputs do not count)."""
+    inputs = [v.name for v in _real_inputs(model)]
+    if len(inputs) != 1:
+        raise OnnxCpError(f"{purpose} needs a model with one input; this one has {inputs}")
+    return inputs[0]
 
 
 def check_model(model: ir.Model) -> None:

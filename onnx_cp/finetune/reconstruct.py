@@ -29,7 +29,6 @@ DEFAULT_STEPS = 300
 DEFAULT_SAMPLES = 4096
 # Inputs and targets of one layer are held in memory; fewer samples for layers with big maps.
 MEMORY_BYTES = 1 << 30
-_RUN_BATCH = 64
 
 
 @dataclass
@@ -70,7 +69,7 @@ def reconstruct_layers(
         raise OnnxCpError(f"reconstruction steps must be positive, got {steps}")
     student = proto_copy(model)
     teacher = proto_copy(original)
-    input_name = _single_input(student)
+    input_name = verify.single_input(ir.serde.deserialize_model(student), "layer-wise reconstruction")
     inputs = np.ascontiguousarray(inputs, dtype=np.float32)
     fits = []
     chains = _chains(student)
@@ -96,18 +95,8 @@ def fits_report(fits: list[ChainFit]) -> list[dict]:
 
 def _chains(model: onnx.ModelProto) -> list[_Chain]:
     """The CP chains of the graph in graph order (the rewrite names their nodes)."""
-    by_layer: dict[str, dict[str, onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        layer = chain_names.layer_of(node.name)
-        if layer != node.name:
-            by_layer.setdefault(layer, {})[node.name.rpartition(chain_names.SEPARATOR)[2]] = node
-    chains = []
-    for layer, stages in by_layer.items():
-        if set(stages) - {"in"} != set(chain_names.STAGES[1:]):  # the input stage may be folded
-            continue
-        nodes = [stages[s] for s in chain_names.STAGES if s in stages]
-        chains.append(_Chain(layer, nodes, nodes[0].input[0], nodes[-1].output[0]))
-    return chains
+    return [_Chain(layer, nodes, nodes[0].input[0], nodes[-1].output[0])
+            for layer, nodes in chain_names.find_chains(model.graph.node).items()]
 
 
 def _unfit_reason(model: onnx.ModelProto, chain: _Chain) -> str | None:
@@ -125,17 +114,12 @@ def _layer_data(student: onnx.ModelProto, teacher: onnx.ModelProto, input_name: 
                 chain: _Chain) -> tuple[np.ndarray, np.ndarray]:
     """The chain's inputs in the (partly reconstructed) student and the original layer's outputs,
     on as many samples as fit in MEMORY_BYTES."""
-    first_x = _run_for(student, chain.input, input_name, inputs[:1])
-    first_y = _run_for(teacher, chain.output, input_name, inputs[:1])
+    (first_x,) = verify.tensor_values(student, [chain.input], input_name, inputs[:1])
+    (first_y,) = verify.tensor_values(teacher, [chain.output], input_name, inputs[:1])
     n = max(1, min(len(inputs), MEMORY_BYTES // (first_x.nbytes + first_y.nbytes)))
-    return (_run_for(student, chain.input, input_name, inputs[:n]),
-            _run_for(teacher, chain.output, input_name, inputs[:n]))
-
-
-def _run_for(model: onnx.ModelProto, value: str, input_name: str, inputs: np.ndarray) -> np.ndarray:
-    """The tensor `value` of `model` on `inputs`, computed by onnxruntime."""
-    (values,) = verify.tensor_values(model, [value], input_name, inputs, batch_size=_RUN_BATCH)
-    return np.ascontiguousarray(values, dtype=np.float32)
+    (x,) = verify.tensor_values(student, [chain.input], input_name, inputs[:n])
+    (y,) = verify.tensor_values(teacher, [chain.output], input_name, inputs[:n])
+    return np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(y, dtype=np.float32)
 
 
 def _fit_chain(model: onnx.ModelProto, chain: _Chain, x: np.ndarray, y: np.ndarray, *, steps: int, lr: float,
@@ -179,10 +163,3 @@ def _relative_error(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, s
     squared = sum(float((module(x[i:i + 512]) - y[i:i + 512]).square().sum()) for i in range(0, len(x), 512))
     return math.sqrt(squared / (y.numel() * scale))
 
-
-def _single_input(model: onnx.ModelProto) -> str:
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = [v.name for v in model.graph.input if v.name not in initializers]
-    if len(inputs) != 1:
-        raise OnnxCpError(f"layer-wise reconstruction needs a model with one input; this one has {inputs}")
-    return inputs[0]

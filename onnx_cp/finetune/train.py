@@ -479,12 +479,10 @@ def _arrays(data: DataLike, what: str) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def _single_input(model: ir.Model) -> str:
-    inputs = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
-    if len(inputs) != 1:
-        raise OnnxCpError(f"fine-tuning needs a model with one input; this one has {inputs}")
+    name = verify.single_input(model, "fine-tuning")
     if not model.graph.outputs:
         raise OnnxCpError("the model has no outputs")
-    return inputs[0]
+    return name
 
 
 def _check_sample_shape(model: ir.Model, input_name: str, sample_shape) -> None:
