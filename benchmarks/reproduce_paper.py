@@ -30,7 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from onnx_cp import model_io, optimize  # noqa: E402
+from onnx_cp import optimize
+from onnx_cp.runtime import model_io  # noqa: E402
 from onnx_cp.data.chars import generate_chars  # noqa: E402
 from onnx_cp.measure import benchmark_latency, evaluate, layer_profile  # noqa: E402
 from onnx_cp.quantize import int8_scheme, quantize_int8  # noqa: E402

@@ -14,9 +14,24 @@ class OnnxCpError(Exception):
 
 
 class UsageError(OnnxCpError):
-    """Invalid command-line arguments or parameters: exit code 2."""
+    """An invalid parameter value, anywhere in onnx-cp: exit code 2.
+
+    `option` names the parameter as the Python API spells it (`target_speedup`, `rank`); the message
+    then reads "option: detail", and the CLI rewords it with the option's flag (`--target-speedup`).
+    """
 
     exit_code = EXIT_USAGE
+
+    def __init__(self, detail: str, *, option: str | None = None) -> None:
+        super().__init__(f"{option}: {detail}" if option else detail)
+        self.option = option
+        self.detail = detail
+
+    def worded_for(self, flag_of: dict[str, str]) -> str:
+        """The message with the option named by its flag (flag_of maps API names to flags)."""
+        if self.option is None:
+            return self.detail
+        return f"{flag_of.get(self.option, '--' + self.option.replace('_', '-'))}: {self.detail}"
 
 
 class BudgetError(OnnxCpError):

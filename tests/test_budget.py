@@ -9,9 +9,11 @@ import pytest
 
 import model_factory
 from onnx_cp import api, optimize
-from onnx_cp.budget import LayerMenu, Option, Timing, plan_for_time, search_speedup
 from onnx_cp.cli import main
 from onnx_cp.errors import BudgetError
+from onnx_cp.ranks.search import LayerMenu, Option, Timing, plan_for_time, search_speedup
+from onnx_cp.ranks.solve import Solved
+from onnx_cp.settings import AccuracyBudget, MeasureSettings, SpeedupTarget
 
 
 class _Site:
@@ -55,13 +57,13 @@ def test_speedup_search_tightens_until_the_measured_target_is_met():
     built = []
 
     def build(choices):
-        built.append({n: c.rank for n, c in choices.items()})
+        built.append({n: c.rank for n, c in choices.layers.items()})
         return object()
 
     choices, _, trace = search_speedup(MENUS, timing, 2.0, build, lambda model: next(measured))
     assert len(trace) == 2 and trace[1]["aimed_at"] > trace[0]["aimed_at"]
     assert trace[-1]["measured"] >= 2.0
-    assert built[-1] == {n: c.rank for n, c in choices.items()}
+    assert built[-1] == {n: c.rank for n, c in choices.layers.items()}
 
 
 def test_speedup_search_relaxes_when_it_overshoots_and_keeps_the_most_accurate():
@@ -70,13 +72,13 @@ def test_speedup_search_relaxes_when_it_overshoots_and_keeps_the_most_accurate()
     built = []
 
     def build(choices):
-        built.append({n: c.rank for n, c in choices.items()})
+        built.append({n: c.rank for n, c in choices.layers.items()})
         return len(built)
 
     choices, model, trace = search_speedup(MENUS, timing, 2.0, build, lambda m: next(measured))
     assert trace[1]["aimed_at"] < trace[0]["aimed_at"]
     assert model == 2 and built[1] != built[0]  # the second, less aggressive model is kept
-    assert {n: c.rank for n, c in choices.items()} == built[1]
+    assert {n: c.rank for n, c in choices.layers.items()} == built[1]
 
 
 def test_speedup_search_interpolates_once_it_has_bracketed_the_target():
@@ -85,14 +87,14 @@ def test_speedup_search_interpolates_once_it_has_bracketed_the_target():
     built = []
 
     def build(choices):
-        built.append({n: c.rank for n, c in choices.items()})
+        built.append({n: c.rank for n, c in choices.layers.items()})
         return len(built)
 
     choices, model, trace = search_speedup(MENUS, timing, 2.0, build, lambda m: next(measured))
     aims = [t["aimed_at"] for t in trace]
     assert len(trace) == 3 and aims[1] < aims[2] < aims[0]
     assert len({str(b) for b in built}) == 3  # three different plans measured
-    assert model == 3 and {n: c.rank for n, c in choices.items()} == built[2]
+    assert model == 3 and {n: c.rank for n, c in choices.layers.items()} == built[2]
 
 
 def test_speedup_search_wants_a_margin_above_the_target():
@@ -102,12 +104,12 @@ def test_speedup_search_wants_a_margin_above_the_target():
     built = []
 
     def build(choices):
-        built.append({n: c.rank for n, c in choices.items()})
+        built.append({n: c.rank for n, c in choices.layers.items()})
         return len(built)
 
     choices, model, trace = search_speedup(fine, timing, 2.0, build, lambda m: next(measured))
     assert len(trace) == 2 and trace[1]["aimed_at"] > trace[0]["aimed_at"]
-    assert model == 2 and {n: c.rank for n, c in choices.items()} == built[1]  # the plan with the margin
+    assert model == 2 and {n: c.rank for n, c in choices.layers.items()} == built[1]  # the plan with the margin
 
 
 def test_speedup_search_raises_budget_error_when_out_of_reach():
@@ -131,7 +133,7 @@ def labelled_by_model(proto: onnx.ModelProto, n: int = 96, seed: int = 0):
 
 def test_target_speedup_end_to_end_meets_its_own_measurement(tmp_path, monkeypatch):
     monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
-    result = optimize(model_factory.tiny_cnn(), target_speedup=1.2)
+    result = optimize(model_factory.tiny_cnn(), SpeedupTarget(1.2))
     attempts = result.report["search"]
     chosen = {row["name"]: row["rank"] for row in result.report["layers"] if row["status"] == "decomposed"}
     # the search only returns a model it measured fast enough
@@ -145,7 +147,7 @@ def test_max_accuracy_drop_stays_within_budget(tmp_path, monkeypatch):
     proto = model_factory.tiny_cnn()
     x, y = labelled_by_model(proto)
     np.savez(tmp_path / "val.npz", x=x, y=y)
-    result = optimize(proto, max_accuracy_drop=20.0, eval_data=str(tmp_path / "val.npz"))
+    result = optimize(proto, AccuracyBudget(20.0), measure=MeasureSettings(eval_data=str(tmp_path / "val.npz")))
     accuracy = result.report["accuracy"]
     assert accuracy["original"]["top1"] == 1.0
     best = [t for t in result.report["search"]["trace"] if t["accuracy_drop"] <= 20.0]
@@ -155,12 +157,12 @@ def test_max_accuracy_drop_stays_within_budget(tmp_path, monkeypatch):
 
 def zero_solver(*args, **kwargs):
     """A solver that returns useless factors, so every decomposed model is wrong."""
-    return lambda jobs: [api._Solved([np.zeros((n, r)) for n in k.shape], 1.0) for k, r in jobs]
+    return lambda jobs, quick=False: [Solved([np.zeros((n, r)) for n in k.shape], 1.0) for k, r in jobs]
 
 
 def test_gate_exit_code_3_and_no_output(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(api, "_solver", zero_solver)
+    monkeypatch.setattr(api, "make_solver", zero_solver)
     proto = model_factory.tiny_cnn()
     x, y = labelled_by_model(proto)
     np.savez(tmp_path / "val.npz", x=x, y=y)

@@ -14,8 +14,10 @@ import pytest
 from onnx import helper, numpy_helper
 
 import model_factory
-from onnx_cp import model_io, optimize
+from onnx_cp import optimize
 from onnx_cp.cli import main
+from onnx_cp.runtime import model_io
+from onnx_cp.settings import ExplicitRanks, LayerSelection
 
 
 def run_ort(model: onnx.ModelProto | str, feeds: dict) -> list[np.ndarray]:
@@ -64,7 +66,7 @@ def test_rank_r_on_a_rank_r_kernel_is_exact(low_rank_model, tmp_path, capsys):
 
 
 def test_rank_is_clipped_to_flop_break_even(low_rank_model, tmp_path):
-    result = optimize(low_rank_model, rank=10_000)
+    result = optimize(low_rank_model, 10_000)
     layer, = result.report["layers"]
     assert "clipped" in layer["note"]
     assert layer["macs_after"] < layer["macs_before"]
@@ -77,7 +79,7 @@ def test_everything_else_is_preserved(tmp_path):
     proto.graph.doc_string = "graph doc"
     onnx.helper.set_model_props(proto, {"author": "me", "license": "MIT"})
     proto.opset_import.append(helper.make_opsetid("com.example", 1))
-    result = optimize(proto, rank=4)
+    result = optimize(proto, 4)
     out = result.model
     assert isinstance(out, onnx.ModelProto)
     assert [i.name for i in out.graph.input] == ["x"] and [o.name for o in out.graph.output] == ["logits"]
@@ -96,12 +98,12 @@ def test_everything_else_is_preserved(tmp_path):
 
 def test_layers_and_exclude_select_by_regex():
     proto = model_factory.tiny_cnn()
-    only2 = optimize(proto, rank=4, layers="conv2").report["layers"]
+    only2 = optimize(proto, 4, layers=LayerSelection("conv2")).report["layers"]
     assert [r["status"] for r in only2] == ["skipped", "decomposed"]
-    assert "--layers" in only2[0]["reason"]
-    not2 = optimize(proto, rank=4, exclude="2$").report["layers"]
+    assert "not matched by the layer filter" in only2[0]["reason"]
+    not2 = optimize(proto, 4, layers=LayerSelection(exclude="2$")).report["layers"]
     assert [r["status"] for r in not2] == ["decomposed", "skipped"]
-    per_layer = optimize(proto, layer_ranks={"conv2": 3}, rank=5).report["layers"]
+    per_layer = optimize(proto, ExplicitRanks(5, {"conv2": 3})).report["layers"]
     assert [r["rank"] for r in per_layer] == [5, 3]
 
 
@@ -121,7 +123,7 @@ def test_default_policy_respects_error_budget_and_gain():
 def test_ir_model_input_returns_ir_model_and_is_not_modified():
     model = ir.from_proto(model_factory.tiny_cnn())
     before = ir.to_proto(model).SerializeToString()
-    result = optimize(model, rank=4)
+    result = optimize(model, 4)
     assert isinstance(result.model, ir.Model)
     assert ir.to_proto(model).SerializeToString() == before
 
@@ -148,7 +150,7 @@ def test_large_model_path_keeps_weights_memory_mapped(tmp_path, monkeypatch):
     proto = model_factory.tiny_cnn()
     onnx.save(proto, tmp_path / "big.onnx", save_as_external_data=True, location="big.data",
               size_threshold=0)
-    result = optimize(tmp_path / "big.onnx", rank=4)
+    result = optimize(tmp_path / "big.onnx", 4)
     assert result.report["verification"]["max_rel_error"] < 1.0
     model_io.save_model(result.model, tmp_path / "out.onnx")
     assert (tmp_path / "out.onnx.data").is_file()
@@ -182,7 +184,7 @@ def test_opset11_constant_node_weights(tmp_path):
     kernel = model_factory.low_rank_kernel(8, 4, 3, 3, rank=2, seed=0)
     proto = model_factory.conv_model(kernel, np.ones(8, np.float32), weight_as="constant", opset=11,
                                      input_shape=["N", 4, 10, 10], pads=[1, 1, 1, 1])
-    result = optimize(proto, rank=2)
+    result = optimize(proto, 2)
     assert result.report["layers"][0]["status"] == "decomposed"
     assert result.report["verification"]["max_rel_error"] < 1e-4
     assert result.model.opset_import[0].version == 11

@@ -15,6 +15,7 @@ import onnx_cp
 from onnx_cp.cli import main as cli_main
 from onnx_cp.errors import OnnxCpError, UsageError
 from onnx_cp.finetune import finetune, ops, to_torch, train, write_back
+from onnx_cp.settings import LayerSelection, SolverSettings
 
 torch.set_num_threads(1)
 CLASSES = 4
@@ -90,7 +91,8 @@ def damaged(trained):
     vertical factor perturbed by noise as large as itself: accuracy falls to chance."""
     kernel = next(numpy_helper.to_array(i) for i in trained.graph.initializer if i.name == "conv2.weight")
     fitted = als(kernel, low_rank_tiny_cnn()[1])
-    rewritten = onnx_cp.optimize(trained, rank=RANK, layers="conv2", decomposer=lambda k, r: fitted, workers=1).model
+    rewritten = onnx_cp.optimize(trained, RANK, layers=LayerSelection("conv2"),
+                                 solver=SolverSettings(workers=1, decomposer=lambda k, r: fitted)).model
     for init in rewritten.graph.initializer:
         if init.name == "conv2/cp/vertical.weight":
             w = numpy_helper.to_array(init)

@@ -13,8 +13,10 @@ import torch
 
 import model_factory
 import onnx_cp
-from onnx_cp import verify
 from onnx_cp.finetune import to_torch
+from onnx_cp.runtime.inputs import fill_input_shapes, random_inputs
+from onnx_cp.runtime.session import run_model
+from onnx_cp.settings import SolverSettings
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,9 +37,9 @@ def _parity(model: onnx.ModelProto | ir.Model, batches=(1, 3)) -> None:
     names = [v.name for v in ir_model.graph.outputs]
     for batch in batches:
         shapes = {name: [batch] + dims[1:]
-                  for name, dims in verify.fill_input_shapes(ir_model).items()}
-        feeds = verify.random_inputs(ir_model, shapes, seed=batch)
-        expected = verify.run_model(ir_model, feeds, "model")
+                  for name, dims in fill_input_shapes(ir_model).items()}
+        feeds = random_inputs(ir_model, shapes, seed=batch)
+        expected = run_model(ir_model, feeds, "model")
         with torch.no_grad():
             got = module(**{k: torch.from_numpy(v) for k, v in feeds.items()})
         got = got if isinstance(got, tuple) else (got,)
@@ -49,7 +51,7 @@ def _parity(model: onnx.ModelProto | ir.Model, batches=(1, 3)) -> None:
 
 
 def _rewritten(model, rank: int = 4):
-    return onnx_cp.optimize(model, rank=rank, decomposer=_random_factors, workers=1).model
+    return onnx_cp.optimize(model, rank, solver=SolverSettings(workers=1, decomposer=_random_factors)).model
 
 
 def test_tiny_cnn_parity():
@@ -64,12 +66,12 @@ def test_tiny_cnn_cp_rewrite_parity():
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
 def test_shipped_model_parity(path):
-    _parity(onnx_cp.model_io.load_model(path))
+    _parity(onnx_cp.runtime.model_io.load_model(path))
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
 def test_shipped_model_cp_rewrite_parity(path):
-    rewritten = _rewritten(onnx_cp.model_io.load_model(path))
+    rewritten = _rewritten(onnx_cp.runtime.model_io.load_model(path))
     _parity(rewritten)
 
 

@@ -9,9 +9,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import model_factory
-from onnx_cp.chain_names import LAYER_METADATA_KEY, node_name, weight_name
+from onnx_cp.graph.naming import LAYER_METADATA_KEY, node_name, weight_name
 from onnx_cp.measure import layer_profile
 from onnx_cp.measure.profile import REORDER, NodeMapper, format_profile
+from onnx_cp.settings import LayerSelection, MeasureSettings, SolverSettings
 
 LAYERS = ["conv1", "conv2", "gap", "flatten", "fc"]
 
@@ -87,8 +88,8 @@ def test_chain_from_the_rewrite_pass_counts_under_one_layer():
         rng = np.random.default_rng(0)
         return [rng.standard_normal((n, rank)) for n in kernel.shape]
 
-    result = onnx_cp.optimize(model_factory.tiny_cnn(), rank=16, layers="conv2",
-                              decomposer=random_factors, verify_outputs=False)
+    result = onnx_cp.optimize(model_factory.tiny_cnn(), 16, layers=LayerSelection("conv2"),
+                              solver=SolverSettings(decomposer=random_factors), measure=MeasureSettings(verify=False))
     assert sum("/cp/" in n.name for n in ir.from_proto(result.model).graph) == 4
     profile = layer_profile(result.model, runs=2, warmup=1)
     names = [layer["name"] for layer in profile["layers"]]

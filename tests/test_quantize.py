@@ -10,9 +10,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import model_factory
-from onnx_cp import chain_names, model_io
 from onnx_cp.errors import OnnxCpError
+from onnx_cp.graph import naming as chain_names
 from onnx_cp.quantize import equalize_chains, int8_scheme, quantize_int8
+from onnx_cp.runtime import model_io
 
 RANK, CHANNELS, KERNEL = 8, 4, 3
 # Channel r of the chain is 10^(3r/7 - 1.5) times louder inside the chain and as much quieter in the

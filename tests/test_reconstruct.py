@@ -15,6 +15,7 @@ import model_factory
 import onnx_cp
 from onnx_cp.cli import main as cli_main
 from onnx_cp.finetune.reconstruct import reconstruct_layers
+from onnx_cp.settings import FinetuneSettings, MeasureSettings, SolverSettings
 
 torch.set_num_threads(1)
 RANK = 4
@@ -39,7 +40,7 @@ def original():
 
 @pytest.fixture(scope="module")
 def rewritten(original):
-    return onnx_cp.optimize(original, rank=RANK, workers=1).model
+    return onnx_cp.optimize(original, RANK, solver=SolverSettings(workers=1)).model
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +97,10 @@ def test_a_chain_whose_weights_are_shared_is_left_alone(original, rewritten):
 def test_optimize_reconstructs_before_finetuning_and_reports_each_stage(original, tmp_path):
     x = model_factory.smooth_inputs(256, seed=0)
     np.savez(tmp_path / "eval.npz", x=model_factory.smooth_inputs(64, seed=1))
-    result = onnx_cp.optimize(original, rank=RANK, workers=1, finetune_data=x, teacher_from_input=True,
-                              finetune_options={"epochs": 1, "lr": 0.01}, eval_data=str(tmp_path / "eval.npz"),
-                              reconstruct_steps=60)
+    result = onnx_cp.optimize(original, RANK, solver=SolverSettings(workers=1),
+                              finetune=FinetuneSettings(x, teacher_from_input=True, epochs=1, lr=0.01,
+                                                        reconstruct_steps=60),
+                              measure=MeasureSettings(eval_data=str(tmp_path / "eval.npz")))
     fits = result.report["reconstruction"]["layers"]
     assert [f["status"] for f in fits] == ["fitted", "fitted"]
     assert all(f["error_after"] < f["error_before"] for f in fits)
@@ -107,8 +109,8 @@ def test_optimize_reconstructs_before_finetuning_and_reports_each_stage(original
     # the reconstructed model agrees with the input model better than the raw rewrite
     assert accuracy["reconstructed"]["mean_abs_error"] < 0.9 * accuracy["decomposed"]["mean_abs_error"]
 
-    off = onnx_cp.optimize(original, rank=RANK, workers=1, finetune_data=x, teacher_from_input=True,
-                           finetune_options={"epochs": 1}, reconstruct_steps=0)
+    off = onnx_cp.optimize(original, RANK, solver=SolverSettings(workers=1),
+                           finetune=FinetuneSettings(x, teacher_from_input=True, epochs=1, reconstruct_steps=0))
     assert "reconstruction" not in off.report
 
 
@@ -116,5 +118,5 @@ def test_cli_rejects_negative_reconstruction_steps(tmp_path, capsys):
     path = tmp_path / "m.onnx"
     onnx.save(model_factory.tiny_cnn(), path)
     assert cli_main(["optimize", str(path), str(tmp_path / "o.onnx"), "--reconstruct-steps", "-1"]) == 2
-    assert "reconstruct_steps" in capsys.readouterr().err
+    assert "--reconstruct-steps" in capsys.readouterr().err
     assert not (tmp_path / "o.onnx").exists()

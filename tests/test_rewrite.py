@@ -10,9 +10,10 @@ import pytest
 from onnx import helper, numpy_helper
 
 import model_factory
-from onnx_cp import chain_names
+from onnx_cp.cp import balance, reconstruct
+from onnx_cp.graph import CPConvPass, find_conv_sites, plan_with
+from onnx_cp.graph import naming as chain_names
 from onnx_cp.measure import count_flops
-from onnx_cp.rewrite import CPConvPass, balance, find_conv_sites, reconstruct
 
 
 def unfolding_cp(kernel: np.ndarray, rank: int) -> list[np.ndarray]:
@@ -36,9 +37,9 @@ def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
 
 def rewrite(model: onnx.ModelProto, rank_for=exact_rank, decomposer=unfolding_cp):
     ir_model = ir.from_proto(model)
-    cp_pass = CPConvPass(rank_for=rank_for, decomposer=decomposer)
-    result = cp_pass(ir_model)
-    return ir.to_proto(result.model), cp_pass.outcomes, result.modified
+    sites = find_conv_sites(ir_model)
+    result = CPConvPass(plan_with(sites, rank_for, decomposer), sites=sites)(ir_model)
+    return ir.to_proto(result.model), result.outcomes, result.modified
 
 
 def assert_same_outputs(original, rewritten, shape, dtype=np.float32, rtol=1e-4):
@@ -230,7 +231,7 @@ def test_runtime_weight_is_skipped():
         [helper.make_tensor_value_info("x", 1, [1, 4, 6, 6]), helper.make_tensor_value_info("w", 1, [4, 4, 3, 3])],
         [helper.make_tensor_value_info("y", 1, [None] * 4)])
     sites = find_conv_sites(ir.from_proto(model_factory.make_model(graph)))
-    assert "not a constant" in sites[0].reason
+    assert "not a constant" in sites[0].refusal
 
 
 def test_conv_inside_if_branch_left_intact():

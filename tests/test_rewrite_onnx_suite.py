@@ -14,11 +14,13 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
+import model_factory
 from onnx_cp import optimize
 from onnx_cp.cp import decompose
-from onnx_cp.rewrite import CPConvPass
+from onnx_cp.graph import CPConvPass, find_conv_sites, plan_with
+from onnx_cp.settings import SolverSettings
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 
@@ -62,10 +64,11 @@ def test_backend_conv_case(name):
     # These 1-channel 3x3 convs gain nothing from CP (optimize would leave them alone), so the
     # pass is run directly, with the solver, at a rank where the CP solution can be exact.
     ir_model = ir.from_proto(model)
-    cp_pass = CPConvPass(rank_for=lambda site: full_rank(site.kernel.shape),
-                         decomposer=lambda kernel, rank: decompose(kernel, rank, seed=0))
-    assert cp_pass(ir_model).modified
-    layer, = cp_pass.outcomes
+    plan = plan_with(find_conv_sites(ir_model), lambda site: full_rank(site.kernel.shape),
+                     lambda kernel, rank: decompose(kernel, rank, seed=0))
+    result = CPConvPass(plan)(ir_model)
+    assert result.modified
+    layer, = result.outcomes
     assert layer.rel_error < 1e-5, layer
     rewritten = ir.to_proto(ir_model)
     # one input channel: the 1x1 input stage is folded into the vertical one
@@ -81,7 +84,7 @@ def test_light_real_architecture(name):
     path = LIGHT / f"light_{name}.onnx"
     if not path.exists():
         pytest.skip(f"{path} not shipped by this onnx version")
-    result = optimize(path, rank=1)
+    result = optimize(path, 1)
     report = result.report
     assert report["totals"]["decomposed"] >= 1
     assert report["verification"]["checker"] == "passed"
@@ -100,3 +103,33 @@ def test_light_real_architecture(name):
     if name == "bvlc_alexnet":
         assert grouped, "AlexNet's grouped convs must be decomposed per group"
 
+
+
+LIGHT_MODELS = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+
+
+@pytest.mark.parametrize("name", ["light_inception_v1", "light_inception_v2"])
+def test_onnx_light_inception_models_optimize_with_defaults(name):
+    """ConstantOfShape weights: kernels of different shapes hold the same bytes (192x64x3x3 and
+    128x96x3x3), which once crossed their factors."""
+    result = optimize(LIGHT_MODELS / f"{name}.onnx", solver=SolverSettings(workers=1))
+    assert result.report["totals"]["decomposed"] >= 20
+    assert result.report["verification"]["max_rel_error"] < 1e-4
+
+
+def test_equal_byte_kernels_of_different_shapes_keep_their_own_factors():
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal(8 * 4 * 3 * 3).astype(np.float32)
+    first = numpy_helper.from_array(values.reshape(8, 4, 3, 3), "W1")
+    second = numpy_helper.from_array(values.reshape(4, 8, 3, 3), "W2")  # the same bytes
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], name="first", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["a", "W2"], ["y"], name="second", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "equal_bytes", [helper.make_tensor_value_info("x", 1, ["N", 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", 1, [None] * 4)], [first, second])
+    model = model_factory.make_model(graph)
+    rows = optimize(model, 4, solver=SolverSettings(workers=1)).report["layers"]
+    assert [(row["status"], row["kernel_shape"]) for row in rows] == [("decomposed", [8, 4, 3, 3]),
+                                                                     ("decomposed", [4, 8, 3, 3])]
+    for row, kernel in zip(rows, (values.reshape(8, 4, 3, 3), values.reshape(4, 8, 3, 3))):
+        own = decompose(kernel.astype(np.float64), 4, seed=0).rel_error
+        assert row["rel_error"] == pytest.approx(own, rel=1e-4)

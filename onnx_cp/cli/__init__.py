@@ -9,8 +9,11 @@ import sys
 import warnings
 
 from onnx_cp import progress
-from onnx_cp.errors import EXIT_USAGE, OnnxCpError, UsageError
+from onnx_cp.errors import EXIT_USAGE, OnnxCpError, UsageError, first_line
 
+# API parameter names whose flag is not --name-with-dashes (the core names parameters as the API
+# spells them; see UsageError.worded_for).
+FLAGS = {"layer_ranks": "--rank LAYER=N", "input_shapes": "--input-shape"}
 # Subcommand modules, in the order `onnx-cp --help` lists them.
 SUBCOMMANDS = ["optimize", "bench", "eval", "finetune", "data"]
 
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     except OnnxCpError as exc:
         if args.debug:
             raise
-        sys.stderr.write(f"onnx-cp {args.command}: error: {exc}\n")
+        message = exc.worded_for(FLAGS) if isinstance(exc, UsageError) else str(exc)
+        sys.stderr.write(f"onnx-cp {args.command}: error: {message}\n")
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write(f"onnx-cp {args.command}: interrupted\n")
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         if args.debug:
             raise
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        first = first_line(exc)
         sys.stderr.write(
             f"onnx-cp {args.command}: error: {type(exc).__name__}: {first} (rerun with --debug)\n"
         )

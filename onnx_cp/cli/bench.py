@@ -42,7 +42,7 @@ def register(subparsers) -> None:
 def _run(args: argparse.Namespace) -> int:
     from onnx_cp.measure import benchmark_latency, format_profile, format_table, layer_profile
     from onnx_cp.measure.report import write_json, write_report
-    from onnx_cp.verify import parse_input_shapes
+    from onnx_cp.runtime.inputs import parse_input_shapes
 
     if args.profile_runs < 1:
         raise UsageError(f"--profile-runs must be >= 1, got {args.profile_runs}")

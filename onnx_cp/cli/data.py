@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from onnx_cp.errors import OnnxCpError, UsageError
+from onnx_cp.errors import UsageError
+from onnx_cp.runtime.files import atomic_write
 
 
 def register(subparsers) -> None:
@@ -60,18 +59,5 @@ def _run_chars(args: argparse.Namespace) -> int:
 
 def write_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
     """Write an npz through a temporary file in the same folder, then rename it into place."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OnnxCpError(f"output folder does not exist: {folder}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as f:
+        np.savez(f, **arrays)

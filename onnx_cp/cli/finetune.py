@@ -63,7 +63,7 @@ def _run(args: argparse.Namespace) -> int:
     from onnx_cp.data import open_dataset
     from onnx_cp.errors import UsageError
     from onnx_cp.finetune import finetune
-    from onnx_cp.model_io import load_model, save_model
+    from onnx_cp.runtime.model_io import load_model, save_model
 
     if args.resume and not args.checkpoint:
         raise UsageError("--resume needs --checkpoint FILE")

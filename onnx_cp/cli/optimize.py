@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 from pathlib import Path
 
-from onnx_cp import api, config, model_io, select, verify
+from onnx_cp import api, config, settings
 from onnx_cp.errors import OnnxCpError, UsageError
 from onnx_cp.measure import write_json, write_report
+from onnx_cp.runtime import model_io
+from onnx_cp.runtime.inputs import parse_input_shapes
 
 # Options left unset on the command line are None, so that a config file can fill them; what
-# neither sets takes the API's default (external data is the CLI's own).
-_API_DEFAULTS = inspect.signature(api.optimize).parameters
-DEFAULTS = {"external_data": "auto", **{name: _API_DEFAULTS[name].default
-                                       for name in ("max_error", "method", "seed", "threads", "reconstruct_steps")}}
+# neither sets takes the settings' defaults (external data is the CLI's own).
+DEFAULTS = {"external_data": "auto", "max_error": settings.DEFAULT_MAX_ERROR, "method": "nls", "seed": 0,
+            "threads": 1, "reconstruct_steps": settings.DEFAULT_RECONSTRUCT_STEPS}
 
 
 def register(subparsers) -> None:
@@ -32,7 +32,7 @@ def register(subparsers) -> None:
                        help="CP rank for every layer (N) or one layer (LAYER=N, repeatable); clipped to "
                        "each layer's FLOP break-even")
     ranks.add_argument("--max-error", type=float, metavar="E", help="kernel relative error budget of the "
-                       f"default rank policy (default {select.DEFAULT_MAX_ERROR})")
+                       f"default rank policy (default {settings.DEFAULT_MAX_ERROR})")
     ranks.add_argument("--error-data", metavar="DATA", help="sample inputs (no labels needed): --max-error then "
                        "bounds each layer's output error on them instead of its kernel error")
     ranks.add_argument("--target-speedup", type=float, metavar="X", help="choose ranks so that the whole "
@@ -68,7 +68,7 @@ def register(subparsers) -> None:
     tune.add_argument("--batch-size", type=int, help="fine-tuning batch size (default 32)")
     tune.add_argument("--reconstruct-steps", type=int, metavar="N", help="before fine-tuning, fit each CP chain "
                       f"to the replaced layer's outputs on --finetune-data for N Adam steps (default "
-                      f"{_API_DEFAULTS['reconstruct_steps'].default}; 0: off)")
+                      f"{settings.DEFAULT_RECONSTRUCT_STEPS}; 0: off)")
     tune.add_argument("--eval-data", metavar="DATA", help="measure top-1/top-5 accuracy (or agreement "
                       "with IN without labels) before decomposition, after it, and after fine-tuning")
     tune.add_argument("--quantize", choices=["int8"], help="static INT8 quantization (onnxruntime, QDQ) "
@@ -85,36 +85,11 @@ def run(args: argparse.Namespace) -> int:
     config_source = _apply_config(args)
     source, target = Path(args.input), Path(args.output)
     _check_paths(source, target, args.force)
-    request = select.parse_rank_args(args.rank)
-    result = api.optimize(
-        source,
-        rank=request.rank,
-        layer_ranks=request.per_layer,
-        layers=args.layers,
-        exclude=args.exclude,
-        max_error=args.max_error,
-        error_data=args.error_data,
-        target_speedup=args.target_speedup,
-        max_accuracy_drop=args.max_accuracy_drop,
-        method=args.method,
-        workers=args.workers,
-        input_shapes=verify.parse_input_shapes(args.input_shape),
-        seed=args.seed,
-        finetune_data=args.finetune_data,
-        val_data=args.val,
-        teacher_from_input=args.teacher_from_input,
-        finetune_options=_finetune_options(args),
-        reconstruct_steps=args.reconstruct_steps,
-        eval_data=args.eval_data,
-        measure_latency=args.bench or bool(args.report_dir),
-        quantize=args.quantize,
-        calibration_data=args.calibration_data,
-        threads=args.threads,
-    )
+    result = api.optimize(source, **settings_from_args(args))
     report = result.report
     report["output"] = str(target)
     report["config"] = config_source
-    external = {"auto": True if report["had_external_data"] else None, "yes": True, "no": False}
+    external = {"auto": True if result.had_external_data else None, "yes": True, "no": False}
     model_io.save_model(result.model, target, external_data=external[args.external_data])
     if args.report:
         write_json(report, Path(args.report))
@@ -123,6 +98,75 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(format_report(report))
     return 0
+
+
+def settings_from_args(args: argparse.Namespace) -> dict:
+    """The API's setting groups from the options (the config file's included)."""
+    rank, per_layer = parse_rank_args(args.rank)
+    return {
+        "ranks": _policy(args, rank, per_layer),
+        "layers": settings.LayerSelection(args.layers, args.exclude),
+        "solver": settings.SolverSettings(method=args.method, workers=args.workers),
+        "finetune": _finetune(args),
+        "quantize": settings.QuantizeSettings(args.quantize, args.calibration_data) if args.quantize else None,
+        "measure": settings.MeasureSettings(input_shapes=parse_input_shapes(args.input_shape), threads=args.threads,
+                                            eval_data=args.eval_data, latency=args.bench or bool(args.report_dir)),
+        "seed": args.seed,
+    }
+
+
+def _policy(args: argparse.Namespace, rank: int | None, per_layer: dict[str, int]) -> settings.RankPolicy:
+    given = [flag for flag, value in (("--rank", rank is not None or per_layer), ("--target-speedup",
+             args.target_speedup is not None), ("--max-accuracy-drop", args.max_accuracy_drop is not None)) if value]
+    if len(given) > 1:
+        raise UsageError(f"give one of --rank, --target-speedup and --max-accuracy-drop, not {' and '.join(given)}")
+    if args.error_data is not None and given:
+        raise UsageError("--error-data sets what the default --max-error policy measures; it does not combine "
+                         f"with {given[0]}")
+    if args.target_speedup is not None:
+        return settings.SpeedupTarget(args.target_speedup)
+    if args.max_accuracy_drop is not None:
+        return settings.AccuracyBudget(args.max_accuracy_drop)
+    if given:
+        return settings.ExplicitRanks(rank, per_layer, max_error=args.max_error)
+    return settings.ErrorBudget(args.max_error, args.error_data)
+
+
+def _finetune(args: argparse.Namespace) -> settings.FinetuneSettings | None:
+    schedule = {"epochs": args.epochs, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size}
+    settings.check_int(args.reconstruct_steps, "reconstruct_steps", 0)
+    if args.finetune_data is None:
+        if any(v is not None for v in schedule.values()):
+            raise UsageError("--epochs/--steps/--lr/--batch-size need --finetune-data")
+        if args.teacher_from_input:
+            raise UsageError("--teacher-from-input needs --finetune-data")
+        return None
+    return settings.FinetuneSettings(args.finetune_data, val=args.val, teacher_from_input=args.teacher_from_input,
+                                     reconstruct_steps=args.reconstruct_steps, **schedule)
+
+
+def parse_rank_args(values: list[str] | None) -> tuple[int | None, dict[str, int]]:
+    """`--rank 32` and/or `--rank conv2=64` (repeatable): (rank for every layer, per-layer ranks)."""
+    rank, per_layer = None, {}
+    for value in values or []:
+        layer, sep, number = value.rpartition("=")
+        try:
+            parsed = int(number)
+        except ValueError:
+            raise UsageError(f"--rank {value!r}: {number!r} is not an integer") from None
+        if parsed < 1:
+            raise UsageError(f"--rank {value!r}: rank must be at least 1")
+        if sep and not layer:
+            raise UsageError(f"--rank {value!r}: expected N or LAYER=N")
+        if sep:
+            if per_layer.get(layer, parsed) != parsed:
+                raise UsageError(f"--rank {layer}= given twice with different ranks")
+            per_layer[layer] = parsed
+        elif rank is not None:
+            raise UsageError("--rank N given twice; use LAYER=N for per-layer ranks")
+        else:
+            rank = parsed
+    return rank, per_layer
 
 
 def _apply_config(args: argparse.Namespace) -> str | None:

@@ -8,6 +8,7 @@ K^T (A_T kr A_Y kr A_X) (the S MTTKRP). Both are plain BLAS GEMMs, so a step cos
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,3 +142,17 @@ def reconstruct(factors) -> np.ndarray:
     w = (a_t[:, None, :] * spatial_kr(a_y, a_x)[None, :, :]).reshape(-1, r)
     full = (w @ a_s.T).reshape(a_t.shape[0], a_y.shape[0], a_x.shape[0], a_s.shape[0])
     return np.ascontiguousarray(full.transpose(0, 3, 1, 2))
+
+
+def relative_error(kernel: np.ndarray, approx: np.ndarray) -> float:
+    """||K - K_hat|| / ||K|| (0.0 for an all-zero kernel)."""
+    norm = float(np.linalg.norm(kernel))
+    return float(np.linalg.norm(kernel - approx)) / norm if norm > 0 else 0.0
+
+
+def pooled_relative_error(kernels: Sequence[np.ndarray], errors: Sequence[float]) -> float:
+    """The relative error of the stacked kernels from each part's own relative error (groups of a
+    grouped conv are decomposed one by one)."""
+    squares = [float((np.asarray(k, dtype=np.float64) ** 2).sum()) for k in kernels]
+    total = sum(squares)
+    return (sum(e * e * s for e, s in zip(errors, squares)) / total) ** 0.5 if total > 0 else 0.0

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnx_cp.errors import OnnxCpError, UsageError
+from onnx_cp.errors import OnnxCpError, UsageError, first_line
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm", ".pbm"}
@@ -241,7 +241,7 @@ class ImageFolder(Dataset):
                     image = image.resize((w, h), Image.Resampling.BILINEAR)
                 pixels = np.asarray(image, dtype=np.float32)
         except (UnidentifiedImageError, OSError, ValueError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            reason = first_line(exc)
             raise OnnxCpError(f"{file}: unreadable image ({reason[:150]})") from None
         return pixels[:, :, None] if pixels.ndim == 2 else pixels
 

@@ -19,9 +19,9 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from onnx_cp.errors import OnnxCpError
+from onnx_cp.errors import OnnxCpError, first_line
 from onnx_cp.finetune.ops import OPS
-from onnx_cp.model_io import ModelLike, to_ir
+from onnx_cp.runtime.model_io import ModelLike, to_ir
 
 # Inputs that hold statistics or resampling settings rather than learnable weights.
 _FROZEN_SLOTS = {
@@ -113,7 +113,7 @@ class OnnxModule(nn.Module):
             except OnnxCpError:
                 raise
             except Exception as exc:  # say which node failed, in one line
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                first = first_line(exc, 200)
                 raise OnnxCpError(f"{node.op_type} node {node.name!r} failed: {first}") from exc
             if isinstance(result, torch.Tensor):
                 result = (result,)

@@ -20,10 +20,13 @@ import onnx_ir as ir
 import torch
 from onnx import helper
 
-from onnx_cp import chain_names, model_io, progress, verify
+from onnx_cp import progress
 from onnx_cp.errors import OnnxCpError
 from onnx_cp.finetune.interpreter import to_torch
 from onnx_cp.finetune.writeback import check_parity, proto_copy, write_back
+from onnx_cp.graph import naming
+from onnx_cp.runtime import model_io
+from onnx_cp.runtime.tensors import single_input, tensor_values
 
 DEFAULT_STEPS = 300
 DEFAULT_SAMPLES = 4096
@@ -69,7 +72,7 @@ def reconstruct_layers(
         raise OnnxCpError(f"reconstruction steps must be positive, got {steps}")
     student = proto_copy(model)
     teacher = proto_copy(original)
-    input_name = verify.single_input(ir.serde.deserialize_model(student), "layer-wise reconstruction")
+    input_name = single_input(ir.serde.deserialize_model(student), "layer-wise reconstruction")
     inputs = np.ascontiguousarray(inputs, dtype=np.float32)
     fits = []
     chains = _chains(student)
@@ -96,7 +99,7 @@ def fits_report(fits: list[ChainFit]) -> list[dict]:
 def _chains(model: onnx.ModelProto) -> list[_Chain]:
     """The CP chains of the graph in graph order (the rewrite names their nodes)."""
     return [_Chain(layer, nodes, nodes[0].input[0], nodes[-1].output[0])
-            for layer, nodes in chain_names.find_chains(model.graph.node).items()]
+            for layer, nodes in naming.find_chains(model.graph.node).items()]
 
 
 def _unfit_reason(model: onnx.ModelProto, chain: _Chain) -> str | None:
@@ -114,11 +117,11 @@ def _layer_data(student: onnx.ModelProto, teacher: onnx.ModelProto, input_name: 
                 chain: _Chain) -> tuple[np.ndarray, np.ndarray]:
     """The chain's inputs in the (partly reconstructed) student and the original layer's outputs,
     on as many samples as fit in MEMORY_BYTES."""
-    (first_x,) = verify.tensor_values(student, [chain.input], input_name, inputs[:1])
-    (first_y,) = verify.tensor_values(teacher, [chain.output], input_name, inputs[:1])
+    (first_x,) = tensor_values(student, [chain.input], input_name, inputs[:1])
+    (first_y,) = tensor_values(teacher, [chain.output], input_name, inputs[:1])
     n = max(1, min(len(inputs), MEMORY_BYTES // (first_x.nbytes + first_y.nbytes)))
-    (x,) = verify.tensor_values(student, [chain.input], input_name, inputs[:n])
-    (y,) = verify.tensor_values(teacher, [chain.output], input_name, inputs[:n])
+    (x,) = tensor_values(student, [chain.input], input_name, inputs[:n])
+    (y,) = tensor_values(teacher, [chain.output], input_name, inputs[:n])
     return np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(y, dtype=np.float32)
 
 

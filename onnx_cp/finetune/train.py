@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +22,15 @@ import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 
-from onnx_cp import model_io, progress, verify
-from onnx_cp.errors import OnnxCpError, UsageError
+from onnx_cp import progress
+from onnx_cp.errors import OnnxCpError, UsageError, first_line
 from onnx_cp.finetune import distributed
 from onnx_cp.finetune.interpreter import OnnxModule, to_torch
 from onnx_cp.finetune.writeback import write_back
+from onnx_cp.runtime import model_io
+from onnx_cp.runtime.files import atomic_write
+from onnx_cp.runtime.session import ort_session
+from onnx_cp.runtime.tensors import single_input
 
 DataLike = Any  # a path, a Dataset, (x, y) arrays or an x array  # path, (x, y) arrays, or a Dataset
 DEFAULT_EPOCHS = 5
@@ -284,15 +287,8 @@ class _Trainer:
             "train_seconds": self.train_seconds, "train_samples": self.train_samples,
             "total_steps": self.total_steps,
         }
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=".ckpt-", dir=path.parent if str(path.parent) else ".")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-            os.replace(tmp, path)  # atomic: a crash never leaves half a checkpoint
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_write(path, "wb") as f:  # a crash never leaves half a checkpoint
+            torch.save(payload, f)
 
     def load(self, path) -> None:
         try:
@@ -305,7 +301,7 @@ class _Trainer:
             self.module.load_state_dict(payload["module"])
             self.optimizer.load_state_dict(payload["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0][:160]
+            first = first_line(exc, 160)
             raise OnnxCpError(f"{path}: the checkpoint is for a different model ({first})") from None
         self.epoch, self.step = payload["epoch"], payload["step"]
         self.history, self.best, self.best_state = payload["history"], payload["best"], payload["best_state"]
@@ -479,7 +475,7 @@ def _arrays(data: DataLike, what: str) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def _single_input(model: ir.Model) -> str:
-    name = verify.single_input(model, "fine-tuning")
+    name = single_input(model, "fine-tuning")
     if not model.graph.outputs:
         raise OnnxCpError("the model has no outputs")
     return name
@@ -504,7 +500,7 @@ def _run_onnx(model: ir.Model, x: np.ndarray, indices: np.ndarray, what: str) ->
     name = next(v.name for v in model.graph.inputs if v.name not in model.graph.initializers)
     outputs = []
     try:
-        with verify.ort_session(model, threads=max(1, torch.get_num_threads())) as session:
+        with ort_session(model, threads=max(1, torch.get_num_threads())) as session:
             for start in progress.progress(range(0, len(indices), EVAL_BATCH), desc=what,
                                            total=math.ceil(len(indices) / EVAL_BATCH)):
                 rows = indices[start:start + EVAL_BATCH]
@@ -515,7 +511,7 @@ def _run_onnx(model: ir.Model, x: np.ndarray, indices: np.ndarray, what: str) ->
     except OnnxCpError:
         raise
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc, 200)
         raise OnnxCpError(f"onnxruntime cannot run the {what}: {first}") from None
     return np.ascontiguousarray(np.concatenate(outputs).astype(np.float32))
 

@@ -15,8 +15,10 @@ import onnx_ir as ir
 import torch
 from onnx import numpy_helper
 
-from onnx_cp import model_io, verify
 from onnx_cp.errors import OnnxCpError
+from onnx_cp.runtime import model_io
+from onnx_cp.runtime.inputs import random_inputs
+from onnx_cp.runtime.session import run_model
 
 RTOL = 1e-4
 
@@ -32,7 +34,7 @@ def write_back(
     """A copy of `model` whose tensors named in `state` hold the given values.
 
     check: run the written model in onnxruntime and the interpreter on the same random inputs
-    (shapes from `input_shapes`, defaults as onnx_cp.verify) and raise OnnxCpError when any
+    (shapes from `input_shapes`, defaults as onnx_cp.runtime.inputs) and raise OnnxCpError when any
     output differs by more than 1e-4 relative to the output's largest magnitude.
     """
     # Edit the protobuf itself rather than an IR round trip: every field we do not know about
@@ -110,8 +112,8 @@ def check_parity(
     OnnxCpError above `rtol` or when either produces non-finite numbers."""
     from onnx_cp.finetune.interpreter import to_torch
 
-    feeds = verify.random_inputs(model, input_shapes, seed=seed)
-    expected = verify.run_model(model, feeds, "fine-tuned model")
+    feeds = random_inputs(model, input_shapes, seed=seed)
+    expected = run_model(model, feeds, "fine-tuned model")
     module = to_torch(model).eval()
     with torch.no_grad():
         got = module(**{k: torch.from_numpy(v) for k, v in feeds.items()})

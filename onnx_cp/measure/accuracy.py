@@ -14,7 +14,9 @@ import onnxruntime as ort
 
 from onnx_cp.data.datasets import Dataset, open_dataset
 from onnx_cp.errors import OnnxCpError
-from onnx_cp.measure.session import (
+from onnx_cp.progress import bar
+from onnx_cp.runtime.model_io import ModelLike
+from onnx_cp.runtime.session import (
     LoadedModel,
     load,
     make_session,
@@ -22,8 +24,6 @@ from onnx_cp.measure.session import (
     run,
     session_options,
 )
-from onnx_cp.model_io import ModelLike
-from onnx_cp.progress import bar
 
 DEFAULT_BATCH_SIZE = 64
 

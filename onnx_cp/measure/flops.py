@@ -12,13 +12,12 @@ import math
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 
-from onnx_cp.chain_names import LAYER_METADATA_KEY, layer_of
-from onnx_cp.errors import OnnxCpError
-from onnx_cp.measure.inputs import measured_shapes
-from onnx_cp.model_io import ModelLike, has_external_data, to_ir
-from onnx_cp.verify import random_inputs, set_input_shapes
+from onnx_cp.errors import OnnxCpError, first_line
+from onnx_cp.graph.naming import LAYER_METADATA_KEY, layer_of
+from onnx_cp.runtime.inputs import measured_shapes, random_inputs, set_input_shapes
+from onnx_cp.runtime.model_io import ModelLike, has_external_data, to_ir
+from onnx_cp.runtime.session import create_session, session_options
 
 COUNTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -129,13 +128,8 @@ def _runtime_shapes(ir_model: ir.Model, proto: onnx.ModelProto, names: set[str],
     for name in sorted(names - existing):
         proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     try:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 3
-        session = ort.InferenceSession(proto.SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])
+        session = create_session(proto.SerializeToString(), session_options(optimization="none"))
         outputs = session.run(sorted(names), random_inputs(ir_model, shapes_in))
     except Exception as exc:  # noqa: BLE001 - ORT raises several private exception types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise OnnxCpError(f"cannot determine layer shapes for counting FLOPs ({first})") from None
+        raise OnnxCpError(f"cannot determine layer shapes for counting FLOPs ({first_line(exc, 200)})") from None
     return {name: tuple(np.shape(value)) for name, value in zip(sorted(names), outputs)}

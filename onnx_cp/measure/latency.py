@@ -19,16 +19,17 @@ import onnxruntime as ort
 
 from onnx_cp import __version__
 from onnx_cp.errors import UsageError
-from onnx_cp.measure.inputs import check_shape_names, measured_feeds, measured_shapes
-from onnx_cp.measure.session import (
+from onnx_cp.progress import bar
+from onnx_cp.runtime.cpu import cpu_features, cpu_name
+from onnx_cp.runtime.inputs import check_shape_names, measured_feeds, measured_shapes
+from onnx_cp.runtime.model_io import ModelLike
+from onnx_cp.runtime.session import (
     load,
     make_session,
     resolve_threads,
     run,
     session_options,
 )
-from onnx_cp.model_io import ModelLike
-from onnx_cp.progress import bar
 
 DEFAULT_RUNS = 100
 DEFAULT_WARMUP = 10
@@ -155,6 +156,8 @@ def _machine() -> dict:
     return {
         "cpu_count": os.cpu_count(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
+        "cpu_features": cpu_features(),
         "platform": platform.platform(terse=True),
         "python": platform.python_version(),
     }

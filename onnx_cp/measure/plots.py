@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,6 +9,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+from onnx_cp.runtime.files import atomic_write
 
 COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3"]
 MAX_ROWS = 30  # beyond this many layers a bar chart stops being readable: the rest are summed
@@ -135,12 +136,9 @@ def _limit_rows(rows: list[str], series: dict[str, list[float]]):
 
 
 def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
     try:
-        fig.savefig(partial, format="png")
-        os.replace(partial, path)  # readers never see half a PNG
+        with atomic_write(path, "wb") as handle:  # readers never see half a PNG
+            fig.savefig(handle, format="png")
     finally:
         plt.close(fig)
-        partial.unlink(missing_ok=True)
-    return path
+    return Path(path)

@@ -19,9 +19,11 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnx_cp.chain_names import LAYER_METADATA_KEY, layer_of
-from onnx_cp.measure.inputs import measured_feeds, measured_shapes
-from onnx_cp.measure.session import (
+from onnx_cp.graph.naming import LAYER_METADATA_KEY, layer_of
+from onnx_cp.progress import progress
+from onnx_cp.runtime.inputs import measured_feeds, measured_shapes
+from onnx_cp.runtime.model_io import ModelLike
+from onnx_cp.runtime.session import (
     LoadedModel,
     load,
     make_session,
@@ -29,8 +31,6 @@ from onnx_cp.measure.session import (
     run,
     session_options,
 )
-from onnx_cp.model_io import ModelLike
-from onnx_cp.progress import progress
 
 REORDER = "(reorder)"
 REORDER_OPS = {"ReorderInput", "ReorderOutput"}

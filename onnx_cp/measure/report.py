@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 from onnx_cp.errors import OnnxCpError
+from onnx_cp.runtime.files import atomic_write
 
 JSON_NAME = "report.json"
 MD_NAME = "report.md"
@@ -392,21 +392,6 @@ def _plain(value):
 
 
 def _write_text(path: Path, text: str) -> Path:
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OnnxCpError(f"{path}: folder {folder} does not exist")
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is meant to be shared
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        raise OnnxCpError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-    return path
+    with atomic_write(path) as handle:
+        handle.write(text)
+    return Path(path)

@@ -1,18 +1,22 @@
-"""onnxruntime sessions for measuring: one place that turns a path / ModelProto / ir.Model into a
-CPU session with stated threading and graph-optimisation settings."""
+"""onnxruntime sessions: the one place that turns a path / ModelProto / ir.Model into a CPU session with
+stated threading and graph-optimisation settings, and turns onnxruntime's errors into one line."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
 from onnx_cp.errors import OnnxCpError, UsageError, first_line
-from onnx_cp.model_io import ModelLike, has_external_data, load_model, to_ir
+from onnx_cp.runtime.model_io import ModelLike, has_external_data, load_model, save_model, to_ir
 
 OPTIMIZATION_LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -89,12 +93,17 @@ def session_options(
     return options
 
 
-def make_session(loaded: LoadedModel, options: ort.SessionOptions) -> ort.InferenceSession:
+def create_session(source: bytes | str, options: ort.SessionOptions | None = None, *,
+                   what: str = "model") -> ort.InferenceSession:
+    """A CPU session for serialized bytes or a path; `what` names the model in the error line."""
     try:
-        return ort.InferenceSession(loaded.source, options, providers=PROVIDERS)
+        return ort.InferenceSession(source, options or session_options(), providers=PROVIDERS)
     except Exception as exc:  # noqa: BLE001 - ORT raises several private exception types
-        raise OnnxCpError(f"{loaded.path or loaded.label}: onnxruntime cannot load the model "
-                          f"({first_line(exc)})") from None
+        raise OnnxCpError(f"{what}: onnxruntime cannot load the model ({first_line(exc)})") from None
+
+
+def make_session(loaded: LoadedModel, options: ort.SessionOptions) -> ort.InferenceSession:
+    return create_session(loaded.source, options, what=loaded.path or loaded.label)
 
 
 def run(session: ort.InferenceSession, feeds: dict, what: str) -> list:
@@ -103,3 +112,35 @@ def run(session: ort.InferenceSession, feeds: dict, what: str) -> list:
     except Exception as exc:  # noqa: BLE001 - ORT raises several private exception types
         raise OnnxCpError(f"{what}: onnxruntime failed to run the model ({first_line(exc)})") from None
 
+
+@contextlib.contextmanager
+def serialized(model: ir.Model) -> Iterator[bytes | str]:
+    """The model as onnx.checker and onnxruntime take it: bytes, or the path of one staged copy
+    on disk when it has external data (protobuf cannot hold it)."""
+    if not has_external_data(model):
+        yield ir.to_proto(model).SerializeToString()
+        return
+    with tempfile.TemporaryDirectory(prefix="onnx-cp-") as folder:
+        path = f"{folder}/model.onnx"
+        save_model(model, path, external_data=True)
+        yield path
+
+
+@contextlib.contextmanager
+def ort_session(model: ir.Model, threads: int = 1) -> Iterator[ort.InferenceSession]:
+    """An onnxruntime CPU session for an in-memory model."""
+    with serialized(model) as source:
+        yield create_session(source, session_options(threads=threads))
+
+
+def run_source(source: bytes | str, feeds: dict[str, np.ndarray], what: str) -> list[np.ndarray]:
+    """Run serialized bytes or a path once on `feeds`; any onnxruntime failure is one line."""
+    try:
+        return ort.InferenceSession(source, session_options(), providers=PROVIDERS).run(None, feeds)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise OnnxCpError(f"onnxruntime cannot run the {what}: {first_line(exc)}") from None
+
+
+def run_model(model: ir.Model, feeds: dict[str, np.ndarray], what: str) -> list[np.ndarray]:
+    with serialized(model) as source:
+        return run_source(source, feeds, what)

@@ -10,7 +10,7 @@ Three things keep the result close to the float model:
   weights whole layers clip and accuracy collapses (measured: a CP model fell from 94% to 15%
   top-1). onnxruntime's own documentation recommends reduce_range on such machines; a quantized
   file may run anywhere, so we always use it rather than guess from the CPU we happen to run on.
-- CP chains are equalized first (see equalize_chains): activations are quantized per tensor, and
+- CP chains are equalized first (see quantize.equalize): activations are quantized per tensor, and
   the R rank-one channels inside a chain have very different ranges.
 - activation ranges are calibrated by percentile, not min/max (see DEFAULT_CALIBRATION_METHOD).
 """
@@ -37,8 +37,10 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from onnx_cp import chain_names, model_io, verify
-from onnx_cp.errors import OnnxCpError, first_line
+from onnx_cp.errors import OnnxCpError, UsageError, first_line
+from onnx_cp.quantize.equalize import equalize_chains
+from onnx_cp.runtime import model_io
+from onnx_cp.runtime.tensors import single_input
 
 DEFAULT_CALIBRATION_SAMPLES = 256
 # Percentile (99.999%) ranges ignore the rare outliers that MinMax stretches a whole tensor for:
@@ -48,9 +50,6 @@ _CALIBRATION_BATCH = 16
 SCHEME_METADATA_KEY = "onnx_cp.int8"
 _METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
             "entropy": CalibrationMethod.Entropy}
-# A channel whose calibrated range is below this fraction of its tensor's largest is treated as
-# dead: scaling it up by more would only amplify rounding noise.
-_MIN_RELATIVE_RANGE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -117,7 +116,7 @@ def quantize_int8(
     read it with int8_scheme()."""
     _check_options(weights, calibration_method)
     source = model_io.to_ir(model)
-    input_name = verify.single_input(source, "INT8 calibration")
+    input_name = single_input(source, "INT8 calibration")
     batches = _calibration_source(calibration, samples)
     equalized = equalize_chains(source, batches()) if equalize else []
     scheme = Int8Scheme(weights=weights, weight_bits=7 if weights == "int8" and reduce_range else 8,
@@ -130,9 +129,10 @@ def quantize_int8(
 
 def _check_options(weights: str, calibration_method: str) -> None:
     if weights not in ("int8", "uint8"):
-        raise OnnxCpError(f"weights must be 'int8' or 'uint8', not {weights!r}")
+        raise UsageError(f"expected 'int8' or 'uint8', got {weights!r}", option="weights")
     if calibration_method not in _METHODS:
-        raise OnnxCpError(f"calibration_method must be one of {', '.join(_METHODS)}, not {calibration_method!r}")
+        raise UsageError(f"expected one of {', '.join(_METHODS)}, got {calibration_method!r}",
+                         option="calibration_method")
 
 
 def _quantize_static(source: ir.Model, reader: CalibrationDataReader, scheme: Int8Scheme) -> ir.Model:
@@ -153,122 +153,6 @@ def _quantize_static(source: ir.Model, reader: CalibrationDataReader, scheme: In
         quantized = model_io.load_model(int8_path)
         ir.external_data.load_to_model(quantized)  # the temporary folder goes away
     return quantized
-
-
-# --- CP chain equalization ---------------------------------------------------------------------
-#
-# A chain in (1x1, C->R) -> vertical (kx1, group R) -> horizontal (1xk, group R) -> out (1x1, R->N)
-# is linear up to out's bias, and channel r of each intermediate tensor depends only on channel r
-# of the previous one. Multiplying channel r of a stage's output by s_r and dividing the next
-# stage's weights for that channel by s_r leaves the chain's function unchanged. onnxruntime
-# quantizes each activation tensor with one scale, so a channel whose range is 100x smaller than
-# its neighbours' keeps only a few of the 256 levels; we rescale every channel of the in and
-# vertical outputs to the same calibrated magnitude (RMS). Their weights are quantized per output channel,
-# so the rescaling costs them nothing. The last intermediate tensor (horizontal's output) is
-# equalized too; its compensation lands in the columns of out's weight, which is quantized per
-# *output* channel, so small-range columns lose weight precision - but they contribute little.
-
-
-@dataclass
-class _Chain:
-    layer: str
-    stages: list[ir.Node]  # in, vertical, horizontal, out
-
-    def intermediates(self) -> list[ir.Value]:
-        return [node.outputs[0] for node in self.stages[:3]]
-
-
-def equalize_chains(model: ir.Model, batches: Iterator[np.ndarray]) -> list[str]:
-    """Rescale the channels inside each CP chain of `model` (in place) so that every intermediate
-    tensor's channels have the same root-mean-square on `batches`. The model computes the same function
-    (up to float rounding). Returns the layers equalized."""
-    chains = _find_chains(model.graph)
-    if not chains:
-        return []
-    ranges = _channel_ranges(model, [v for c in chains for v in c.intermediates()], batches)
-    chains = [c for c in chains if all(v.name in ranges for v in c.intermediates())]  # no batches: none
-    for chain in chains:
-        _rescale(chain, [ranges[v.name] for v in chain.intermediates()])
-    return [c.layer for c in chains]
-
-
-def _find_chains(graph: ir.Graph) -> list[_Chain]:
-    return [_Chain(layer, stages) for layer, stages in chain_names.find_chains(graph).items()
-            if len(stages) == 4 and _is_plain_chain(graph, stages)]
-
-
-def _is_plain_chain(graph: ir.Graph, stages: list[ir.Node]) -> bool:
-    """Four float Convs feeding each other, constant weights, depthwise middle stages, no one
-    else reading the intermediates: the shape equalization relies on."""
-    outputs = set(graph.outputs)
-    for node, nxt in zip(stages, stages[1:]):
-        value = node.outputs[0]
-        if value in outputs or len(value.uses()) != 1 or nxt.inputs[0] is not value:
-            return False
-    if any(n.op_type != "Conv" or n.domain not in ("", "ai.onnx") for n in stages):
-        return False
-    weights = [_const(n.inputs[1]) for n in stages]
-    if any(w is None or w.dtype != np.float32 or w.ndim != 4 for w in weights):
-        return False
-    rank = weights[0].shape[0]
-    groups = [n.attributes.get_int("group", 1) for n in stages]
-    shapes_ok = all(w.shape[:2] == (rank, 1) for w in weights[1:3]) and weights[3].shape[1] == rank
-    # out's bias is untouched by the rescaling; a bias on an earlier stage would need scaling too,
-    # and no chain onnx-cp builds has one.
-    no_inner_bias = all(len(n.inputs) < 3 or n.inputs[2] is None for n in stages[:3])
-    unshared = all(len(n.inputs[1].uses()) == 1 for n in stages)
-    return groups == [1, rank, rank, 1] and shapes_ok and no_inner_bias and unshared
-
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None:
-        return None
-    return value.const_value.numpy()
-
-
-def _channel_ranges(model: ir.Model, values: list[ir.Value], batches: Iterator[np.ndarray]) -> dict[str, np.ndarray]:
-    """The root-mean-square per channel (axis 1) of each of `values` over the calibration batches.
-
-    RMS rather than max |value|: a few outliers in one channel would otherwise shrink that whole
-    channel (measured on charnet-cp: max-based equalization gained 1.2 points of top-1 over none,
-    RMS-based 2.3, with percentile calibration; the 99th percentile did no better than RMS)."""
-    input_name = verify.single_input(model, "INT8 calibration")
-    names = [v.name for v in values]
-    squares: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    for outputs in verify.iter_tensor_values(ir.to_proto(model), names, input_name, batches):
-        for value, out in zip(values, outputs):
-            axes = tuple(i for i in range(out.ndim) if i != 1)
-            squares[value.name] = squares.get(value.name, 0.0) + np.square(out, dtype=np.float64).sum(axis=axes)
-            counts[value.name] = counts.get(value.name, 0) + out.size // out.shape[1]
-    return {name: np.sqrt(total / max(counts[name], 1)) for name, total in squares.items()}
-
-
-def _rescale(chain: _Chain, ranges: list[np.ndarray]) -> None:
-    """Scale channel r of each intermediate tensor so that its RMS becomes the tensor's
-    largest, compensating in the next stage's weights (and finally in out's input columns)."""
-    applied = np.ones(ranges[0].shape, np.float64)  # the scale channel r carries so far
-    for node, channel_range in zip(chain.stages[:3], ranges):
-        top = float(channel_range.max())
-        if top <= 0.0:  # a dead chain: nothing to equalize
-            return
-        wanted = top / np.maximum(channel_range.astype(np.float64) * applied, top * _MIN_RELATIVE_RANGE)
-        _scale_weight(node.inputs[1], wanted, axis=0)
-        applied *= wanted
-    _scale_weight(chain.stages[3].inputs[1], 1.0 / applied, axis=1)
-
-
-def _scale_weight(weight: ir.Value, factors: np.ndarray, axis: int) -> None:
-    """Multiply `weight` by `factors` along `axis`, as a new tensor (the old one may be shared
-    with the caller's model, see model_io.to_ir)."""
-    array = weight.const_value.numpy()
-    shape = [1] * array.ndim
-    shape[axis] = -1
-    scaled = (array.astype(np.float64) * factors.reshape(shape)).astype(array.dtype)
-    weight.const_value = ir.tensor(scaled, name=weight.name)
-
-
-# --- helpers -------------------------------------------------------------------------------------
 
 
 def _preprocessed(path: Path, out: Path) -> Path:

@@ -3,7 +3,7 @@
 Every eligible layer gets a menu of options: the original Conv, or its CP chain at ranks on
 onnxruntime's channel grid, each with its kernel error (from the solver) and its latency (the
 layer's share of the model's profiled time, scaled by the chain/Conv ratio measured in isolation,
-see layer_cost). A greedy walk down the menus trades the least weighted error per millisecond
+see latency_model). A greedy walk down the menus trades the least weighted error per millisecond
 saved until the predicted model time fits the budget; predictions are then checked by measuring
 the whole model, and the budget tightened when the model falls short.
 
@@ -14,16 +14,18 @@ within the allowed drop.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from onnx_cp import layer_cost
-from onnx_cp.errors import BudgetError, UsageError
-from onnx_cp.rewrite import ConvSite
-from onnx_cp.select import RankChoice, SolveMany, combined_error, preferred_channel_block, solve_layers
+from onnx_cp.errors import BudgetError
+from onnx_cp.graph import ConvSite, Plan
+from onnx_cp.ranks import latency_model
+from onnx_cp.ranks.grid import menu_ranks
+from onnx_cp.ranks.solve import SolveMany, kernel_error, layer_plan, solve_layers
 
 # Only ranks that cut a layer's MACs by at least this much are worth measuring.
 MIN_OPTION_GAIN = 1.5
@@ -33,11 +35,13 @@ SPEEDUP_SLACK = 0.1  # a measured speed-up this far above the target is close en
 # machine (charnet: the search measured 8.56x for an 8.5x target, a later benchmark 8.42x).
 SPEEDUP_MARGIN = 0.03
 ACCURACY_BISECTION_STEPS = 5
+KEPT_FOR_SPEED = "kept: the speed-up target was met without decomposing it"
+KEPT_FOR_ACCURACY = "kept: decomposing it cost more accuracy than it saved time"
 
-BuildModel = Callable[[dict[str, RankChoice]], ir.Model]
+BuildModel = Callable[[Plan], ir.Model]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Option:
     rank: int | None  # None: keep the original Conv
     error: float
@@ -45,7 +49,7 @@ class Option:
     results: list = field(default_factory=list)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerMenu:
     site: ConvSite
     options: list[Option]  # the original first
@@ -53,36 +57,33 @@ class LayerMenu:
 
 
 def candidate_ranks(site: ConvSite) -> list[int]:
-    """Grid ranks (multiples of the channel block, roughly geometric) that cut MACs enough."""
-    ceiling = int(site.macs_before() / MIN_OPTION_GAIN) // max(site.macs_after(1), 1)
-    block = preferred_channel_block()
-    multiples = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
-    ranks = [block * m for m in multiples if block * m <= ceiling]
-    if not ranks and ceiling >= 1:
-        ranks = [2 ** int(math.log2(ceiling))]
-    return ranks
+    return menu_ranks(site, MIN_OPTION_GAIN)
 
 
 def layer_menus(
     sites: Sequence[ConvSite], solve_many: SolveMany, layer_ms: dict[str, float], threads: int
-) -> list[LayerMenu]:
-    """Options for each eligible layer with a measured time; one solver batch for all of them.
-    Layers without options get their reason."""
+) -> tuple[list[LayerMenu], dict[str, str]]:
+    """Options for each candidate layer with a measured time (one solver batch for all of them), and
+    why the layers without options are left alone."""
+    refusals = {}
     for site in sites:
-        if site.eligible and not candidate_ranks(site):
-            site.reason = f"no grid rank cuts its MACs by {MIN_OPTION_GAIN:g}x"
-        elif site.eligible and layer_ms.get(site.name, 0) <= 0:
-            site.reason = "no measurable time in the model's profile"
-    menus = [LayerMenu(s, [Option(None, 0.0, layer_ms[s.name])]) for s in sites if s.eligible]
-    solved = solve_layers([(m.site, rank) for m in menus for rank in candidate_ranks(m.site)], solve_many)
-    for menu in menus:
-        ranks = candidate_ranks(menu.site)
-        ratios = layer_cost.chain_time_ratios(layer_cost.LayerShape.of(menu.site), ranks, threads=threads)
+        if not candidate_ranks(site):
+            refusals[site.name] = f"no grid rank cuts its MACs by {MIN_OPTION_GAIN:g}x"
+        elif layer_ms.get(site.name, 0) <= 0:
+            refusals[site.name] = "no measurable time in the model's profile"
+    kept = [s for s in sites if s.name not in refusals]
+    solved = solve_layers([(s, rank) for s in kept for rank in candidate_ranks(s)], solve_many)
+    menus = []
+    for site in kept:
+        ranks = candidate_ranks(site)
+        ratios = latency_model.chain_time_ratios(latency_model.LayerShape.of(site), ranks, threads=threads)
+        options = [Option(None, 0.0, layer_ms[site.name])]
         for rank in ranks:
-            group_results = solved[(menu.site.name, rank)]
-            menu.options.append(Option(rank, combined_error(menu.site, group_results),
-                                       ratios[rank] * menu.options[0].ms, group_results))
-    return menus
+            group_results = solved[(site.name, rank)]
+            options.append(Option(rank, kernel_error(site, group_results), ratios[rank] * options[0].ms,
+                                  group_results))
+        menus.append(LayerMenu(site, options))
+    return menus, refusals
 
 
 def plan_for_time(menus: Sequence[LayerMenu], budget_ms: float, rest_ms: float) -> dict[str, Option] | None:
@@ -127,8 +128,10 @@ def fastest_time(menus: Sequence[LayerMenu], rest_ms: float) -> float:
     return rest_ms + sum(min(o.ms for o in m.options) for m in menus)
 
 
-def to_choices(plan: dict[str, Option], note: str) -> dict[str, RankChoice]:
-    return {name: RankChoice(o.rank, o.results, note) for name, o in plan.items() if o.rank is not None}
+def to_plan(plan: dict[str, Option], note: str, refusal: str) -> Plan:
+    """The graph plan of a menu pick; layers kept as they are get `refusal` as their reason."""
+    return Plan({name: layer_plan(o.rank, o.results, note or None) for name, o in plan.items() if o.rank is not None},
+                {name: refusal for name, o in plan.items() if o.rank is None})
 
 
 @dataclass
@@ -148,10 +151,9 @@ def search_speedup(
     target: float,
     build: BuildModel,
     measure_speedup: Callable[[ir.Model], float],
-) -> tuple[dict[str, RankChoice], ir.Model, list[dict]]:
-    """Ranks whose model is measured at least `target` times faster than the original."""
-    if target <= 1:
-        raise UsageError(f"--target-speedup must be above 1 (got {target:g})")
+) -> tuple[Plan, ir.Model, list[dict]]:
+    """Ranks whose model is measured at least `target` times faster than the original (> 1, checked
+    by SpeedupTarget)."""
     rest = timing.rest_ms(menus)
     limit = timing.total_ms / fastest_time(menus, rest)
     weights = {m.site.name: m.weight for m in menus}
@@ -164,7 +166,7 @@ def search_speedup(
         ranks = {n: o.rank for n, o in plan.items()} if plan is not None else None
         if plan is None or any(t["ranks"] == ranks for t in trace):
             break  # nothing fits, or this plan was measured already
-        model = build(to_choices(plan, ""))
+        model = build(to_plan(plan, "", KEPT_FOR_SPEED))
         measured = measure_speedup(model)
         predicted = timing.total_ms / (rest + sum(o.ms for o in plan.values()))
         trace.append({"attempt": attempt, "aimed_at": goal, "predicted": predicted, "measured": measured,
@@ -182,7 +184,7 @@ def search_speedup(
             break
         goal = next_goal
     if best is not None:
-        return to_choices(best[1], f"chosen for a measured {target:g}x speed-up"), best[2], trace
+        return to_plan(best[1], f"chosen for a measured {target:g}x speed-up", KEPT_FOR_SPEED), best[2], trace
     measured_best = max((t["measured"] for t in trace), default=None)
     raise BudgetError(
         f"no ranks reach a {target:g}x speed-up: the fastest options predict {limit:.2f}x"
@@ -213,17 +215,19 @@ def accuracy_drop(baseline: dict, candidate: dict) -> float:
     return 100.0 * (1.0 - candidate["agreement_top1"])
 
 
-def set_sensitivities(
+def with_sensitivities(
     menus: Sequence[LayerMenu], build: BuildModel, drop_of: Callable[[ir.Model], float]
-) -> None:
-    """Weight each layer by the accuracy it loses per unit of kernel error, measured by
+) -> list[LayerMenu]:
+    """The menus, each layer weighted by the accuracy it loses per unit of kernel error, measured by
     decomposing that layer alone at a middle option (no fine-tuning)."""
+    weighted = []
     for menu in menus:
         option = menu.options[(len(menu.options)) // 2]
-        if option.rank is None or option.error <= 0:
-            continue
-        drop = drop_of(build({menu.site.name: RankChoice(option.rank, option.results)}))
-        menu.weight = max(drop, 0.05) / option.error
+        if option.rank is not None and option.error > 0:
+            drop = drop_of(build(Plan({menu.site.name: layer_plan(option.rank, option.results)})))
+            menu = dataclasses.replace(menu, weight=max(drop, 0.05) / option.error)
+        weighted.append(menu)
+    return weighted
 
 
 def search_accuracy(
@@ -232,7 +236,7 @@ def search_accuracy(
     max_drop: float,
     build: BuildModel,
     tune_and_score: Callable[[ir.Model], tuple[float, ir.Model]],
-) -> tuple[dict[str, RankChoice], ir.Model, list[dict]]:
+) -> tuple[Plan, ir.Model, list[dict]]:
     """Bisection on the predicted speed-up for the fastest model within `max_drop` points;
     `tune_and_score(model)` fine-tunes (when there is data for it) and returns (drop, model)."""
     rest = timing.rest_ms(menus)
@@ -245,7 +249,7 @@ def search_accuracy(
         if plan is None or all(o.rank is None for o in plan.values()):
             high = speedup
             continue
-        drop, model = tune_and_score(build(to_choices(plan, "")))
+        drop, model = tune_and_score(build(to_plan(plan, "", KEPT_FOR_ACCURACY)))
         trace.append({"predicted_speedup": speedup, "accuracy_drop": drop,
                       "ranks": {n: o.rank for n, o in plan.items()}})
         if drop <= max_drop:
@@ -260,4 +264,4 @@ def search_accuracy(
                           f"(smallest drop seen: {min((t['accuracy_drop'] for t in trace), default=float('nan')):.2f})")
     plan, model, speedup = best
     note = f"fastest found within {max_drop:g} points (predicted {speedup:.2f}x)"
-    return to_choices(plan, note), model, trace
+    return to_plan(plan, note, KEPT_FOR_ACCURACY), model, trace

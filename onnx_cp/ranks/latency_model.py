@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,11 @@ import onnx_ir as ir
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
+from onnx_cp.errors import OnnxCpError
+from onnx_cp.graph import ConvSite, CPConvPass, conv_attributes, find_conv_sites, plan_with
 from onnx_cp.measure import benchmark_latency
-from onnx_cp.rewrite import ConvSite, CPConvPass, conv_attributes, find_conv_sites
+from onnx_cp.runtime.cpu import cpu_name
+from onnx_cp.runtime.files import atomic_write
 
 CACHE_ENV = "ONNX_CP_CACHE_DIR"
 _RUNS = 40
@@ -95,25 +97,13 @@ def chain_model(conv: onnx.ModelProto, rank: int, seed: int = 0) -> ir.Model:
     rng = np.random.default_rng(seed)
     model = ir.from_proto(conv)
     sites = find_conv_sites(model)
-    CPConvPass(rank_for=lambda site: rank,
-               decomposer=lambda k, r: [rng.standard_normal((n, r)) for n in k.shape],
-               sites=sites)(model)
+    plan = plan_with(sites, lambda site: rank, lambda k, r: [rng.standard_normal((n, r)) for n in k.shape])
+    CPConvPass(plan, sites=sites)(model)
     return model
 
 
 def _machine_key(threads: int) -> str:
-    return f"{platform.machine()}|{_cpu_name()}|ort{ort.__version__}|t{threads}"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    return f"{platform.machine()}|{cpu_name()}|ort{ort.__version__}|t{threads}"
 
 
 class _Cache:
@@ -135,9 +125,7 @@ class _Cache:
         """Best effort and atomic: a cache that cannot be written only costs re-measuring."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".layer_latency-")
-            with os.fdopen(fd, "w") as f:
+            with atomic_write(self.path) as f:
                 json.dump(self.data, f)
-            os.replace(tmp, self.path)
-        except OSError:
+        except (OSError, OnnxCpError):
             pass

@@ -15,9 +15,11 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnx_cp import verify
-from onnx_cp.layer_cost import LayerShape, single_conv_model
-from onnx_cp.rewrite import ConvSite, constant_array, reconstruct
+from onnx_cp import cp
+from onnx_cp.graph import ConvSite
+from onnx_cp.graph.sites import conv_bias
+from onnx_cp.ranks.latency_model import LayerShape, single_conv_model
+from onnx_cp.runtime.tensors import single_input, tensor_values
 
 DEFAULT_SAMPLES = 256
 # The activations feeding every eligible layer are held in memory: fewer samples for big maps.
@@ -31,27 +33,27 @@ class OutputError:
     The original model runs once on the samples to collect each eligible layer's input."""
 
     def __init__(self, model: ir.Model, sites: Sequence[ConvSite], inputs: np.ndarray) -> None:
-        input_name = verify.single_input(model, "layer-output errors")
+        input_name = single_input(model, "layer-output errors")
         proto = ir.to_proto(model)
         eligible = [s for s in sites if s.eligible]
         feeds = [s.node.inputs[0].name for s in eligible]
         inputs = np.ascontiguousarray(inputs, dtype=np.float32)
-        one = verify.tensor_values(proto, feeds, input_name, inputs[:1])
+        one = tensor_values(proto, feeds, input_name, inputs[:1])
         n = int(np.clip(MEMORY_BYTES // max(sum(v.nbytes for v in one), 1), MIN_SAMPLES, len(inputs)))
         self.samples = min(n, len(inputs))
-        values = verify.tensor_values(proto, feeds, input_name, inputs[:self.samples])
+        values = tensor_values(proto, feeds, input_name, inputs[:self.samples])
         self.activations = {s.name: v.astype(np.float32) for s, v in zip(eligible, values)}
         self.output_norms = {s.name: self._output_norm(s) for s in eligible}
 
     def __call__(self, site: ConvSite, group_results: Sequence[object]) -> float:
-        approx = np.concatenate([reconstruct(r.factors) for r in group_results])
+        approx = np.concatenate([cp.reconstruct(r.factors) for r in group_results])
         difference = self._conv(site, site.kernel.astype(np.float64) - approx)
         norm = self.output_norms[site.name]
         return float(np.linalg.norm(difference)) / norm if norm > 0 else 0.0
 
     def _output_norm(self, site: ConvSite) -> float:
         output = self._conv(site, site.kernel)
-        bias = _bias(site)
+        bias = conv_bias(site)
         if bias is not None:
             output += bias.reshape(1, -1, *([1] * (output.ndim - 2)))
         return float(np.linalg.norm(output))
@@ -60,11 +62,6 @@ class OutputError:
         x = self.activations[site.name]
         shape = dataclasses.replace(LayerShape.of(site), input_hw=tuple(x.shape[2:]))
         model = single_conv_model(shape, kernel=kernel, batch="N")
-        (output,) = verify.tensor_values(model, ["y"], "x", x)
+        (output,) = tensor_values(model, ["y"], "x", x)
         return output.astype(np.float64)
 
-
-def _bias(site: ConvSite) -> np.ndarray | None:
-    if len(site.node.inputs) < 3 or site.node.inputs[2] is None:
-        return None
-    return constant_array(site.node.inputs[2])

@@ -1,0 +1,86 @@
+"""Decomposing layers in batches: the solver the rank policies call, and the error of a layer from its
+groups' results. `solve_many([(kernel, rank), ...], quick=False)` returns results with `.factors` and
+`.rel_error`; quick asks for a cheap estimate (a few ALS sweeps) to screen and search ranks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnx_cp import cp
+from onnx_cp.errors import UsageError
+from onnx_cp.graph import ConvSite, LayerPlan
+from onnx_cp.graph.plan import as_factors
+
+SolveMany = Callable[..., Sequence[object]]
+QUICK_ALS_SWEEPS = 20  # ~0.02-0.04 above the converged error: enough to screen and search ranks
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """method: "nls" (Gauss-Newton, the paper's) or "als"; workers: solver processes (None: one per
+    core); decomposer(kernel (T,S,kh,kw) float64, rank) -> factors (or a result with .factors)
+    replaces onnx-cp's solver."""
+
+    method: str = "nls"
+    workers: int | None = None
+    decomposer: Callable[[np.ndarray, int], object] | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in cp.METHODS:
+            raise UsageError(f"expected one of {', '.join(cp.METHODS)}, got {self.method!r}", option="method")
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 1):
+            raise UsageError(f"expected an integer of at least 1, got {self.workers!r}", option="workers")
+
+
+@dataclass(frozen=True)
+class Solved:
+    factors: list[np.ndarray]
+    rel_error: float
+
+
+def make_solver(settings: SolverSettings, seed: int) -> SolveMany:
+    """A batched solver: the user's decomposer in a loop, or onnx_cp.cp in worker processes."""
+    if settings.decomposer is not None:
+        def solve_with_decomposer(jobs, quick: bool = False) -> list[Solved]:
+            solved = []
+            for kernel, rank in jobs:
+                factors = as_factors(settings.decomposer(kernel, rank))
+                solved.append(Solved(factors, cp.relative_error(kernel, cp.reconstruct(factors))))
+            return solved
+        return solve_with_decomposer
+
+    def solve_many(jobs: Sequence[tuple[np.ndarray, int]], quick: bool = False) -> list:
+        if not jobs:
+            return []
+        if quick:
+            return cp.decompose_many(list(jobs), workers=settings.workers, method="als",
+                                     max_iter=QUICK_ALS_SWEEPS, seed=seed, desc="estimating")
+        return cp.decompose_many(list(jobs), workers=settings.workers, method=settings.method, seed=seed)
+
+    return solve_many
+
+
+def solve_layers(layers: Sequence[tuple[ConvSite, int]], solve_many: SolveMany,
+                 quick: bool = False) -> dict[tuple[str, int], list]:
+    """Decompose each (site, rank), every group of each site, in one solver batch; the
+    per-group results come back keyed by (layer name, rank)."""
+    jobs = [(site.name, rank, kernel) for site, rank in layers for kernel in site.group_kernels()]
+    pairs = [(kernel, rank) for _, rank, kernel in jobs]
+    results = solve_many(pairs, quick=True) if quick else solve_many(pairs)
+    grouped: dict[tuple[str, int], list] = {}
+    for (name, rank, _), result in zip(jobs, results):
+        grouped.setdefault((name, rank), []).append(result)
+    return grouped
+
+
+def kernel_error(site: ConvSite, group_results: Sequence[object]) -> float:
+    """Relative error over the whole kernel from the per-group results."""
+    return cp.pooled_relative_error(site.group_kernels(), [r.rel_error for r in group_results])
+
+
+def layer_plan(rank: int, group_results: Sequence[object], note: str | None = None) -> LayerPlan:
+    return LayerPlan(rank, [list(r.factors) for r in group_results], note=note)

@@ -1,0 +1,70 @@
+"""Checks a rewritten model before anything is written: onnx.checker, an onnxruntime session,
+and the outputs of original and rewritten models on the same random inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnx_cp.errors import OnnxCpError, first_line
+from onnx_cp.runtime.inputs import random_inputs
+from onnx_cp.runtime.session import run_model, run_source, serialized
+
+
+def check_model(model: ir.Model) -> None:
+    """onnx.checker with full shape inference (raises onnx.checker.ValidationError and friends)."""
+    with serialized(model) as source:
+        onnx.checker.check_model(source, full_check=True)
+
+
+def compare_outputs(expected: list[np.ndarray], actual: list[np.ndarray], names: list[str]) -> dict:
+    """Max/mean absolute and relative (Frobenius) error per output."""
+    outputs = {}
+    for name, a, b in zip(names, expected, actual):
+        a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if a64.shape != b64.shape:
+            raise OnnxCpError(f"output {name!r} changed shape from {a64.shape} to {b64.shape}")
+        diff = np.abs(a64 - b64)
+        scale = np.linalg.norm(a64)
+        outputs[name] = {
+            "max_abs_error": float(diff.max()) if diff.size else 0.0,
+            "mean_abs_error": float(diff.mean()) if diff.size else 0.0,
+            "rel_error": float(np.linalg.norm(a64 - b64) / scale) if scale > 0 else float(np.linalg.norm(b64)),
+            "finite": bool(np.all(np.isfinite(b64))),
+        }
+    return outputs
+
+
+def verify_rewrite(
+    original: ir.Model,
+    rewritten: ir.Model,
+    input_shapes: dict[str, list[int]] | None = None,
+    seed: int = 0,
+) -> dict:
+    """Checker, onnxruntime session and output comparison; raises OnnxCpError on failure."""
+    notes = []
+    with serialized(rewritten) as source:  # staged once for the checker and the session
+        try:
+            onnx.checker.check_model(source, full_check=True)
+        except Exception as exc:  # noqa: BLE001 - checker failures come in several types
+            try:
+                check_model(original)
+            except Exception:  # noqa: BLE001
+                notes.append(f"the input model already fails onnx.checker: {first_line(exc)}")
+            else:
+                raise OnnxCpError(f"the rewritten model fails onnx.checker: {first_line(exc)}") from None
+        feeds = random_inputs(original, input_shapes, seed=seed)
+        expected = run_model(original, feeds, "input model")
+        actual = run_source(source, feeds, "rewritten model")
+    outputs = compare_outputs(expected, actual, [v.name for v in original.graph.outputs])
+    if not all(o["finite"] for o in outputs.values()):
+        raise OnnxCpError("the rewritten model produces NaN or infinity on random inputs")
+    return {
+        "checker": "passed" if not notes else "input model fails too",
+        "notes": notes,
+        "input_shapes": {k: list(map(int, v.shape)) for k, v in feeds.items()},
+        "outputs": outputs,
+        "max_abs_error": max((o["max_abs_error"] for o in outputs.values()), default=0.0),
+        "max_rel_error": max((o["rel_error"] for o in outputs.values()), default=0.0),
+    }

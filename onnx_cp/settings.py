@@ -1,0 +1,127 @@
+"""Settings as a few typed groups, shared by the Python API, the CLI and the config file:
+
+    LayerSelection   what to decompose (name filters)
+    RankPolicy       how to choose ranks (onnx_cp.ranks: ExplicitRanks, ErrorBudget, SpeedupTarget,
+                     AccuracyBudget)
+    SolverSettings   how to decompose (method, worker processes, a custom decomposer)
+    FinetuneSettings layer-wise reconstruction and fine-tuning
+    QuantizeSettings INT8 after fine-tuning
+    MeasureSettings  how models are run and measured (input shapes, threads, evaluation data, latency)
+
+Every group checks its values when made and raises UsageError naming the parameter.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from onnx_cp.errors import UsageError
+from onnx_cp.ranks import (
+    DEFAULT_MAX_ERROR,
+    AccuracyBudget,
+    ErrorBudget,
+    ExplicitRanks,
+    RankPolicy,
+    SolverSettings,
+    SpeedupTarget,
+    as_policy,
+)
+
+# Adam steps per CP chain in layer-wise reconstruction before fine-tuning (onnx_cp.finetune.reconstruct,
+# which imports torch: the default lives here so that settings import without it).
+DEFAULT_RECONSTRUCT_STEPS = 300
+
+
+def check_int(value: object, option: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"expected an integer of at least {minimum}, got {value!r}", option=option)
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """Only Conv layers whose name matches `include`, none that match `exclude` (re.search)."""
+
+    include: str | None = None
+    exclude: str | None = None
+
+    def __post_init__(self) -> None:
+        for option, pattern in (("layers", self.include), ("exclude", self.exclude)):
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise UsageError(f"not a valid regular expression ({exc})", option=option) from None
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Fine-tune the rewritten model on `data` (a .npz path, an image folder, a Dataset or arrays).
+
+    val: validation data that picks the best epoch; teacher_from_input: distil from the input model
+    (no labels needed); epochs/steps/lr/batch_size: the schedule (None: onnx_cp.finetune's defaults);
+    reconstruct_steps: before fine-tuning, Adam steps that fit each CP chain to the output of the
+    layer it replaced on the first samples of `data` (0: off)."""
+
+    data: object
+    val: object | None = None
+    teacher_from_input: bool = False
+    epochs: int | None = None
+    steps: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    reconstruct_steps: int = DEFAULT_RECONSTRUCT_STEPS
+
+    def __post_init__(self) -> None:
+        if self.data is None:
+            raise UsageError("fine-tuning needs training data", option="finetune_data")
+        check_int(self.reconstruct_steps, "reconstruct_steps", 0)
+        for option in ("epochs", "steps", "batch_size"):
+            if getattr(self, option) is not None:
+                check_int(getattr(self, option), option, 1)
+
+    def schedule(self) -> dict:
+        """The keyword arguments for onnx_cp.finetune.finetune that were set."""
+        options = {"epochs": self.epochs, "steps": self.steps, "lr": self.lr, "batch_size": self.batch_size}
+        return {k: v for k, v in options.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    """Static INT8 quantization of the result, calibrated on `calibration_data` (default: the
+    fine-tuning data, else the evaluation data)."""
+
+    kind: str = "int8"
+    calibration_data: object | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind != "int8":
+            raise UsageError(f"only 'int8' is supported, got {self.kind!r}", option="quantize")
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    """How models are run: concrete shapes for symbolic input dimensions, onnxruntime threads;
+    what is measured: accuracy on `eval_data` at every stage, latency and per-layer profile of input
+    and output, the verification run before writing."""
+
+    input_shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    threads: int = 1
+    eval_data: object | None = None
+    latency: bool = False
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        check_int(self.threads, "threads", 1)
+        for name, dims in self.input_shapes.items():
+            if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
+                raise UsageError(f"{name}: expected positive integer dimensions, got {list(dims)}",
+                                 option="input_shapes")
+
+
+__all__ = [
+    "DEFAULT_MAX_ERROR", "DEFAULT_RECONSTRUCT_STEPS", "AccuracyBudget", "ErrorBudget", "ExplicitRanks",
+    "FinetuneSettings", "LayerSelection", "MeasureSettings", "QuantizeSettings", "RankPolicy", "SolverSettings",
+    "SpeedupTarget", "as_policy",
+]
