@@ -30,11 +30,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from onnx_cp import optimize
-from onnx_cp.runtime import model_io  # noqa: E402
+from onnx_cp import optimize  # noqa: E402
 from onnx_cp.data.chars import generate_chars  # noqa: E402
 from onnx_cp.measure import benchmark_latency, evaluate, layer_profile  # noqa: E402
 from onnx_cp.quantize import int8_scheme, quantize_int8  # noqa: E402
+from onnx_cp.runtime import model_io  # noqa: E402
+from onnx_cp.settings import FinetuneSettings, MeasureSettings, SpeedupTarget  # noqa: E402
 
 PAPER = {"speedup": 8.5, "accuracy_before": 91.0, "accuracy_after": 90.0}
 CP_STAGES = {"decomposed": "CP (decomposed)", "reconstructed": "CP (reconstructed)", "finetuned": "CP (fine-tuned)"}
@@ -73,9 +74,10 @@ def main() -> None:
     print(f"data ready ({time.perf_counter() - started:.0f} s)", flush=True)
 
     tuned = optimize(
-        args.model, target_speedup=args.target_speedup, finetune_data=str(train), val_data=str(val),
-        teacher_from_input=True, eval_data=str(test),
-        finetune_options={"epochs": args.epochs, "lr": args.lr, "batch_size": 64},
+        args.model, SpeedupTarget(args.target_speedup),
+        finetune=FinetuneSettings(str(train), val=str(val), teacher_from_input=True, epochs=args.epochs, lr=args.lr,
+                                  batch_size=64),
+        measure=MeasureSettings(eval_data=str(test)),
     )
     ranks = {row["name"]: row["rank"] for row in tuned.report["layers"] if row["status"] == "decomposed"}
     print(f"ranks chosen: {ranks} ({time.perf_counter() - started:.0f} s)", flush=True)

@@ -152,7 +152,7 @@ def test_unreadable_and_mismatched_images(tmp_path):
         _collect(data, 4)
     (tmp_path / "b" / "0.png").unlink()
     _image(tmp_path / "b" / "0.png", size=(9, 9))
-    with pytest.raises(OnnxCpError, match="give --size"):
+    with pytest.raises(OnnxCpError, match="give a size"):
         _collect(open_dataset(tmp_path), 4)
     assert _collect(open_dataset(tmp_path, size=5), 4)[0].shape == (2, 3, 5, 5)
 

@@ -64,14 +64,14 @@ def open_dataset(
     preprocessing). Raises OnnxCpError with a one-line message when the data is unusable."""
     path = Path(path)
     if limit is not None and limit < 1:
-        raise UsageError(f"limit {limit}: expected a positive integer")
+        raise UsageError(f"expected a positive integer, got {limit}", option="limit")
     if not path.exists():
         raise OnnxCpError(f"{path}: no such file or folder")
     if path.is_dir():
         return ImageFolder(path, size=_size(size), grayscale=grayscale,
                            scale=1 / 255 if scale is None else scale, mean=mean, std=std, limit=limit)
     if size is not None or grayscale:
-        raise UsageError(f"{path}: --size and --grayscale apply to image folders, not to .npz files")
+        raise UsageError(f"{path}: size and grayscale apply to image folders, not to .npz files", option="size")
     return NpzDataset(path, scale=1.0 if scale is None else scale, mean=mean, std=std, limit=limit)
 
 
@@ -226,7 +226,7 @@ class ImageFolder(Dataset):
         if pixels.shape[:2] != self.sample_shape[1:]:
             h, w = self.sample_shape[1:]
             raise OnnxCpError(f"{file}: image is {pixels.shape[0]}x{pixels.shape[1]} but the first image "
-                              f"is {h}x{w}; give --size H,W to resize all images")
+                              f"is {h}x{w}; give a size (H,W) to resize all images")
         return pixels.transpose(2, 0, 1)
 
     def _load_raw(self, file: Path) -> np.ndarray:

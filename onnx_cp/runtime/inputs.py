@@ -16,7 +16,7 @@ DEFAULT_OTHER_DIM = 32
 
 
 def parse_input_shapes(specs: Iterable[str] | None) -> dict[str, list[int]]:
-    """Parse `NAME:1,3,224,224` items (the --input-shape flag)."""
+    """Parse `NAME:1,3,224,224` items (the CLI's --input-shape)."""
     shapes: dict[str, list[int]] = {}
     for spec in specs or []:
         name, sep, dims = spec.rpartition(":")
@@ -25,7 +25,7 @@ def parse_input_shapes(specs: Iterable[str] | None) -> dict[str, list[int]]:
         except ValueError:
             values = []
         if not sep or not name or not values or any(v <= 0 for v in values):
-            raise UsageError(f"--input-shape {spec!r}: expected NAME:D1,D2,... with positive integers")
+            raise UsageError(f"{spec!r}: expected NAME:D1,D2,... with positive integers", option="input_shapes")
         shapes[name] = values
     return shapes
 
@@ -36,14 +36,15 @@ def fill_input_shapes(model: ir.Model, input_shapes: dict[str, list[int]] | None
     names = [v.name for v in real_inputs(model)]
     unknown = set(input_shapes) - set(names)
     if unknown:
-        raise UsageError(f"--input-shape names unknown input(s) {sorted(unknown)}; inputs are {names}")
+        raise UsageError(f"unknown input(s) {sorted(unknown)}; inputs are {names}", option="input_shapes")
     filled = {}
     for value in real_inputs(model):
         if value.name in input_shapes:
             filled[value.name] = list(input_shapes[value.name])
             continue
         if value.shape is None:
-            raise UsageError(f"input {value.name!r} has no shape: give it with --input-shape {value.name}:D1,D2,...")
+            raise UsageError(f"input {value.name!r} has no shape: give its dimensions ({value.name}:D1,D2,...)",
+                             option="input_shapes")
         filled[value.name] = [
             dim if isinstance(dim, int) else (DEFAULT_BATCH if axis == 0 else DEFAULT_OTHER_DIM)
             for axis, dim in enumerate(value.shape)
@@ -90,7 +91,7 @@ def measured_shapes(
         raise UsageError(f"batch {batch}: expected a positive integer")
     given = dict(input_shapes or {})
     known = {v.name for v in model.graph.inputs}
-    # Several models are measured with one --input-shape list: ignore names a model lacks.
+    # Several models are measured with one list of shapes: ignore names a model lacks.
     given = {name: dims for name, dims in given.items() if name in known}
     shapes = fill_input_shapes(model, given)
     for value in model.graph.inputs:
@@ -117,8 +118,8 @@ def _check_fixed_dims(value: ir.Value, dims: list[int]) -> None:
         isinstance(d, int) and d != g for d, g in zip(declared, dims))
     if mismatch:
         shown = ",".join(str(d) if isinstance(d, int) else "?" for d in declared)
-        raise UsageError(f"--input-shape {value.name}:{','.join(map(str, dims))} does not fit the "
-                         f"model's input shape [{shown}]")
+        raise UsageError(f"{value.name}:{','.join(map(str, dims))} does not fit the model's input shape "
+                         f"[{shown}]", option="input_shapes")
 
 
 def measured_feeds(
@@ -128,8 +129,8 @@ def measured_feeds(
 
 
 def check_shape_names(models: list[ir.Model], input_shapes: dict[str, list[int]] | None) -> None:
-    """An --input-shape name that no model has is a typo: say so."""
+    """An input shape for a name no model has is a typo: say so."""
     names = {v.name for m in models for v in m.graph.inputs}
     unknown = sorted(set(input_shapes or {}) - names)
     if unknown:
-        raise UsageError(f"--input-shape names unknown input(s) {unknown}; inputs are {sorted(names)}")
+        raise UsageError(f"unknown input(s) {unknown}; inputs are {sorted(names)}", option="input_shapes")
