@@ -8,6 +8,7 @@ import onnx
 import onnx_ir as ir
 
 from onnx_cp.errors import OnnxCpError, first_line
+from onnx_cp.runtime.fidelity import compare_output
 from onnx_cp.runtime.inputs import random_inputs
 from onnx_cp.runtime.session import run_model, run_source, serialized
 
@@ -19,7 +20,8 @@ def check_model(model: ir.Model) -> None:
 
 
 def compare_outputs(expected: list[np.ndarray], actual: list[np.ndarray], names: list[str]) -> dict:
-    """Max/mean absolute and relative (Frobenius) error per output."""
+    """Per output: max/mean absolute and relative (Frobenius) error, and the task-aware fidelity
+    (kind, worst channel-group error, group errors, agreements; see runtime.fidelity)."""
     outputs = {}
     for name, a, b in zip(names, expected, actual):
         a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -27,12 +29,17 @@ def compare_outputs(expected: list[np.ndarray], actual: list[np.ndarray], names:
             raise OnnxCpError(f"output {name!r} changed shape from {a64.shape} to {b64.shape}")
         diff = np.abs(a64 - b64)
         scale = np.linalg.norm(a64)
+        finite = bool(np.all(np.isfinite(b64)))
         outputs[name] = {
             "max_abs_error": float(diff.max()) if diff.size else 0.0,
             "mean_abs_error": float(diff.mean()) if diff.size else 0.0,
             "rel_error": float(np.linalg.norm(a64 - b64) / scale) if scale > 0 else float(np.linalg.norm(b64)),
-            "finite": bool(np.all(np.isfinite(b64))),
+            "finite": finite,
         }
+        if finite and np.all(np.isfinite(a64)):
+            fidelity = compare_output(name, a64, b64).to_json()
+            fidelity.pop("rel_error")
+            outputs[name].update(fidelity)
     return outputs
 
 
@@ -67,4 +74,5 @@ def verify_rewrite(
         "outputs": outputs,
         "max_abs_error": max((o["max_abs_error"] for o in outputs.values()), default=0.0),
         "max_rel_error": max((o["rel_error"] for o in outputs.values()), default=0.0),
+        "worst_group_error": max((o.get("worst_group_error", 0.0) for o in outputs.values()), default=0.0),
     }
