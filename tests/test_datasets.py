@@ -132,10 +132,7 @@ def test_bad_paths_and_folders(tmp_path):
         open_dataset(tmp_path / "not.npz")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(OnnxCpError, match="no class sub-folders"):
-        open_dataset(empty)
-    _image(empty / "loose.png")
-    with pytest.raises(OnnxCpError, match="one sub-folder per class"):
+    with pytest.raises(OnnxCpError, match="no images"):
         open_dataset(empty)
     (tmp_path / "noimg" / "cat").mkdir(parents=True)
     (tmp_path / "noimg" / "cat" / "notes.txt").write_text("x")
@@ -174,3 +171,33 @@ def test_image_options_refused_for_npz(tmp_path):
     path = _npz(tmp_path / "d.npz", x=np.zeros((1, 1, 2, 2), np.float32))
     with pytest.raises(UsageError, match="image folders"):
         open_dataset(path, grayscale=True)
+
+
+def test_flat_folder_is_unlabelled_samples(tmp_path):
+    for i in range(3):
+        _image(tmp_path / f"{i}.png", color=(i, 0, 0))
+    _image(tmp_path / ".hidden" / "x.png")  # hidden folders are not data
+    data = open_dataset(tmp_path)
+    assert not data.has_labels and data.num_classes is None and len(data) == 3
+    x, y = _collect(data, 2)
+    assert y is None
+    np.testing.assert_allclose(x[:, 0, 0, 0], np.array([0, 1, 2]) / 255, rtol=1e-6)
+
+
+def test_labels_false_reads_a_class_folder_as_samples(tmp_path):
+    """Photos in one sub-folder are samples, not class 0, when labels are not wanted (distillation)."""
+    for i in range(2):
+        _image(tmp_path / "photos" / f"{i}.png")
+    assert open_dataset(tmp_path).has_labels
+    data = open_dataset(tmp_path, labels=False)
+    assert not data.has_labels and len(data) == 2
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 1, 2, 2), np.float32), y=np.array([0, 1]))
+    assert not open_dataset(tmp_path / "d.npz", labels=False).has_labels
+
+
+def test_bgr_channel_order(tmp_path):
+    _image(tmp_path / "a" / "0.png", color=(10, 20, 30))
+    ((x, _),) = open_dataset(tmp_path, channel_order="bgr", scale=1.0).batches(1)
+    assert list(x[0, :, 0, 0]) == [30, 20, 10]
+    with pytest.raises(UsageError, match="channel_order"):
+        open_dataset(tmp_path, channel_order="rbg")

@@ -7,11 +7,15 @@ Two formats:
   sub-folder name is a non-negative integer, that integer is the label ("7/" holds class 7);
   otherwise the sorted sub-folder names are numbered 0, 1, ... (as torchvision's ImageFolder).
   Images are listed class by class in round-robin order, so `limit` keeps every class.
+- a flat folder of images (``DATA/001.jpg``, no class sub-folders), or any folder opened with
+  ``labels=False``: unlabelled samples (every image below it, in sorted order), which is what
+  distillation, reconstruction, calibration and error budgets need.
 
-Preprocessing, in this order: convert to RGB (or one channel with ``grayscale``), resize to
-``size`` (H, W; bilinear) when given, multiply by ``scale`` (default 1/255 for images, 1 for npz),
-then ``(x - mean) / std`` per channel when given. Images of one folder must share a size unless
-``size`` is given. ``size`` and ``grayscale`` apply to image folders only.
+Preprocessing, in this order: convert to RGB (or one channel with ``grayscale``; ``channel_order
+"bgr"`` swaps to the BGR order OpenCV-trained models expect), resize to ``size`` (H, W; bilinear)
+when given, multiply by ``scale`` (default 1/255 for images, 1 for npz), then ``(x - mean) / std``
+per channel when given. Images of one folder must share a size unless ``size`` is given. ``size``,
+``grayscale`` and ``channel_order`` apply to image folders only.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 
 from onnx_cp.errors import OnnxCpError, UsageError, first_line
 
+CHANNEL_ORDERS = ("rgb", "bgr")
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm", ".pbm"}
 
@@ -59,26 +64,34 @@ def open_dataset(
     mean: Sequence[float] | float | None = None,
     std: Sequence[float] | float | None = None,
     limit: int | None = None,
+    channel_order: str = "rgb",
+    labels: bool = True,
 ) -> Dataset:
     """Open an .npz file or an image folder (see the module docstring for formats and
-    preprocessing). Raises OnnxCpError with a one-line message when the data is unusable."""
+    preprocessing); labels=False ignores labels and class folders. Raises OnnxCpError with a
+    one-line message when the data is unusable."""
     path = Path(path)
     if limit is not None and limit < 1:
         raise UsageError(f"expected a positive integer, got {limit}", option="limit")
+    if channel_order not in CHANNEL_ORDERS:
+        raise UsageError(f"expected one of {', '.join(CHANNEL_ORDERS)}, got {channel_order!r}", option="channel_order")
     if not path.exists():
         raise OnnxCpError(f"{path}: no such file or folder")
     if path.is_dir():
-        return ImageFolder(path, size=_size(size), grayscale=grayscale,
-                           scale=1 / 255 if scale is None else scale, mean=mean, std=std, limit=limit)
-    if size is not None or grayscale:
-        raise UsageError(f"{path}: size and grayscale apply to image folders, not to .npz files", option="size")
-    return NpzDataset(path, scale=1.0 if scale is None else scale, mean=mean, std=std, limit=limit)
+        return ImageFolder(path, size=_size(size), grayscale=grayscale, bgr=channel_order == "bgr",
+                           scale=1 / 255 if scale is None else scale, mean=mean, std=std, limit=limit,
+                           labels=labels)
+    if size is not None or grayscale or channel_order != "rgb":
+        raise UsageError(f"{path}: size, grayscale and channel order apply to image folders, not to .npz files",
+                         option="size")
+    return NpzDataset(path, scale=1.0 if scale is None else scale, mean=mean, std=std, limit=limit,
+                      labels=labels)
 
 
 # ----------------------------------------------------------------------------------------- npz
 
 class NpzDataset(Dataset):
-    def __init__(self, path: Path, *, scale: float, mean, std, limit: int | None):
+    def __init__(self, path: Path, *, scale: float, mean, std, limit: int | None, labels: bool = True):
         self.path = str(path)
         try:
             with zipfile.ZipFile(path) as archive:
@@ -88,7 +101,7 @@ class NpzDataset(Dataset):
                     raise OnnxCpError(f"{path}: no array 'x' in the .npz (found: {found})")
                 self._x_member = members["x"]
                 x_shape, x_dtype = _npy_header(archive, self._x_member, path)
-                y = _read_npy(archive, members["y"], path) if "y" in members else None
+                y = _read_npy(archive, members["y"], path) if labels and "y" in members else None
         except zipfile.BadZipFile:
             raise OnnxCpError(f"{path}: not a readable .npz file (expected an archive with x and y)") \
                 from None
@@ -180,35 +193,45 @@ def _check_labels(y: np.ndarray, n: int, path) -> np.ndarray:
 # ------------------------------------------------------------------------------- image folder
 
 class ImageFolder(Dataset):
-    def __init__(self, path: Path, *, size, grayscale: bool, scale: float, mean, std,
-                 limit: int | None):
+    def __init__(self, path: Path, *, size, grayscale: bool, bgr: bool, scale: float, mean, std,
+                 limit: int | None, labels: bool):
         self.path = str(path)
         self._size = size
         self._grayscale = grayscale
+        self._bgr = bgr and not grayscale
         class_dirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not class_dirs:
-            loose = any(_is_image(p) for p in path.iterdir())
-            hint = " (images must sit in one sub-folder per class)" if loose else ""
-            raise OnnxCpError(f"{path}: no class sub-folders{hint}; expected DATA/<class>/<image>")
+        self.has_labels = labels and bool(class_dirs)
+        self._items = self._labelled_items(path, class_dirs) if self.has_labels else self._unlabelled_items(path)
+        if limit:
+            self._items = self._items[:limit]
+        first = self._load_raw(self._items[0][0])
+        channels = 1 if grayscale else 3
+        self.sample_shape = (channels, *first.shape[:2])
+        self.num_classes = max(label for _, label in self._items) + 1 if self.has_labels else None
+        if not self.has_labels:
+            self.classes = None
+        self._normalize = _Normalizer(scale, mean, std, channels, path)
+
+    def _labelled_items(self, path: Path, class_dirs: list[Path]) -> list[tuple[Path, int]]:
         self.classes, labels = _class_labels(class_dirs)
         per_class = [sorted(p for p in d.rglob("*") if _is_image(p)) for d in class_dirs]
         if not any(per_class):
             raise OnnxCpError(f"{path}: no images in its {len(class_dirs)} class sub-folder(s) "
                               f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
         # Round-robin over classes: a `limit` or a partial run still sees every class.
-        self._items: list[tuple[Path, int]] = []
+        items: list[tuple[Path, int]] = []
         for i in range(max(len(files) for files in per_class)):
             for files, label in zip(per_class, labels):
                 if i < len(files):
-                    self._items.append((files[i], label))
-        if limit:
-            self._items = self._items[:limit]
-        first = self._load_raw(self._items[0][0])
-        channels = 1 if grayscale else 3
-        self.sample_shape = (channels, *first.shape[:2])
-        self.has_labels = True
-        self.num_classes = max(labels) + 1
-        self._normalize = _Normalizer(scale, mean, std, channels, path)
+                    items.append((files[i], label))
+        return items
+
+    @staticmethod
+    def _unlabelled_items(path: Path) -> list[tuple[Path, int]]:
+        files = sorted(p for p in path.rglob("*") if _is_image(p) and not _hidden(p.relative_to(path)))
+        if not files:
+            raise OnnxCpError(f"{path}: no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        return [(file, -1) for file in files]
 
     def __len__(self) -> int:
         return len(self._items)
@@ -218,7 +241,7 @@ class ImageFolder(Dataset):
         for start in range(0, len(self._items), batch_size):
             chunk = self._items[start:start + batch_size]
             x = np.stack([self._load(file) for file, _ in chunk])
-            y = np.array([label for _, label in chunk], dtype=np.int64)
+            y = np.array([label for _, label in chunk], dtype=np.int64) if self.has_labels else None
             yield self._normalize(x), y
 
     def _load(self, file: Path) -> np.ndarray:
@@ -240,6 +263,8 @@ class ImageFolder(Dataset):
                     h, w = self._size
                     image = image.resize((w, h), Image.Resampling.BILINEAR)
                 pixels = np.asarray(image, dtype=np.float32)
+                if self._bgr:
+                    pixels = pixels[:, :, ::-1]
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             reason = first_line(exc)
             raise OnnxCpError(f"{file}: unreadable image ({reason[:150]})") from None
@@ -262,6 +287,10 @@ def _class_labels(class_dirs: list[Path]) -> tuple[list[str], list[int]]:
 
 def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
 
 
 # ----------------------------------------------------------------------------- shared helpers
