@@ -82,21 +82,37 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_preprocessing_args(group) -> None:
-    """The dataset preprocessing options shared by eval and finetune (see open_dataset)."""
+    """The dataset options of eval and finetune: --limit and the image preprocessing."""
     group.add_argument("--limit", type=int, metavar="N", help="use only the first N samples")
+    add_image_args(group)
+
+
+def add_image_args(group) -> None:
+    """How images become model inputs (see onnx_cp.data.Preprocessing), for every command that reads data."""
     group.add_argument("--size", metavar="H,W", help="resize images to H x W (image folders)")
     group.add_argument("--grayscale", action="store_true", help="one channel images (image folders)")
+    group.add_argument("--channel-order", choices=["rgb", "bgr"], help="channel order of image inputs "
+                       "(default rgb; bgr for OpenCV-trained models)")
     group.add_argument("--scale", type=float, metavar="S",
                        help="multiply pixel values by S (default 1/255 for images, 1 for .npz)")
     group.add_argument("--mean", metavar="M[,M,M]", help="subtract per channel after scaling")
     group.add_argument("--std", metavar="S[,S,S]", help="divide per channel after subtracting the mean")
 
 
+def preprocessing(args):
+    """The Preprocessing of the options of add_image_args."""
+    from onnx_cp.data import Preprocessing
+
+    return Preprocessing(size=_numbers(args.size, "--size", int), grayscale=bool(args.grayscale), scale=args.scale,
+                         mean=_numbers(args.mean, "--mean", float), std=_numbers(args.std, "--std", float),
+                         channel_order=args.channel_order or "rgb")
+
+
 def preprocessing_options(args) -> dict:
     """open_dataset keyword arguments from the options of add_preprocessing_args."""
-    return {"size": _numbers(args.size, "--size", int), "grayscale": args.grayscale, "scale": args.scale,
-            "mean": _numbers(args.mean, "--mean", float), "std": _numbers(args.std, "--std", float),
-            "limit": args.limit}
+    options = vars(preprocessing(args)).copy()
+    options["limit"] = args.limit
+    return options
 
 
 def _numbers(text: str | None, flag: str, kind) -> list | None:

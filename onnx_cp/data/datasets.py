@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import zipfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,33 @@ class Dataset:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.path!r}, n={len(self)}, sample_shape={self.sample_shape}, "
                 f"num_classes={self.num_classes})")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images become model inputs, applied the same way in every stage that reads data (see the
+    module docstring); `.npz` files are used as stored unless scale, mean or std is given."""
+
+    size: tuple[int, int] | None = None
+    grayscale: bool = False
+    scale: float | None = None
+    mean: Sequence[float] | float | None = None
+    std: Sequence[float] | float | None = None
+    channel_order: str = "rgb"
+
+    def __post_init__(self) -> None:
+        if self.channel_order not in CHANNEL_ORDERS:
+            raise UsageError(f"expected one of {', '.join(CHANNEL_ORDERS)}, got {self.channel_order!r}",
+                             option="channel_order")
+        if self.size is not None:
+            _size(self.size)
+
+    def open(self, source, *, labels: bool = True, limit: int | None = None):
+        """A Dataset for a path (a Dataset or arrays pass through unchanged)."""
+        if not isinstance(source, (str, os.PathLike)):
+            return source
+        return open_dataset(source, size=self.size, grayscale=self.grayscale, scale=self.scale, mean=self.mean,
+                            std=self.std, channel_order=self.channel_order, labels=labels, limit=limit)
 
 
 def open_dataset(
