@@ -112,25 +112,8 @@ def benchmark_latency(
     options = session_options(threads=threads, optimization=optimization)
     sessions = [make_session(m, options) for m in loaded]
     feeds = [measured_feeds(m.ir_model, input_shapes, batch, seed) for m in loaded]
-
-    times: list[list[float]] = [[] for _ in loaded]
-    progress = bar(warmup + runs, desc="benchmarking")
-    for i, (session, feed) in enumerate(zip(sessions, feeds)):
-        for _ in range(warmup):
-            run(session, feed, loaded[i].path or loaded[i].label)
-    progress.update(warmup)
-    while len(times[0]) < runs:
-        count = min(block, runs - len(times[0]))
-        for i, (session, feed) in enumerate(zip(sessions, feeds)):
-            name = loaded[i].path or loaded[i].label
-            run(session, feed, name)  # back in the caches after the other models
-            for _ in range(count):
-                start = time.perf_counter()
-                run(session, feed, name)
-                times[i].append((time.perf_counter() - start) * 1e3)
-        progress.update(count)
-    progress.close()
-
+    times = _interleaved_times(sessions, feeds, [m.path or m.label for m in loaded],
+                               runs=runs, warmup=warmup, block=block)
     first = float(np.median(times[0]))
     return LatencyResult(
         models=[_model_latency(m, samples, first, input_shapes, batch) for m, samples in zip(loaded, times)],
@@ -143,6 +126,30 @@ def benchmark_latency(
         block=block,
         machine=_machine(),
     )
+
+
+def _interleaved_times(sessions: list[ort.InferenceSession], feeds: list[dict], names: list[str], *,
+                       runs: int, warmup: int, block: int) -> list[list[float]]:
+    """Milliseconds of each recorded run, per model (see the module docstring); names are for
+    error messages."""
+    models = list(zip(sessions, feeds, names))
+    progress = bar(warmup + runs, desc="benchmarking")
+    for session, feed, name in models:
+        for _ in range(warmup):
+            run(session, feed, name)
+    progress.update(warmup)
+    times: list[list[float]] = [[] for _ in models]
+    while len(times[0]) < runs:
+        count = min(block, runs - len(times[0]))
+        for (session, feed, name), samples in zip(models, times):
+            run(session, feed, name)  # back in the caches after the other models
+            for _ in range(count):
+                start = time.perf_counter()
+                run(session, feed, name)
+                samples.append((time.perf_counter() - start) * 1e3)
+        progress.update(count)
+    progress.close()
+    return times
 
 
 def _model_latency(model: LoadedModel, samples: list[float], first_median: float,
