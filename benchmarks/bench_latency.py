@@ -41,14 +41,14 @@ def main() -> int:
                                        names=["original", "optimized"])
             print(f"\n== {threads} thread(s), batch {batch}")
             print(format_table(result))
-            results["latency"].append(result)
+            results["latency"].append(result.to_json())
     if not args.no_profile:
         for label, path in (("before", args.original), ("after", args.optimized)):
             profile = layer_profile(path, threads=1, runs=50, optimization=args.optimization,
                                     label=label)
             print(f"\n== per-layer profile, {label} ({path}), 1 thread, batch 1")
             print(format_profile(profile))
-            results["profile"][label] = profile
+            results["profile"][label] = profile.to_json()
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_json(results, args.out)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from onnx_cp import optimize  # noqa: E402
 from onnx_cp.data.chars import generate_chars  # noqa: E402
-from onnx_cp.measure import benchmark_latency, evaluate, layer_profile  # noqa: E402
+from onnx_cp.measure import LayerProfile, benchmark_latency, evaluate, layer_profile  # noqa: E402
 from onnx_cp.quantize import int8_scheme, quantize_int8  # noqa: E402
 from onnx_cp.runtime import model_io  # noqa: E402
 from onnx_cp.settings import FinetuneSettings, MeasureSettings, SpeedupTarget  # noqa: E402
@@ -88,14 +88,15 @@ def main() -> None:
     stages = tuned.report["accuracy"]
     accuracy = {"original": stages["original"]["top1"], **{CP_STAGES[k]: v["top1"] for k, v in stages.items()
                                                           if k in CP_STAGES}}
-    accuracy.update({name: evaluate(timed[name], str(test))["top1"] for name in ("INT8", "CP + INT8")})
+    accuracy.update({name: evaluate(timed[name], str(test)).top1 for name in ("INT8", "CP + INT8")})
     latency = benchmark_latency(list(timed.values()), names=list(timed), threads=1, batch=1, runs=args.runs)
-    speedups = {m["name"]: m["speedup_vs_first"] for m in latency["models"]}
+    speedups = {m.name: m.speedup_vs_first for m in latency.models}
     profiles = {n: layer_profile(timed[n], threads=1, runs=100, label=n) for n in ("original", "CP (fine-tuned)")}
     per_layer = _per_layer(profiles["original"], profiles["CP (fine-tuned)"], ["conv1", "conv2", "conv3"])
 
     results = {"paper": PAPER, "ranks": ranks, "accuracy_top1": accuracy, "speedup": speedups,
-               "latency": latency, "per_layer_speedup": per_layer, "int8_scheme": int8_scheme(int8).describe(),
+               "latency": latency.to_json(), "per_layer_speedup": per_layer,
+               "int8_scheme": int8_scheme(int8).describe(),
                "search": tuned.report.get("search"), "optimize_report": tuned.report,
                "seconds": round(time.perf_counter() - started),
                "command": "python benchmarks/reproduce_paper.py " + " ".join(sys.argv[1:])}
@@ -107,9 +108,9 @@ def main() -> None:
     print(_table(results))
 
 
-def _per_layer(before: dict, after: dict, names: list[str]) -> dict:
-    ms_before = {layer["name"]: layer["ms"] for layer in before["layers"]}
-    ms_after = {layer["name"]: layer["ms"] for layer in after["layers"]}
+def _per_layer(before: LayerProfile, after: LayerProfile, names: list[str]) -> dict:
+    ms_before = {layer.name: layer.ms for layer in before.layers}
+    ms_after = {layer.name: layer.ms for layer in after.layers}
     return {n: ms_before[n] / ms_after[n] for n in names if n in ms_before and ms_after.get(n)}
 
 

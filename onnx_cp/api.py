@@ -164,10 +164,10 @@ class _Run:
         from onnx_cp.measure import benchmark_latency, layer_profile
 
         total = benchmark_latency([self.original], threads=self.threads, input_shapes=self.shapes,
-                                  seed=self.seed)["models"][0]["median_ms"]
+                                  seed=self.seed).models[0].median_ms
         profile = layer_profile(self.original, threads=self.threads, input_shapes=self.shapes, seed=self.seed)
-        profiled = sum(layer["ms"] for layer in profile["layers"]) or 1.0
-        return search.Timing(total, {layer["name"]: total * layer["ms"] / profiled for layer in profile["layers"]})
+        profiled = sum(layer.ms for layer in profile.layers) or 1.0
+        return search.Timing(total, {layer.name: total * layer.ms / profiled for layer in profile.layers})
 
     def menus(self, timing: search.Timing) -> tuple[list[search.LayerMenu], dict[str, str]]:
         return search.layer_menus(self.candidates, self.solve_many, timing.layer_ms, self.threads)
@@ -177,7 +177,7 @@ class _Run:
 
         result = benchmark_latency([self.original, model], threads=self.threads, input_shapes=self.shapes,
                                    seed=self.seed)
-        return result["models"][1]["speedup_vs_first"]
+        return result.models[1].speedup_vs_first
 
     def search_speedup(self, target: float) -> tuple[Plan, list[dict]]:
         timing = self.timing()
@@ -336,9 +336,9 @@ def _accuracy(original: ir.Model, stages: dict[str, ir.Model], data, threads: in
     from onnx_cp.measure import evaluate
 
     dataset = open_dataset(data) if isinstance(data, (str, Path)) else data
-    accuracy = {"original": evaluate(original, dataset, threads=threads)}
+    accuracy = {"original": evaluate(original, dataset, threads=threads).to_json()}
     for stage, model in stages.items():
-        accuracy[stage] = evaluate(model, dataset, reference=original, threads=threads)
+        accuracy[stage] = evaluate(model, dataset, reference=original, threads=threads).to_json()
     return accuracy
 
 
@@ -347,9 +347,11 @@ def _latency(original: ir.Model, final: ir.Model, shapes: dict, threads: int, se
 
     return {
         "latency": benchmark_latency([original, final], names=["original", "optimized"],
-                                     threads=threads, input_shapes=shapes, seed=seed),
-        "profile": {"before": layer_profile(original, threads=threads, input_shapes=shapes, label="original"),
-                    "after": layer_profile(final, threads=threads, input_shapes=shapes, label="optimized")},
+                                     threads=threads, input_shapes=shapes, seed=seed).to_json(),
+        "profile": {"before": layer_profile(original, threads=threads, input_shapes=shapes,
+                                            label="original").to_json(),
+                    "after": layer_profile(final, threads=threads, input_shapes=shapes,
+                                           label="optimized").to_json()},
     }
 
 

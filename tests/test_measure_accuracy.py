@@ -39,20 +39,20 @@ def test_accuracy_equals_direct_onnxruntime(data, batch_size):
     logits = _logits(model, x)
     top5 = np.argsort(-logits, axis=1)[:, :5]
     result = evaluate(model, str(path), batch_size=batch_size)
-    assert result["n"] == N and result["num_classes"] == 10 and result["top_k"] == 5
-    assert result["top1"] == pytest.approx(np.mean(logits.argmax(1) == y))
-    assert result["top5"] == pytest.approx(np.mean([y[i] in top5[i] for i in range(N)]))
-    assert 0 < result["top1"] < 1 and result["top1"] <= result["top5"] <= 1
-    assert "agreement_top1" not in result
+    assert result.n == N and result.num_classes == 10 and result.top_k == 5
+    assert result.top1 == pytest.approx(np.mean(logits.argmax(1) == y))
+    assert result.top5 == pytest.approx(np.mean([y[i] in top5[i] for i in range(N)]))
+    assert 0 < result.top1 < 1 and result.top1 <= result.top5 <= 1
+    assert result.reference is None and "agreement_top1" not in result.to_json()
 
 
 def test_agreement_with_itself_is_complete(data):
     path = data[0]
     model = model_factory.tiny_cnn()
     result = evaluate(model, open_dataset(path), reference=model_factory.tiny_cnn())
-    assert result["agreement_top1"] == 1.0
-    assert result["max_abs_error"] == 0.0 and result["mean_abs_error"] == 0.0
-    assert result["reference_top1"] == result["top1"]
+    assert result.agreement_top1 == 1.0
+    assert result.max_abs_error == 0.0 and result.mean_abs_error == 0.0
+    assert result.reference_top1 == result.top1
 
 
 def test_agreement_against_another_model_and_without_labels(data, tmp_path):
@@ -62,9 +62,9 @@ def test_agreement_against_another_model_and_without_labels(data, tmp_path):
     other = chain_cnn()
     result = evaluate(other, str(unlabelled), reference=model_factory.tiny_cnn(), batch_size=10)
     a, b = _logits(other, x), _logits(model_factory.tiny_cnn(), x)
-    assert result["top1"] is None and result["top5"] is None
-    assert result["agreement_top1"] == pytest.approx(np.mean(a.argmax(1) == b.argmax(1)))
-    assert result["max_abs_error"] == pytest.approx(np.abs(a - b).max(), rel=1e-5)
+    assert result.top1 is None and result.top5 is None
+    assert result.agreement_top1 == pytest.approx(np.mean(a.argmax(1) == b.argmax(1)))
+    assert result.max_abs_error == pytest.approx(np.abs(a - b).max(), rel=1e-5)
 
 
 def test_fixed_batch_model_pads_the_last_batch(data):
@@ -75,8 +75,8 @@ def test_fixed_batch_model_pads_the_last_batch(data):
         [: len(x[i:i + 4])] for i in range(0, N, 4)
     ])
     result = evaluate(model, str(path), batch_size=64)
-    assert result["n"] == N
-    assert result["top1"] == pytest.approx(np.mean(expected.argmax(1) == y))
+    assert result.n == N
+    assert result.top1 == pytest.approx(np.mean(expected.argmax(1) == y))
 
 
 def test_labels_out_of_range(tmp_path):

@@ -24,7 +24,8 @@ def pair(tmp_path_factory):
 
 
 def test_fields_and_sane_values(pair):
-    result = benchmark_latency(pair, runs=7, warmup=2)
+    typed = benchmark_latency(pair, runs=7, warmup=2)
+    result = typed.to_json()
     json.dumps(result)  # plain JSON types only
     assert result["threads"] == 1 and result["batch"] == 1 and result["inter_op_threads"] == 1
     assert result["optimization"] == "all" and result["optimization_level"] == "ORT_ENABLE_ALL"
@@ -39,7 +40,7 @@ def test_fields_and_sane_values(pair):
     assert first["ratio_to_first"] == 1.0 and first["speedup_vs_first"] == 1.0
     assert second["ratio_to_first"] == pytest.approx(second["median_ms"] / first["median_ms"])
     assert second["speedup_vs_first"] == pytest.approx(1 / second["ratio_to_first"])
-    table = format_table(result)
+    table = format_table(typed)
     assert "original" in table and "optimized" in table and "median ms" in table
 
 
@@ -50,7 +51,7 @@ def test_runs_go_in_blocks_each_after_an_unrecorded_run(pair, monkeypatch):
     real_run = latency.run
     monkeypatch.setattr(latency, "run", lambda session, feed, name: calls.append(name) or real_run(session, feed, name))
     result = benchmark_latency(pair, runs=7, warmup=2, block=3)
-    assert result["block"] == 3 and all(m["runs"] == 7 for m in result["models"])
+    assert result.block == 3 and all(m.runs == 7 for m in result.models)
     a, b = pair
     # warm-up, then per round: one unrecorded run and the block, model after model (3 + 3 + 1)
     assert calls == [a] * 2 + [b] * 2 + [a] * 4 + [b] * 4 + [a] * 4 + [b] * 4 + [a] * 2 + [b] * 2
@@ -60,17 +61,17 @@ def test_accepts_protos_batch_threads_and_levels():
     models = [model_factory.tiny_cnn(), model_factory.tiny_cnn(seed=1)]
     result = benchmark_latency(models, runs=2, warmup=0, batch=3, threads="all",
                                optimization="none", names=["a", "b"])
-    assert result["threads"] == os.cpu_count()
-    assert result["optimization_level"] == "ORT_DISABLE_ALL"
-    assert [m["name"] for m in result["models"]] == ["a", "b"]
-    assert all(m["path"] is None for m in result["models"])
-    assert all(m["input_shapes"] == {"x": [3, 3, 16, 16]} for m in result["models"])
+    assert result.threads == os.cpu_count()
+    assert result.optimization_level == "ORT_DISABLE_ALL"
+    assert [m.name for m in result.models] == ["a", "b"]
+    assert all(m.path is None for m in result.models)
+    assert all(m.input_shapes == {"x": [3, 3, 16, 16]} for m in result.models)
 
 
 def test_input_shape_overrides_batch():
     result = benchmark_latency(model_factory.tiny_cnn(), runs=1, warmup=0, batch=4,
                                input_shapes={"x": [2, 3, 16, 16]})
-    assert result["models"][0]["input_shapes"] == {"x": [2, 3, 16, 16]}
+    assert result.models[0].input_shapes == {"x": [2, 3, 16, 16]}
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -64,20 +64,20 @@ def chain_cnn(rank: int = 16, seed: int = 0, c: int = 16, batch="N"):
 @pytest.mark.parametrize("optimization", ["all", "basic", "none"])
 def test_chain_counts_under_the_layer_it_replaced(optimization):
     profile = layer_profile(chain_cnn(), runs=3, warmup=1, optimization=optimization)
-    names = [layer["name"] for layer in profile["layers"]]
+    names = [layer.name for layer in profile.layers]
     assert not any("/cp/" in name for name in names)
     assert names.count("conv2") == 1
     assert set(LAYERS) <= set(names) <= set(LAYERS) | {"relu1", "relu2", REORDER}
-    conv2 = next(layer for layer in profile["layers"] if layer["name"] == "conv2")
+    conv2 = next(layer for layer in profile.layers if layer.name == "conv2")
     if optimization == "none":  # nothing fused: exactly the four chain convs
-        assert conv2["kernels"] == sorted(node_name("conv2", s)
+        assert conv2.kernels == sorted(node_name("conv2", s)
                                           for s in ("in", "vertical", "horizontal", "out"))
     else:  # fused / NCHWc kernels, several of them
-        assert len(conv2["kernels"]) >= 3
-    assert profile["runs"] == 3
-    assert profile["total_ms"] > 0
-    assert sum(layer["ms"] for layer in profile["layers"]) == pytest.approx(profile["total_ms"], rel=0.5)
-    assert abs(sum(layer["share"] for layer in profile["layers"]) - 1) < 0.5
+        assert len(conv2.kernels) >= 3
+    assert profile.runs == 3
+    assert profile.total_ms > 0
+    assert sum(layer.ms for layer in profile.layers) == pytest.approx(profile.total_ms, rel=0.5)
+    assert abs(sum(layer.share for layer in profile.layers) - 1) < 0.5
     assert "conv2" in format_profile(profile)
 
 
@@ -92,19 +92,19 @@ def test_chain_from_the_rewrite_pass_counts_under_one_layer():
                               solver=SolverSettings(decomposer=random_factors), measure=MeasureSettings(verify=False))
     assert sum("/cp/" in n.name for n in ir.from_proto(result.model).graph) == 4
     profile = layer_profile(result.model, runs=2, warmup=1)
-    names = [layer["name"] for layer in profile["layers"]]
+    names = [layer.name for layer in profile.layers]
     assert names[:2] == ["conv1", "conv2"]
     assert not any("/cp/" in name for name in names)
 
 
 def test_graph_order_with_reorder_last_and_batch_applied():
     profile = layer_profile(model_factory.tiny_cnn(), runs=2, warmup=0, batch=2)
-    names = [layer["name"] for layer in profile["layers"]]
+    names = [layer.name for layer in profile.layers]
     known = [n for n in names if n in LAYERS]
     assert known == [n for n in LAYERS if n in known]
     if REORDER in names:
         assert names[-1] == REORDER
-    assert profile["input_shapes"] == {"x": [2, 3, 16, 16]}
+    assert profile.input_shapes == {"x": [2, 3, 16, 16]}
 
 
 def test_unnamed_nodes_get_a_row_of_their_own():
@@ -113,7 +113,7 @@ def test_unnamed_nodes_get_a_row_of_their_own():
         if node.op_type == "Relu":
             node.name = ""
     profile = layer_profile(model, runs=2, warmup=0, optimization="none")
-    names = {layer["name"] for layer in profile["layers"]}
+    names = {layer.name for layer in profile.layers}
     assert {"Relu_1", "Relu_3"} <= names
 
 
@@ -162,7 +162,7 @@ def test_fused_residual_add_is_attributed_to_its_conv():
     mapper = NodeMapper(ir.from_proto(model))
     assert mapper.layer("bn_nchwc", "Conv") == "block_conv"
     assert mapper.layer("y_nchwc", "Conv") == "block_conv"
-    names = [layer["name"] for layer in layer_profile(model, runs=2, warmup=0)["layers"]]
+    names = [layer.name for layer in layer_profile(model, runs=2, warmup=0).layers]
     assert names[:2] == ["stem", "block_conv"]
 
 

@@ -67,7 +67,7 @@ def test_full_optimize_report(tmp_path):
     report = _optimize_report(latency=_latency(),
                               profile={"before": _profile(0.16), "after": _profile(0.05)},
                               accuracy=accuracy)
-    paths = write_report(report, tmp_path / "new" / "dir")
+    paths = write_report(report, tmp_path / "new" / "dir", kind="optimize")
     names = {p.name for p in paths}
     assert {"report.json", "report.md"} <= names
     assert _check_pngs(paths) == ["accuracy_vs_speedup.png", "latency.png", "layer_latency.png",
@@ -83,7 +83,7 @@ def test_full_optimize_report(tmp_path):
 
 
 def test_subset_without_measurements(tmp_path):
-    paths = write_report(_optimize_report(), tmp_path)
+    paths = write_report(_optimize_report(), tmp_path, kind="optimize")
     assert _check_pngs(paths) == ["layer_macs.png"]
     md = (tmp_path / "report.md").read_text()
     assert "## Latency" not in md and "## Accuracy" not in md
@@ -92,7 +92,7 @@ def test_subset_without_measurements(tmp_path):
 def test_accuracy_without_latency_uses_mac_reduction(tmp_path):
     report = _optimize_report(accuracy={"original": {"n": 5, "top1": 0.8},
                                         "decomposed": {"n": 5, "top1": 0.6}})
-    assert "accuracy_vs_speedup.png" in _check_pngs(write_report(report, tmp_path))
+    assert "accuracy_vs_speedup.png" in _check_pngs(write_report(report, tmp_path, kind="optimize"))
 
 
 def test_totals_pairs_any_before_after_keys_and_nested_verification(tmp_path):
@@ -101,7 +101,7 @@ def test_totals_pairs_any_before_after_keys_and_nested_verification(tmp_path):
         verification={"checker": "passed", "notes": [], "outputs": {"y": {"max_abs_error": 0.5}}},
         settings={"rank": 16, "layers": None}, accuracy={"original": {"n": 5, "top1": 0.8},
                                                           "decomposed": {"n": 5, "top1": 0.6}})
-    paths = write_report(report, tmp_path)
+    paths = write_report(report, tmp_path, kind="optimize")
     md = (tmp_path / "report.md").read_text()
     assert "| Conv MACs | 3,000 | 1,000 | 3.00x |" in md and "convs: 2" in md
     assert "| outputs.y.max_abs_error | 0.5 |" in md and "rank=16" in md
@@ -111,7 +111,7 @@ def test_totals_pairs_any_before_after_keys_and_nested_verification(tmp_path):
 def test_finetune_history_table(tmp_path):
     history = [{"epoch": 0, "val_top1": 0.5, "train_loss": None},
                {"epoch": 1, "val_top1": 0.8, "train_loss": 0.3, "lr": 0.01}]
-    write_report(_optimize_report(finetune={"history": history, "best_epoch": 1}), tmp_path)
+    write_report(_optimize_report(finetune={"history": history, "best_epoch": 1}), tmp_path, kind="optimize")
     md = (tmp_path / "report.md").read_text()
     assert "## Fine-tuning" in md and "best_epoch: 1" in md
     assert "| epoch | val_top1 | train_loss | lr |" in md and "| 1 | 0.8 | 0.3 | 0.01 |" in md
@@ -119,15 +119,15 @@ def test_finetune_history_table(tmp_path):
 
 def test_bench_json_with_profiles(tmp_path):
     bench = {**_latency(), "profile": {"original": _profile(0.16), "optimized": _profile(0.05)}}
-    assert set(normalize(bench)) == {"latency", "profile"}
-    assert _check_pngs(write_report(bench, tmp_path)) == ["latency.png", "layer_latency.png"]
+    assert set(normalize(bench, "bench")) == {"latency", "profile"}
+    assert _check_pngs(write_report(bench, tmp_path, kind="bench")) == ["latency.png", "layer_latency.png"]
 
 
 def test_eval_json(tmp_path):
     result = {"kind": "accuracy", "model": "m.onnx", "data": "d.npz", "n": 10, "top1": 0.5,
               "top5": 0.9, "agreement_top1": 0.8, "max_abs_error": 0.1, "reference": "r.onnx",
               "reference_top1": 0.6, "reference_top5": 1.0}
-    paths = write_report(result, tmp_path)
+    paths = write_report(result, tmp_path, kind="eval")
     assert _check_pngs(paths) == []  # one model: nothing to plot against
     md = (tmp_path / "report.md").read_text()
     assert "| m | 10 | 50.00% | 90.00% | 80.00% | 0.1 |" in md
@@ -137,4 +137,4 @@ def test_eval_json(tmp_path):
 def test_unwritable_folder(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(OnnxCpError, match="report folder"):
-        write_report(_optimize_report(), tmp_path / "file")
+        write_report(_optimize_report(), tmp_path / "file", kind="optimize")

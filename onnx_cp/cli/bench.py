@@ -51,21 +51,23 @@ def _run(args: argparse.Namespace) -> int:
         args.models, threads=args.threads, batch=args.batch, input_shapes=shapes,
         runs=args.runs, warmup=args.warmup, block=args.block, optimization=args.optimization,
     )
-    if args.profile:
-        result["profile"] = {
-            entry["name"]: layer_profile(
-                path, threads=args.threads, batch=args.batch, input_shapes=shapes,
-                runs=args.profile_runs, optimization=args.optimization, label=entry["name"],
-            )
-            for path, entry in zip(args.models, result["models"])
-        }
+    profiles = {
+        entry.name: layer_profile(
+            path, threads=args.threads, batch=args.batch, input_shapes=shapes,
+            runs=args.profile_runs, optimization=args.optimization, label=entry.name,
+        )
+        for path, entry in zip(args.models, result.models)
+    } if args.profile else {}
     if not args.quiet:
         print(format_table(result))
-        for name, profile in (result.get("profile") or {}).items():
-            print(f"\nper-layer time of {name} (median of {profile['runs']} profiled runs):")
+        for name, profile in profiles.items():
+            print(f"\nper-layer time of {name} (median of {profile.runs} profiled runs):")
             print(format_profile(profile))
+    bench = result.to_json()
+    if profiles:
+        bench["profile"] = {name: profile.to_json() for name, profile in profiles.items()}
     if args.json:
-        write_json(result, args.json)
+        write_json(bench, args.json)
     if args.report_dir:
-        write_report(result, args.report_dir)
+        write_report(bench, args.report_dir, kind="bench")
     return 0

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from onnx_cp.cli import add_preprocessing_args, preprocessing_options
 from onnx_cp.errors import UsageError
+
+if TYPE_CHECKING:
+    from onnx_cp.measure import AccuracyResult
 
 
 def register(subparsers) -> None:
@@ -42,24 +46,24 @@ def _run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(format_result(result))
     if args.json:
-        write_json(result, args.json)
+        write_json(result.to_json(), args.json)
     if args.report_dir:
-        write_report(result, args.report_dir)
+        write_report(result.to_json(), args.report_dir, kind="eval")
     return 0
 
 
-def format_result(result: dict) -> str:
-    lines = [f"model: {result['model']}", f"data: {result['data']} ({result['n']} samples)"]
-    if result["top1"] is not None:
-        lines.append(f"top-1: {100 * result['top1']:.2f}%   top-{result['top_k']}: "
-                     f"{100 * result['top5']:.2f}%")
+def format_result(result: AccuracyResult) -> str:
+    lines = [f"model: {result.model}", f"data: {result.data} ({result.n} samples)"]
+    if result.top1 is not None:
+        lines.append(f"top-1: {100 * result.top1:.2f}%   top-{result.top_k}: "
+                     f"{100 * result.top5:.2f}%")
     else:
         lines.append("top-1 / top-5: - (the data has no labels)")
-    if "agreement_top1" in result:
-        lines.append(f"reference: {result['reference']}")
-        if result.get("reference_top1") is not None:
-            lines.append(f"reference top-1: {100 * result['reference_top1']:.2f}%")
-        lines.append(f"top-1 agreement: {100 * result['agreement_top1']:.2f}%   "
-                     f"max abs error: {result['max_abs_error']:.4g}   "
-                     f"mean abs error: {result['mean_abs_error']:.4g}")
+    if result.reference is not None:
+        lines.append(f"reference: {result.reference}")
+        if result.reference_top1 is not None:
+            lines.append(f"reference top-1: {100 * result.reference_top1:.2f}%")
+        lines.append(f"top-1 agreement: {100 * result.agreement_top1:.2f}%   "
+                     f"max abs error: {result.max_abs_error:.4g}   "
+                     f"mean abs error: {result.mean_abs_error:.4g}")
     return "\n".join(lines)

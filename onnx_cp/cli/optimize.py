@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         write_json(report, Path(args.report))
     if args.report_dir:
-        write_report(report, Path(args.report_dir))
+        write_report(report, Path(args.report_dir), kind="optimize")
     if not args.quiet:
         print(format_report(report))
     return 0

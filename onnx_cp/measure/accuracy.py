@@ -7,7 +7,9 @@ raw first outputs; these need no labels."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
@@ -26,6 +28,38 @@ from onnx_cp.runtime.session import (
 )
 
 DEFAULT_BATCH_SIZE = 64
+# Set only with a reference model; the JSON has these keys only then.
+_REFERENCE_FIELDS = ("reference", "agreement_top1", "max_abs_error", "mean_abs_error",
+                     "reference_top1", "reference_top5")
+
+
+@dataclass(kw_only=True)
+class AccuracyResult:
+    """What `evaluate` measured; the fields are the `onnx-cp eval` JSON keys. top1 / top5 (and
+    reference_top1 / reference_top5) are None without labels."""
+
+    model: str
+    data: str | None
+    n: int
+    top1: float | None
+    top5: float | None  # top-`top_k`
+    top_k: int | None
+    num_classes: int | None
+    output: str
+    seconds: float
+    reference: str | None = None
+    agreement_top1: float | None = None
+    max_abs_error: float | None = None
+    mean_abs_error: float | None = None
+    reference_top1: float | None = None
+    reference_top5: float | None = None
+
+    def to_json(self) -> dict:
+        data = {"kind": "accuracy", **dataclasses.asdict(self)}
+        if self.reference is None:
+            for key in _REFERENCE_FIELDS:
+                del data[key]
+        return data
 
 
 def evaluate(
@@ -36,12 +70,8 @@ def evaluate(
     batch_size: int = DEFAULT_BATCH_SIZE,
     threads: int | str | None = None,
     optimization: str = "all",
-) -> dict:
-    """Top-1 / top-5 accuracy (with labels) and agreement with `reference` (when given).
-
-    Returns {"model", "data", "n", "top1", "top5", "top_k", "num_classes", "seconds"} plus, with a
-    reference, {"reference", "agreement_top1", "max_abs_error", "mean_abs_error",
-    "reference_top1", "reference_top5"}. top1/top5 are None without labels."""
+) -> AccuracyResult:
+    """Top-1 / top-5 accuracy (with labels) and agreement with `reference` (when given)."""
     dataset = open_dataset(data) if not isinstance(data, Dataset) else data
     threads = resolve_threads(threads) if threads is not None else None
     options = session_options(threads=threads, optimization=optimization)
@@ -50,11 +80,7 @@ def evaluate(
 
     started = time.perf_counter()
     n = 0
-    correct1 = correct5 = agree = 0
-    ref_correct1 = ref_correct5 = 0
-    max_err = 0.0
-    sum_err = 0.0
-    n_elements = 0
+    hits, ref_hits, agreement = _Hits(), _Hits(), _Agreement()
     top_k = None
     progress = bar(len(dataset), desc="evaluating")
     for x, y in _rebatched(dataset, batch_size, subject.fixed_batch, ref.fixed_batch if ref else None):
@@ -62,47 +88,72 @@ def evaluate(
         top_k = min(5, scores.shape[1])
         if y is not None:
             subject.check_labels(y, scores.shape[1])
-            correct1, correct5 = _count_correct(scores, y, top_k, correct1, correct5)
+            hits.add(scores, y, top_k)
         if ref is not None:
             ref_scores = ref(x)
-            if ref_scores.shape != scores.shape:
-                raise OnnxCpError(f"model output shape {scores.shape} differs from the reference's "
-                                  f"{ref_scores.shape}")
-            agree += int(np.sum(scores.argmax(1) == ref_scores.argmax(1)))
-            diff = np.abs(scores.astype(np.float64) - ref_scores.astype(np.float64))
-            max_err = max(max_err, float(diff.max()))
-            sum_err += float(diff.sum())
-            n_elements += diff.size
+            agreement.add(scores, ref_scores)
             if y is not None:
-                ref_correct1, ref_correct5 = _count_correct(ref_scores, y, top_k, ref_correct1,
-                                                            ref_correct5)
+                ref_hits.add(ref_scores, y, top_k)
         n += len(x)
         progress.update(len(x))
     progress.close()
 
     labelled = dataset.has_labels
-    result = {
-        "kind": "accuracy",
-        "model": subject.loaded.path or subject.loaded.label,
-        "data": getattr(dataset, "path", None),
-        "n": n,
-        "top1": correct1 / n if labelled else None,
-        "top5": correct5 / n if labelled else None,
-        "top_k": top_k,
-        "num_classes": subject.num_classes,
-        "output": subject.output_name,
-        "seconds": time.perf_counter() - started,
-    }
-    if ref is not None:
-        result.update({
-            "reference": ref.loaded.path or "reference",
-            "agreement_top1": agree / n,
-            "max_abs_error": max_err,
-            "mean_abs_error": sum_err / max(n_elements, 1),
-            "reference_top1": ref_correct1 / n if labelled else None,
-            "reference_top5": ref_correct5 / n if labelled else None,
-        })
-    return result
+    result = AccuracyResult(
+        model=subject.loaded.path or subject.loaded.label,
+        data=getattr(dataset, "path", None),
+        n=n,
+        top1=hits.top1 / n if labelled else None,
+        top5=hits.topk / n if labelled else None,
+        top_k=top_k,
+        num_classes=subject.num_classes,
+        output=subject.output_name,
+        seconds=time.perf_counter() - started,
+    )
+    if ref is None:
+        return result
+    return dataclasses.replace(
+        result,
+        reference=ref.loaded.path or "reference",
+        agreement_top1=agreement.same / n,
+        max_abs_error=agreement.max_error,
+        mean_abs_error=agreement.sum_error / max(agreement.elements, 1),
+        reference_top1=ref_hits.top1 / n if labelled else None,
+        reference_top5=ref_hits.topk / n if labelled else None,
+    )
+
+
+@dataclass
+class _Hits:
+    """Samples whose label is a model's top-1 class, and among its top-k classes."""
+
+    top1: int = 0
+    topk: int = 0
+
+    def add(self, scores: np.ndarray, y: np.ndarray, k: int) -> None:
+        self.top1 += int(np.sum(scores.argmax(1) == y))
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        self.topk += int(np.sum(np.any(top == y[:, None], axis=1)))
+
+
+@dataclass
+class _Agreement:
+    """Same top-1 class and output differences of a model and its reference."""
+
+    same: int = 0
+    max_error: float = 0.0
+    sum_error: float = 0.0
+    elements: int = 0
+
+    def add(self, scores: np.ndarray, ref_scores: np.ndarray) -> None:
+        if ref_scores.shape != scores.shape:
+            raise OnnxCpError(f"model output shape {scores.shape} differs from the reference's "
+                              f"{ref_scores.shape}")
+        self.same += int(np.sum(scores.argmax(1) == ref_scores.argmax(1)))
+        diff = np.abs(scores.astype(np.float64) - ref_scores.astype(np.float64))
+        self.max_error = max(self.max_error, float(diff.max()))
+        self.sum_error += float(diff.sum())
+        self.elements += diff.size
 
 
 class _Classifier:
@@ -155,13 +206,6 @@ class _Classifier:
         if y.size and int(y.max()) >= classes:
             raise OnnxCpError(f"label {int(y.max())} is out of range: {self.name} predicts "
                               f"{classes} classes (0..{classes - 1})")
-
-
-def _count_correct(scores: np.ndarray, y: np.ndarray, k: int, c1: int, c5: int) -> tuple[int, int]:
-    c1 += int(np.sum(scores.argmax(1) == y))
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    c5 += int(np.sum(np.any(top == y[:, None], axis=1)))
-    return c1, c5
 
 
 def _rebatched(dataset: Dataset, batch_size: int, *fixed: int | None):

@@ -9,10 +9,12 @@ unrecorded run, so every model is measured as it runs in service, warm."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
@@ -24,6 +26,7 @@ from onnx_cp.runtime.cpu import cpu_features, cpu_name
 from onnx_cp.runtime.inputs import check_shape_names, measured_feeds, measured_shapes
 from onnx_cp.runtime.model_io import ModelLike
 from onnx_cp.runtime.session import (
+    LoadedModel,
     load,
     make_session,
     resolve_threads,
@@ -35,6 +38,47 @@ DEFAULT_RUNS = 100
 DEFAULT_WARMUP = 10
 DEFAULT_BLOCK = 10  # recorded runs of one model in a row
 NOISY_SPREAD = 1.5  # p90 / p10 above this: the table says the numbers are noisy
+
+
+@dataclass
+class ModelLatency:
+    """One model's latency in milliseconds over its recorded runs."""
+
+    name: str
+    path: str | None
+    input_shapes: dict[str, list[int]]
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    mean_ms: float
+    min_ms: float
+    runs: int
+    ratio_to_first: float | None  # None when the first model's median is 0
+    speedup_vs_first: float | None  # None when this model's median is 0
+
+
+@dataclass(kw_only=True)
+class LatencyResult:
+    """Models measured side by side and how; the fields are the `onnx-cp bench` JSON keys."""
+
+    models: list[ModelLatency]
+    threads: int
+    inter_op_threads: int = 1  # session_options fixes inter-op threads and the execution mode
+    execution_mode: str = "sequential"
+    batch: int
+    optimization: str
+    optimization_level: str
+    runs: int
+    warmup: int
+    block: int
+    order: str = "interleaved blocks"
+    onnxruntime: str = ort.__version__
+    provider: str = "CPUExecutionProvider"
+    machine: dict
+
+    def to_json(self) -> dict:
+        """The `onnx-cp bench` JSON (see README)."""
+        return {"tool": f"onnx-cp {__version__}", "kind": "latency", **dataclasses.asdict(self)}
 
 
 def benchmark_latency(
@@ -49,13 +93,12 @@ def benchmark_latency(
     names: Sequence[str] | None = None,
     seed: int = 0,
     block: int = DEFAULT_BLOCK,
-) -> dict:
+) -> LatencyResult:
     """Median / p10 / p90 latency (ms) of each model and its ratio to the first model.
 
     threads: onnxruntime intra-op threads (inter-op is 1, execution sequential); 0 or "all" =
     every core. optimization: "all" (ORT_ENABLE_ALL), "extended", "basic" or "none".
-    block: recorded runs of one model in a row, after one unrecorded run (see the module docstring).
-    Returns the `onnx-cp bench` JSON (see README)."""
+    block: recorded runs of one model in a row, after one unrecorded run (see the module docstring)."""
     models = _as_list(models)
     if not models:
         raise UsageError("no model to benchmark")
@@ -69,61 +112,63 @@ def benchmark_latency(
     options = session_options(threads=threads, optimization=optimization)
     sessions = [make_session(m, options) for m in loaded]
     feeds = [measured_feeds(m.ir_model, input_shapes, batch, seed) for m in loaded]
+    times = _interleaved_times(sessions, feeds, [m.path or m.label for m in loaded],
+                               runs=runs, warmup=warmup, block=block)
+    first = float(np.median(times[0]))
+    return LatencyResult(
+        models=[_model_latency(m, samples, first, input_shapes, batch) for m, samples in zip(loaded, times)],
+        threads=threads,
+        batch=batch,
+        optimization=optimization,
+        optimization_level=str(options.graph_optimization_level).split(".")[-1],
+        runs=runs,
+        warmup=warmup,
+        block=block,
+        machine=_machine(),
+    )
 
-    times: list[list[float]] = [[] for _ in loaded]
+
+def _interleaved_times(sessions: list[ort.InferenceSession], feeds: list[dict], names: list[str], *,
+                       runs: int, warmup: int, block: int) -> list[list[float]]:
+    """Milliseconds of each recorded run, per model (see the module docstring); names are for
+    error messages."""
+    models = list(zip(sessions, feeds, names))
     progress = bar(warmup + runs, desc="benchmarking")
-    for i, (session, feed) in enumerate(zip(sessions, feeds)):
+    for session, feed, name in models:
         for _ in range(warmup):
-            run(session, feed, loaded[i].path or loaded[i].label)
+            run(session, feed, name)
     progress.update(warmup)
+    times: list[list[float]] = [[] for _ in models]
     while len(times[0]) < runs:
         count = min(block, runs - len(times[0]))
-        for i, (session, feed) in enumerate(zip(sessions, feeds)):
-            name = loaded[i].path or loaded[i].label
+        for (session, feed, name), samples in zip(models, times):
             run(session, feed, name)  # back in the caches after the other models
             for _ in range(count):
                 start = time.perf_counter()
                 run(session, feed, name)
-                times[i].append((time.perf_counter() - start) * 1e3)
+                samples.append((time.perf_counter() - start) * 1e3)
         progress.update(count)
     progress.close()
+    return times
 
-    results = []
-    for model, samples in zip(loaded, times):
-        ms = np.asarray(samples)
-        results.append({
-            "name": model.label,
-            "path": model.path,
-            "input_shapes": measured_shapes(model.ir_model, input_shapes, batch),
-            "median_ms": float(np.median(ms)),
-            "p10_ms": float(np.percentile(ms, 10)),
-            "p90_ms": float(np.percentile(ms, 90)),
-            "mean_ms": float(ms.mean()),
-            "min_ms": float(ms.min()),
-            "runs": len(samples),
-        })
-    first = results[0]["median_ms"]
-    for result in results:
-        result["ratio_to_first"] = result["median_ms"] / first if first > 0 else None
-        result["speedup_vs_first"] = first / result["median_ms"] if result["median_ms"] > 0 else None
-    return {
-        "tool": f"onnx-cp {__version__}",
-        "kind": "latency",
-        "models": results,
-        "threads": threads,
-        "inter_op_threads": 1,
-        "execution_mode": "sequential",
-        "batch": batch,
-        "optimization": optimization,
-        "optimization_level": str(options.graph_optimization_level).split(".")[-1],
-        "runs": runs,
-        "warmup": warmup,
-        "block": block,
-        "order": "interleaved blocks",
-        "onnxruntime": ort.__version__,
-        "provider": "CPUExecutionProvider",
-        "machine": _machine(),
-    }
+
+def _model_latency(model: LoadedModel, samples: list[float], first_median: float,
+                   input_shapes: dict[str, list[int]] | None, batch: int) -> ModelLatency:
+    ms = np.asarray(samples)
+    median = float(np.median(ms))
+    return ModelLatency(
+        name=model.label,
+        path=model.path,
+        input_shapes=measured_shapes(model.ir_model, input_shapes, batch),
+        median_ms=median,
+        p10_ms=float(np.percentile(ms, 10)),
+        p90_ms=float(np.percentile(ms, 90)),
+        mean_ms=float(ms.mean()),
+        min_ms=float(ms.min()),
+        runs=len(samples),
+        ratio_to_first=median / first_median if first_median > 0 else None,
+        speedup_vs_first=first_median / median if median > 0 else None,
+    )
 
 
 def _as_list(models) -> list:
@@ -163,17 +208,17 @@ def _machine() -> dict:
     }
 
 
-def format_table(result: dict) -> str:
+def format_table(result: LatencyResult) -> str:
     """The `onnx-cp bench` table: model, median, p10, p90, ratio to the first model."""
     rows = [("model", "median ms", "p10 ms", "p90 ms", "ratio", "speedup")]
-    for m in result["models"]:
+    for m in result.models:
         rows.append((
-            m["name"],
-            f"{m['median_ms']:.3f}",
-            f"{m['p10_ms']:.3f}",
-            f"{m['p90_ms']:.3f}",
-            f"{m['ratio_to_first']:.3f}" if m["ratio_to_first"] is not None else "-",
-            f"{m['speedup_vs_first']:.2f}x" if m["speedup_vs_first"] is not None else "-",
+            m.name,
+            f"{m.median_ms:.3f}",
+            f"{m.p10_ms:.3f}",
+            f"{m.p90_ms:.3f}",
+            f"{m.ratio_to_first:.3f}" if m.ratio_to_first is not None else "-",
+            f"{m.speedup_vs_first:.2f}x" if m.speedup_vs_first is not None else "-",
         ))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = [
@@ -181,13 +226,13 @@ def format_table(result: dict) -> str:
         for row in rows
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    spread = max((m["p90_ms"] / m["p10_ms"] for m in result["models"] if m["p10_ms"] > 0), default=1)
+    spread = max((m.p90_ms / m.p10_ms for m in result.models if m.p10_ms > 0), default=1)
     if spread > NOISY_SPREAD:
         lines.append(f"note: p90/p10 up to {spread:.1f}x: the machine is busy and long runs are "
                      f"preempted more often; compare the p10 columns too, or rerun when it is quiet")
     lines.append(
-        f"({result['runs']} runs in interleaved blocks of {result.get('block', 1)} after {result['warmup']} warm-up, "
-        f"{result['threads']} thread(s), batch {result['batch']}, "
-        f"graph optimization {result['optimization']}, onnxruntime {result['onnxruntime']})"
+        f"({result.runs} runs in interleaved blocks of {result.block} after {result.warmup} warm-up, "
+        f"{result.threads} thread(s), batch {result.batch}, "
+        f"graph optimization {result.optimization}, onnxruntime {result.onnxruntime})"
     )
     return "\n".join(lines)

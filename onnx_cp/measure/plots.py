@@ -40,16 +40,7 @@ def grouped_hbars(
             if value > 0:
                 ax.text(rect.get_width() + peak * 0.01, rect.get_y() + rect.get_height() / 2,
                         value_format.format(value), va="center", fontsize=7, color="#333333")
-    ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels(rows, fontsize=8)
-    ax.invert_yaxis()  # first layer on top, as in the network
-    ax.set_xlim(0, peak * 1.18)
-    ax.set_xlabel(xlabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(axis="x", alpha=0.3)
-    ax.set_axisbelow(True)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
+    _style_hbars(ax, rows, label_size=8, xmax=peak * 1.18, xlabel=xlabel, title=title)
     ax.legend(fontsize=8, loc="lower right", frameon=False)
     fig.tight_layout()
     return _save(fig, path)
@@ -84,8 +75,7 @@ def accuracy_vs_speedup(
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
+    _open_frame(ax)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -105,18 +95,29 @@ def latency_bars(models: Sequence[dict], path: Path, *, title: str) -> Path:
         speed = m.get("speedup_vs_first")
         text = f"{m['median_ms']:.3g} ms" + (f"  ({speed:.2f}x)" if speed and i else "")
         ax.text(m["p90_ms"] + peak * 0.02, i, text, va="center", fontsize=8)
-    ax.set_yticks(range(len(models)))
-    ax.set_yticklabels(names, fontsize=9)
+    _style_hbars(ax, names, label_size=9, xmax=peak * 1.35,
+                 xlabel="latency per inference, ms (median; whiskers p10-p90)", title=title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _style_hbars(ax, rows: Sequence[str], *, label_size: int, xmax: float, xlabel: str, title: str) -> None:
+    """The look both bar charts share: rows top to bottom in the given order (the first layer on
+    top, as in the network; the baseline model first), a light vertical grid behind the bars."""
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(rows, fontsize=label_size)
     ax.invert_yaxis()
-    ax.set_xlim(0, peak * 1.35)
-    ax.set_xlabel("latency per inference, ms (median; whiskers p10-p90)")
+    ax.set_xlim(0, xmax)
+    ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
+    _open_frame(ax)
+
+
+def _open_frame(ax) -> None:
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    fig.tight_layout()
-    return _save(fig, path)
 
 
 def _limit_rows(rows: list[str], series: dict[str, list[float]]):

@@ -10,10 +10,12 @@ convs count for the layer they replaced). Layout conversions are listed as "(reo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,36 @@ DEFAULT_PROFILE_RUNS = 20
 _KERNEL_SUFFIX = "_kernel_time"
 
 
+@dataclass
+class LayerTime:
+    """One original layer's median time and the optimised graph's kernels that make it up."""
+
+    name: str
+    ms: float
+    share: float  # of the profile's total_ms
+    ops: list[str]
+    kernels: list[str]
+
+
+@dataclass
+class LayerProfile:
+    """Where one model's time goes; the fields are the profile JSON keys."""
+
+    name: str
+    path: str | None
+    threads: int
+    batch: int
+    input_shapes: dict[str, list[int]]
+    optimization: str
+    runs: int
+    total_ms: float  # sum of the layers' medians
+    run_median_ms: float  # median over runs of all kernel time
+    layers: list[LayerTime]  # in graph order, "(reorder)" last
+
+    def to_json(self) -> dict:
+        return {"kind": "profile", **dataclasses.asdict(self)}
+
+
 def layer_profile(
     model: ModelLike,
     *,
@@ -49,12 +81,8 @@ def layer_profile(
     optimization: str = "all",
     label: str | None = None,
     seed: int = 0,
-) -> dict:
-    """Median milliseconds per original layer over `runs` profiled runs (after `warmup`).
-
-    Returns {"name", "path", "threads", "batch", "optimization", "runs", "total_ms" (sum of the
-    layers' medians), "run_median_ms" (median over runs of all kernel time),
-    "layers": [{"name", "ms", "share", "ops", "kernels"}] in graph order, "(reorder)" last}."""
+) -> LayerProfile:
+    """Median milliseconds per original layer over `runs` profiled runs (after `warmup`)."""
     threads = resolve_threads(threads)
     loaded = _named_copy(load(model, label))
     feeds = measured_feeds(loaded.ir_model, input_shapes, batch, seed)
@@ -87,28 +115,21 @@ def layer_profile(
         if per_run else 0.0
     order = mapper.order()
     layers = [
-        {
-            "name": layer,
-            "ms": ms,
-            "share": ms / total if total > 0 else 0.0,
-            "ops": sorted(ops[layer]),
-            "kernels": sorted(kernels[layer]),
-        }
+        LayerTime(layer, ms, ms / total if total > 0 else 0.0, sorted(ops[layer]), sorted(kernels[layer]))
         for layer, ms in sorted(medians.items(), key=lambda item: order(item[0]))
     ]
-    return {
-        "kind": "profile",
-        "name": loaded.label,
-        "path": loaded.path,
-        "threads": threads,
-        "batch": batch,
-        "input_shapes": measured_shapes(loaded.ir_model, input_shapes, batch),
-        "optimization": optimization,
-        "runs": len(per_run),
-        "total_ms": total,
-        "run_median_ms": run_median,
-        "layers": layers,
-    }
+    return LayerProfile(
+        name=loaded.label,
+        path=loaded.path,
+        threads=threads,
+        batch=batch,
+        input_shapes=measured_shapes(loaded.ir_model, input_shapes, batch),
+        optimization=optimization,
+        runs=len(per_run),
+        total_ms=total,
+        run_median_ms=run_median,
+        layers=layers,
+    )
 
 
 class NodeMapper:
@@ -226,16 +247,15 @@ def _named_copy(loaded: LoadedModel) -> LoadedModel:
     return LoadedModel(loaded.ir_model, source, loaded.path, loaded.label)
 
 
-def format_profile(profile: dict, top: int | None = None) -> str:
+def format_profile(profile: LayerProfile, top: int | None = None) -> str:
     """A short text table of a layer profile: layer, ms, share."""
-    layers = profile["layers"]
+    layers = profile.layers
     if top is not None:
-        layers = sorted(layers, key=lambda layer: -layer["ms"])[:top]
-    width = max([len("layer")] + [len(layer["name"]) for layer in layers])
+        layers = sorted(layers, key=lambda layer: -layer.ms)[:top]
+    width = max([len("layer")] + [len(layer.name) for layer in layers])
     lines = [f"{'layer'.ljust(width)}  {'ms':>8}  {'share':>6}  ops", "-" * (width + 24)]
     for layer in layers:
-        lines.append(f"{layer['name'].ljust(width)}  {layer['ms']:8.3f}  {layer['share']:6.1%}  "
-                     f"{'+'.join(layer['ops'])}")
-    lines.append(f"{'total'.ljust(width)}  {profile['total_ms']:8.3f}")
+        lines.append(f"{layer.name.ljust(width)}  {layer.ms:8.3f}  {layer.share:6.1%}  "
+                     f"{'+'.join(layer.ops)}")
+    lines.append(f"{'total'.ljust(width)}  {profile.total_ms:8.3f}")
     return "\n".join(lines)
-

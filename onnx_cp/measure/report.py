@@ -1,8 +1,8 @@
 """Reports people can read: report.json, report.md and PNG plots in one folder.
 
-`write_report` takes the optimize report, a bench JSON or an eval JSON, and renders whatever
-parts are present: layers and totals (optimize), verification, latency, per-layer profiles,
-accuracy. A plot is drawn only when its data is there."""
+`write_report` takes the optimize report, a bench JSON or an eval JSON, as its `kind` says, and
+renders whatever parts are present: layers and totals (optimize), verification, latency,
+per-layer profiles, accuracy. A plot is drawn only when its data is there."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Literal
 
 from onnx_cp.errors import OnnxCpError
 from onnx_cp.runtime.files import atomic_write
@@ -21,9 +22,13 @@ LAYER_MACS_PNG = "layer_macs.png"
 LATENCY_PNG = "latency.png"
 ACCURACY_PNG = "accuracy_vs_speedup.png"
 
+ReportKind = Literal["optimize", "bench", "eval"]
 
-def write_report(report: dict, out_dir: str | os.PathLike) -> list[Path]:
-    """Write report.json, report.md and the plots the data allows; return the paths written."""
+
+def write_report(report: dict, out_dir: str | os.PathLike, *, kind: ReportKind) -> list[Path]:
+    """Write report.json, report.md and the plots the data allows; return the paths written.
+
+    kind: what `report` is: the optimize report, the bench JSON or the eval JSON."""
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -31,7 +36,7 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> list[Path]:
         raise OnnxCpError(f"{out_dir}: cannot create the report folder ({exc.strerror or exc})") from None
     if not out_dir.is_dir() or not os.access(out_dir, os.W_OK):
         raise OnnxCpError(f"{out_dir}: report folder is not writable")
-    parts = normalize(report)
+    parts = normalize(report, kind)
     plots = _plots(parts, out_dir)
     written = [write_json(report, out_dir / JSON_NAME)]
     written.append(_write_text(out_dir / MD_NAME, render_markdown(parts, plots)))
@@ -44,25 +49,32 @@ def write_json(data: dict, path: str | os.PathLike) -> Path:
     return _write_text(path, json.dumps(_plain(data), indent=2) + "\n")
 
 
-def normalize(report: dict) -> dict:
-    """Bring a bench or eval JSON into the optimize report's shape (latency / profile / accuracy)."""
-    kind = report.get("kind")
-    if kind == "latency" or ("models" in report and "threads" in report and "layers" not in report):
-        latency = {k: v for k, v in report.items() if k != "profile"}
-        parts = {"latency": latency}
-        if report.get("profile"):
-            parts["profile"] = report["profile"]
-        return parts
-    if kind == "accuracy" or ("top1" in report and "n" in report):
-        accuracy = {_stem(report.get("model")) or "model": report}
-        if report.get("reference"):
-            accuracy[f"reference: {_stem(report['reference'])}"] = {
-                "n": report["n"], "top1": report.get("reference_top1"),
-                "top5": report.get("reference_top5")}
-        return {"accuracy": accuracy}
-    if kind == "profile":
-        return {"profile": {report.get("name") or "model": report}}
-    return dict(report)
+def normalize(report: dict, kind: ReportKind) -> dict:
+    """The report in the optimize report's shape (its latency / profile / accuracy parts)."""
+    if kind == "optimize":
+        return dict(report)
+    if kind == "bench":
+        return _bench_parts(report)
+    if kind == "eval":
+        return _eval_parts(report)
+    raise ValueError(f"unknown report kind {kind!r}")
+
+
+def _bench_parts(bench: dict) -> dict:
+    parts = {"latency": {k: v for k, v in bench.items() if k != "profile"}}
+    if bench.get("profile"):
+        parts["profile"] = bench["profile"]
+    return parts
+
+
+def _eval_parts(result: dict) -> dict:
+    """The model's row, and the reference's (its top-1 / top-5 on the same data) when there is one."""
+    accuracy = {_stem(result.get("model")) or "model": result}
+    if result.get("reference"):
+        accuracy[f"reference: {_stem(result['reference'])}"] = {
+            "n": result["n"], "top1": result.get("reference_top1"),
+            "top5": result.get("reference_top5")}
+    return {"accuracy": accuracy}
 
 
 # ------------------------------------------------------------------------------------ plots

@@ -63,8 +63,8 @@ def chain_time_ratios(shape: LayerShape, ranks: Sequence[int], *, threads: int =
         conv = single_conv_model(shape)
         chains = [chain_model(conv, r) for r in missing]
         result = benchmark_latency([conv, *chains], threads=threads, runs=_RUNS, warmup=5)
-        for rank, model in zip(missing, result["models"][1:]):
-            cache.data[f"{prefix}|{rank}"] = model["ratio_to_first"]
+        for rank, model in zip(missing, result.models[1:]):
+            cache.data[f"{prefix}|{rank}"] = model.ratio_to_first
         cache.save()
     return {r: cache.data[f"{prefix}|{r}"] for r in ranks}
 

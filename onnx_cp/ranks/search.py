@@ -23,6 +23,7 @@ import onnx_ir as ir
 
 from onnx_cp.errors import BudgetError
 from onnx_cp.graph import ConvSite, Plan
+from onnx_cp.measure import AccuracyResult
 from onnx_cp.ranks import latency_model
 from onnx_cp.ranks.grid import menu_ranks
 from onnx_cp.ranks.solve import SolveMany, kernel_error, layer_plan, solve_layers
@@ -208,11 +209,11 @@ def _next_goal(trace: list[dict], target: float) -> float:
     return last["aimed_at"] * target / last["measured"]
 
 
-def accuracy_drop(baseline: dict, candidate: dict) -> float:
+def accuracy_drop(baseline: AccuracyResult, candidate: AccuracyResult) -> float:
     """Points lost: top-1 with labels, else disagreement with the original model."""
-    if baseline.get("top1") is not None and candidate.get("top1") is not None:
-        return 100.0 * (baseline["top1"] - candidate["top1"])
-    return 100.0 * (1.0 - candidate["agreement_top1"])
+    if baseline.top1 is not None and candidate.top1 is not None:
+        return 100.0 * (baseline.top1 - candidate.top1)
+    return 100.0 * (1.0 - candidate.agreement_top1)
 
 
 def with_sensitivities(
