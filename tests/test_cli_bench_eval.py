@@ -92,7 +92,7 @@ def _bad_data(folder: Path, case: str) -> Path:
     ("labels out of range", "label 99 is out of range"),
     ("non-integer labels", "non-integer labels"),
     ("shape does not fit the model", "the data's samples are 1x16x16"),
-    ("empty folder", "no class sub-folders"),
+    ("empty folder", "no images"),
     ("unreadable image", "unreadable image"),
 ])
 def test_eval_bad_data_is_one_line(files, tmp_path, capsys, case, message):
