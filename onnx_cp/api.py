@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnx_cp.data.datasets import Preprocessing
 from onnx_cp.errors import UsageError
 from onnx_cp.graph import CPConvPass, LayerOutcome, Plan, filter_sites, find_conv_sites
 from onnx_cp.ranks import error_budget, search
@@ -60,6 +61,7 @@ def optimize(
     finetune: FinetuneSettings | None = None,
     quantize: QuantizeSettings | None = None,
     measure: MeasureSettings | None = None,
+    preprocessing: Preprocessing | None = None,
     seed: int = 0,
 ) -> OptimizeResult:
     """Replace the eligible Convs of `model` (a path, onnx.ModelProto or onnx_ir.Model; never modified)
@@ -68,7 +70,7 @@ def optimize(
     ranks: an int (that rank everywhere) or a policy: ExplicitRanks, ErrorBudget (the default),
     SpeedupTarget, AccuracyBudget (see onnx_cp.ranks). A budget that cannot be met raises BudgetError.
     The other groups (onnx_cp.settings) say which layers, how to solve, how to fine-tune, quantize
-    and measure.
+    and measure; `preprocessing` turns every image folder or npz path the run reads into model inputs.
     """
     started = time.perf_counter()
     policy = as_policy(ranks)
@@ -80,7 +82,7 @@ def optimize(
     if isinstance(policy, AccuracyBudget) and eval_data is None:
         raise UsageError("needs data to measure accuracy on (eval_data or the fine-tuning val data)",
                          option="max_accuracy_drop")
-    run = _Run(model, layers, measure, make_solver(solver, seed), seed)
+    run = _Run(model, layers, measure, make_solver(solver, seed), seed, _Data(preprocessing or Preprocessing()))
     tune = _Tuner(run, finetune)
     report: dict = {"input": run.source, "input_shapes": run.shapes,
                     "settings": _settings_report(policy, layers, solver, quantize, seed)}
@@ -107,12 +109,14 @@ def optimize(
         stages["finetuned"] = final
     if quantize is not None:
         calibration = quantize.calibration_data or (finetune.data if finetune else None) or eval_data
-        final, report["quantize"] = _quantize(final, calibration)
+        final, report["quantize"] = _quantize(final, run.data.open("calibration", calibration, labels=False)
+                                              if calibration is not None else None)
         stages[f"{'finetuned' if 'finetuned' in stages else 'decomposed'}+int8"] = final
     if eval_data is not None:
-        report["accuracy"] = _accuracy(run.original, stages, eval_data, measure.threads)
+        report["accuracy"] = _accuracy(run.original, stages, run.data.open("evaluation", eval_data), measure.threads)
     if measure.latency:
         report.update(_latency(run.original, final, run.shapes, measure.threads, seed))
+    report["data"] = run.data.used
     report["seconds"] = round(time.perf_counter() - started, 3)
     output = ir.to_proto(final) if isinstance(model, onnx.ModelProto) else final
     return OptimizeResult(model=output, report=report, had_external_data=run.had_external_data)
@@ -121,7 +125,9 @@ def optimize(
 class _Run:
     """The input model, its Conv sites, and how to plan and build rewritten copies of it."""
 
-    def __init__(self, model, layers: LayerSelection, measure: MeasureSettings, solve_many, seed: int):
+    def __init__(self, model, layers: LayerSelection, measure: MeasureSettings, solve_many, seed: int,
+                 data: _Data):
+        self.data = data
         self.source = str(model) if isinstance(model, (str, Path)) else None
         self.original = model_io.to_ir(model)
         self.had_external_data = model_io.has_external_data(self.original)
@@ -158,7 +164,9 @@ class _Run:
         from onnx_cp.data import first_inputs
         from onnx_cp.ranks.output_error import DEFAULT_SAMPLES, OutputError
 
-        return OutputError(self.original, self.candidates, first_inputs(data, DEFAULT_SAMPLES))
+        samples = first_inputs(self.data.open("error data", data, labels=False, limit=DEFAULT_SAMPLES),
+                               DEFAULT_SAMPLES)
+        return OutputError(self.original, self.candidates, samples)
 
     def timing(self) -> search.Timing:
         from onnx_cp.measure import benchmark_latency, layer_profile
@@ -190,7 +198,8 @@ class _Run:
 
         timing = self.timing()
         menus, refusals = self.menus(timing)
-        full, sample = _datasets(eval_data)
+        full = self.data.open("evaluation", eval_data)
+        sample = self.data.open("sensitivity", eval_data, limit=SENSITIVITY_SAMPLES)
 
         def drop_meter(dataset) -> Callable[[ir.Model], float]:
             baseline = evaluate(self.original, dataset, threads=self.threads)
@@ -218,6 +227,21 @@ def _with_refusals(plan: Plan, refusals: dict[str, str]) -> Plan:
     return Plan(plan.layers, {**plan.refusals, **refusals})
 
 
+class _Data:
+    """Opens every data source of a run with its preprocessing, and remembers which stage read what."""
+
+    def __init__(self, preprocessing: Preprocessing):
+        self.preprocessing = preprocessing
+        self.used: dict[str, dict] = {}
+
+    def open(self, role: str, source, *, labels: bool = True, limit: int | None = None):
+        dataset = self.preprocessing.open(source, labels=labels, limit=limit)
+        samples = len(dataset[0] if isinstance(dataset, tuple) else dataset)
+        self.used[role] = {"source": str(source) if isinstance(source, (str, Path)) else type(source).__name__,
+                           "samples": min(samples, limit or samples)}
+        return dataset
+
+
 @dataclass
 class _Tuning:
     """What one reconstruction + fine-tuning call produced, beside the model."""
@@ -242,7 +266,9 @@ class _Tuner:
         settings = self.settings
         start = self._reconstructed(rewritten, tuning) if settings.reconstruct_steps else rewritten
         teacher = self.run.original if settings.teacher_from_input else None
-        tuned = finetune(start, settings.data, val=settings.val, teacher=teacher, seed=self.run.seed,
+        train = self.run.data.open("fine-tuning", settings.data, labels=not settings.teacher_from_input)
+        val = self.run.data.open("validation", settings.val) if settings.val is not None else None
+        tuned = finetune(start, train, val=val, teacher=teacher, seed=self.run.seed,
                          **settings.schedule())
         tuning.report["finetune"] = {
             "history": tuned.history, "best_epoch": tuned.best_epoch, "metric": tuned.metric,
@@ -257,7 +283,8 @@ class _Tuner:
         from onnx_cp.data import first_inputs
         from onnx_cp.finetune.reconstruct import DEFAULT_SAMPLES
 
-        return first_inputs(self.settings.data, DEFAULT_SAMPLES)
+        data = self.run.data.open("reconstruction", self.settings.data, labels=False, limit=DEFAULT_SAMPLES)
+        return first_inputs(data, DEFAULT_SAMPLES)
 
     def _reconstructed(self, rewritten: ir.Model, tuning: _Tuning) -> ir.Model:
         from onnx_cp.finetune.reconstruct import fits_report, reconstruct_layers
@@ -287,15 +314,6 @@ def _settings_report(policy: RankPolicy, layers: LayerSelection, solver: SolverS
         "max_accuracy_drop": policy.max_drop if isinstance(policy, AccuracyBudget) else None,
         "method": solver.method, "seed": seed, "quantize": quantize.kind if quantize else None,
     }
-
-
-def _datasets(data) -> tuple[object, object]:
-    """The evaluation data and a small sample of it (for per-layer sensitivities)."""
-    from onnx_cp.data import open_dataset
-
-    if isinstance(data, (str, Path)):
-        return open_dataset(data), open_dataset(data, limit=SENSITIVITY_SAMPLES)
-    return data, data
 
 
 def _quantize(model: ir.Model, data) -> tuple[ir.Model, dict]:
@@ -329,13 +347,11 @@ def _inferred_shapes(model: ir.Model, input_shapes: dict[str, list[int]]) -> dic
     return shapes
 
 
-def _accuracy(original: ir.Model, stages: dict[str, ir.Model], data, threads: int) -> dict:
+def _accuracy(original: ir.Model, stages: dict[str, ir.Model], dataset, threads: int) -> dict:
     """Accuracy of the input model, then of each stage (decomposed, reconstructed, finetuned,
     +int8) with its agreement with the input model."""
-    from onnx_cp.data import open_dataset
     from onnx_cp.measure import evaluate
 
-    dataset = open_dataset(data) if isinstance(data, (str, Path)) else data
     accuracy = {"original": evaluate(original, dataset, threads=threads).to_json()}
     for stage, model in stages.items():
         accuracy[stage] = evaluate(model, dataset, reference=original, threads=threads).to_json()

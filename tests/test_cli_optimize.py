@@ -316,3 +316,32 @@ def test_python_dash_m_entry_point(low_rank_model, tmp_path):
     done = subprocess.run([sys.executable, "-m", "onnx_cp", "optimize", str(low_rank_model),
                            str(tmp_path / "o.onnx"), "--rank", "0"], capture_output=True, text=True)
     assert done.returncode == 2 and "rank must be at least 1" in done.stderr
+
+
+def _photos(folder: Path, n: int, size=(20, 24)) -> Path:
+    """Unlabelled photos as users have them: one sub-folder of differently sized images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (folder / "photos").mkdir(parents=True)
+    for i in range(n):
+        pixels = rng.integers(0, 256, (size[0] + i, size[1], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / "photos" / f"{i}.png")
+    return folder
+
+
+def test_unlabelled_photo_folder_drives_every_data_stage(tmp_path):
+    """A folder of photos in one sub-folder, resized by --size, distils without labels; the report
+    says which stage read which data and how many samples."""
+    model = tmp_path / "m.onnx"
+    onnx.save(model_factory.tiny_cnn(), model)
+    photos = _photos(tmp_path / "data", 6)
+    code = main(["optimize", str(model), str(tmp_path / "o.onnx"), "--rank", "4", "--finetune-data", str(photos),
+                 "--teacher-from-input", "--epochs", "1", "--reconstruct-steps", "5", "--size", "16,16",
+                 "--mean", "0.5", "--std", "0.25", "--channel-order", "bgr", "--report",
+                 str(tmp_path / "r.json"), "-q"])
+    assert code == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["data"]["fine-tuning"] == {"source": str(photos), "samples": 6}
+    assert report["data"]["reconstruction"]["samples"] == 6
+    assert report["finetune"]["teacher"] == "input model"

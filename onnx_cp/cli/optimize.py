@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from onnx_cp import api, config, settings
+from onnx_cp.cli import add_image_args, preprocessing
 from onnx_cp.errors import OnnxCpError, UsageError
 from onnx_cp.measure import write_json, write_report
 from onnx_cp.runtime import model_io
@@ -75,6 +76,7 @@ def register(subparsers) -> None:
                       "after fine-tuning")
     tune.add_argument("--calibration-data", metavar="DATA", help="INT8 calibration inputs "
                       "(default: --finetune-data, else --eval-data)")
+    add_image_args(p.add_argument_group("image preprocessing, for every data option (as eval's)"))
     tune.add_argument("--bench", action="store_true", help="measure onnxruntime latency of IN and OUT "
                       "and profile them per layer (implied by --report-dir)")
     tune.add_argument("--threads", type=int, help="onnxruntime threads for measurements and searches (default 1)")
@@ -111,6 +113,7 @@ def settings_from_args(args: argparse.Namespace) -> dict:
         "quantize": settings.QuantizeSettings(args.quantize, args.calibration_data) if args.quantize else None,
         "measure": settings.MeasureSettings(input_shapes=parse_input_shapes(args.input_shape), threads=args.threads,
                                             eval_data=args.eval_data, latency=args.bench or bool(args.report_dir)),
+        "preprocessing": preprocessing(args),
         "seed": args.seed,
     }
 
