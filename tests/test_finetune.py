@@ -285,6 +285,36 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(damaged, data, tmp_path, 
         )
 
 
+def test_momentum_sgd_equals_torch_optim_sgd():
+    """MomentumSGD stands in for torch.optim.SGD (which costs seconds of torch._dynamo import):
+    with momentum, weight decay and a changing learning-rate factor the weights stay identical."""
+    torch.manual_seed(0)
+    start = [torch.randn(4, 3), torch.randn(5)]
+    batches = [torch.randn(8, 3) for _ in range(6)]
+
+    def trained(make_optimizer, step) -> list[torch.Tensor]:
+        params = [w.clone().requires_grad_(True) for w in start]
+        optimizer = make_optimizer(params)
+        for i, x in enumerate(batches):
+            loss = ((x @ params[0].T).tanh().sum(1) ** 2).mean() + (params[1] ** 3).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            step(optimizer, 0.5 ** i)
+        return [p.detach() for p in params]
+
+    def torch_step(optimizer, factor):
+        for group in optimizer.param_groups:
+            group["lr"] = 0.05 * factor
+        optimizer.step()
+
+    options = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-2}
+    ours = trained(lambda p: train.MomentumSGD(p, **options), lambda o, f: o.step(f))
+    reference = trained(lambda p: torch.optim.SGD(p, **options), torch_step)
+    assert not torch.equal(ours[0], start[0])
+    for mine, theirs in zip(ours, reference):
+        assert torch.equal(mine, theirs)
+
+
 def test_steps_limit_training_length(data):
     (xt, yt), _ = data
     result = finetune(model_factory.tiny_cnn(num_classes=CLASSES), (xt, yt), steps=5, batch_size=16)

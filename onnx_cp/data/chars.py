@@ -6,8 +6,9 @@ at the borders, rendered from many fonts with random scale, position, rotation, 
 blur, contrast, polarity, background gradient and texture, and pixel noise.
 
 Fonts come from this package (onnx_cp/data/fonts, see its README for licences), matplotlib's
-bundled fonts and the system's DejaVu fonts. Every font file belongs to exactly one split (by a hash
-of its file name), so the test split is rendered only from fonts never seen in training.
+bundled fonts (so the generator needs the optional extra `plots`) and the system's DejaVu fonts.
+Every font file belongs to exactly one split (by a hash of its file name), so the test split is
+rendered only from fonts never seen in training.
 
 Preprocessing (what the shipped models expect, and what `generate_chars` returns):
 pixel intensities in [0, 1] (0 black, 1 white), then `x = (v - PIXEL_MEAN) / PIXEL_STD`.
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from onnx_cp.errors import UsageError
+from onnx_cp.errors import OnnxCpError, UsageError
 
 CLASSES = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 NUM_CLASSES = len(CLASSES)
@@ -47,6 +48,8 @@ _ALNUM = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _MPL_FONTS = ("STIXGeneral", "STIXGeneralBol", "STIXGeneralBolIta", "STIXGeneralItalic",
               "cmr10", "cmb10", "cmss10", "cmti10", "cmtt10")
 _SYSTEM_FONT_DIRS = ("/usr/share/fonts/truetype/dejavu",)
+MATPLOTLIB_MISSING = ("the character generator renders from matplotlib's bundled fonts: "
+                      "pip install 'onnx-cp[plots]'")
 
 
 def _split_of(font_name: str) -> str:
@@ -69,18 +72,24 @@ def available_fonts() -> dict[str, str]:
     for folder in _SYSTEM_FONT_DIRS:
         for path in sorted(Path(folder).glob("*.ttf")):
             found.setdefault(path.stem, str(path))
+    for path in sorted(_matplotlib_fonts().glob("*.ttf")):
+        if path.stem.startswith("DejaVu") and "Display" not in path.stem:
+            found.setdefault(path.stem, str(path))  # only if the system lacks DejaVu
+        elif path.stem in _MPL_FONTS:
+            found.setdefault(path.stem, str(path))
+    return dict(sorted(found.items()))
+
+
+def _matplotlib_fonts() -> Path:
+    """matplotlib's bundled TrueType folder. Required, not optional: without its fonts every split
+    would render from other fonts, so the images for a given seed would silently change."""
     try:
         import matplotlib
-
-        mpl = Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf"
-        for path in sorted(mpl.glob("*.ttf")):
-            if path.stem.startswith("DejaVu") and "Display" not in path.stem:
-                found.setdefault(path.stem, str(path))  # only if the system lacks DejaVu
-            elif path.stem in _MPL_FONTS:
-                found.setdefault(path.stem, str(path))
-    except ImportError:
-        pass
-    return dict(sorted(found.items()))
+    except ModuleNotFoundError as exc:
+        if exc.name != "matplotlib":
+            raise
+        raise OnnxCpError(MATPLOTLIB_MISSING) from None
+    return Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf"
 
 
 def split_fonts(split: str) -> list[str]:

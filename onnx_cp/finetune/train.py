@@ -310,10 +310,14 @@ class _Trainer:
 
 
 class MomentumSGD:
-    """torch.optim.SGD's update (momentum, L2 weight decay, per-step learning-rate factor).
+    """torch.optim.SGD's update (momentum, L2 weight decay, per-step learning-rate factor); the
+    weights match torch.optim.SGD's bit for bit (tests/test_finetune.py).
 
-    Written out because constructing a torch.optim optimizer imports torch._dynamo, which costs
-    seconds per process: felt in every CLI call and in each torchrun worker."""
+    Written out because constructing a torch.optim optimizer imports torch._dynamo. Measured with
+    torch 2.13.0 CPU on 2 cores, fresh processes: torch.optim.SGD(...) takes 1.2-2.2 s (import
+    torch._dynamo alone 1.4-1.5 s, the constructor then 0.5 ms), this class 0.0 s; a 4-step
+    `onnx-cp finetune` of a tiny CNN runs 4.3 s as is and 5.0-6.0 s with torch._dynamo loaded. That
+    is felt in every CLI call and in each torchrun worker."""
 
     def __init__(self, params: list[torch.Tensor], *, lr: float, momentum: float,
                  weight_decay: float):

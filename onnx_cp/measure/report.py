@@ -21,6 +21,7 @@ LAYER_LATENCY_PNG = "layer_latency.png"
 LAYER_MACS_PNG = "layer_macs.png"
 LATENCY_PNG = "latency.png"
 ACCURACY_PNG = "accuracy_vs_speedup.png"
+PLOTS_MISSING = "Plots not drawn: they need matplotlib (pip install 'onnx-cp[plots]')."
 
 ReportKind = Literal["optimize", "bench", "eval"]
 
@@ -40,7 +41,7 @@ def write_report(report: dict, out_dir: str | os.PathLike, *, kind: ReportKind) 
     plots = _plots(parts, out_dir)
     written = [write_json(report, out_dir / JSON_NAME)]
     written.append(_write_text(out_dir / MD_NAME, render_markdown(parts, plots)))
-    return written + plots
+    return written + (plots or [])
 
 
 def write_json(data: dict, path: str | os.PathLike) -> Path:
@@ -79,8 +80,14 @@ def _eval_parts(result: dict) -> dict:
 
 # ------------------------------------------------------------------------------------ plots
 
-def _plots(parts: dict, out_dir: Path) -> list[Path]:
-    from onnx_cp.measure import plots  # matplotlib only when a report is drawn
+def _plots(parts: dict, out_dir: Path) -> list[Path] | None:
+    """The plots written, or None without matplotlib (the optional extra `plots`)."""
+    try:
+        from onnx_cp.measure import plots  # matplotlib only when a report is drawn
+    except ModuleNotFoundError as exc:
+        if exc.name != "matplotlib":
+            raise
+        return None
 
     written = []
     profiles = {k: v for k, v in (parts.get("profile") or {}).items() if v and v.get("layers")}
@@ -215,7 +222,7 @@ def _mac_totals(totals: dict) -> tuple[int, int] | None:
 
 # --------------------------------------------------------------------------------- markdown
 
-def render_markdown(parts: dict, plots: list[Path]) -> str:
+def render_markdown(parts: dict, plots: list[Path] | None) -> str:
     out = ["# onnx-cp report", ""]
     if parts.get("input") or parts.get("output"):
         out += [f"- input: `{parts.get('input')}`", f"- output: `{parts.get('output')}`"]
@@ -227,7 +234,9 @@ def render_markdown(parts: dict, plots: list[Path]) -> str:
     out += _profile_md(parts.get("profile"))
     out += _accuracy_md(parts.get("accuracy"))
     out += _finetune_md(parts.get("finetune"))
-    if plots:
+    if plots is None:
+        out += ["## Plots", "", PLOTS_MISSING, ""]
+    elif plots:
         out += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     return "\n".join(out)
 
