@@ -82,6 +82,8 @@ def optimize(
     if isinstance(policy, AccuracyBudget) and eval_data is None:
         raise UsageError("needs data to measure accuracy on (eval_data or the fine-tuning val data)",
                          option="max_accuracy_drop")
+    if finetune is not None:
+        import onnx_cp.finetune  # noqa: F401 - without torch this fails now, naming the extra, not after the solve
     run = _Run(model, layers, measure, make_solver(solver, seed), seed, _Data(preprocessing or Preprocessing()))
     tune = _Tuner(run, finetune)
     report: dict = {"input": run.source, "input_shapes": run.shapes,
