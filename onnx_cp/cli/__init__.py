@@ -81,6 +81,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def add_result_args(parser) -> None:
+    """Where a measuring command writes its results (bench, eval)."""
+    parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    parser.add_argument("--report-dir", metavar="DIR", help="write report.json, report.md and plots here")
+
+
+def write_results(args, results: dict, kind: str) -> None:
+    """The results as --json and --report-dir asked (see add_result_args)."""
+    from onnx_cp.measure.report import write_json, write_report
+
+    if args.json:
+        write_json(results, args.json)
+    if args.report_dir:
+        write_report(results, args.report_dir, kind=kind)
+
+
 def add_preprocessing_args(group) -> None:
     """The dataset options of eval and finetune: --limit and the image preprocessing."""
     group.add_argument("--limit", type=int, metavar="N", help="use only the first N samples")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from onnx_cp.cli import add_result_args, write_results
 from onnx_cp.errors import UsageError
 
 
@@ -34,14 +35,12 @@ def register(subparsers) -> None:
                    "(a CP chain counts for the layer it replaced)")
     p.add_argument("--profile-runs", type=int, default=20, metavar="K",
                    help="profiled runs per model with --profile (default 20)")
-    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    p.add_argument("--report-dir", metavar="DIR", help="write report.json, report.md and plots here")
+    add_result_args(p)
     p.set_defaults(run=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from onnx_cp.measure import benchmark_latency, format_profile, format_table, layer_profile
-    from onnx_cp.measure.report import write_json, write_report
     from onnx_cp.runtime.inputs import parse_input_shapes
 
     if args.profile_runs < 1:
@@ -66,8 +65,5 @@ def _run(args: argparse.Namespace) -> int:
     bench = result.to_json()
     if profiles:
         bench["profile"] = {name: profile.to_json() for name, profile in profiles.items()}
-    if args.json:
-        write_json(bench, args.json)
-    if args.report_dir:
-        write_report(bench, args.report_dir, kind="bench")
+    write_results(args, bench, "bench")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from onnx_cp.cli import add_preprocessing_args, preprocessing_options
+from onnx_cp.cli import add_preprocessing_args, add_result_args, preprocessing_options, write_results
 from onnx_cp.errors import UsageError
 
 if TYPE_CHECKING:
@@ -28,15 +28,13 @@ def register(subparsers) -> None:
     add_preprocessing_args(p)
     p.add_argument("--threads", default=None, metavar="N",
                    help="onnxruntime intra-op threads (default: onnxruntime's choice; 'all' = every core)")
-    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    p.add_argument("--report-dir", metavar="DIR", help="write report.json, report.md and plots here")
+    add_result_args(p)
     p.set_defaults(run=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from onnx_cp.data import open_dataset
     from onnx_cp.measure import evaluate
-    from onnx_cp.measure.report import write_json, write_report
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -45,10 +43,7 @@ def _run(args: argparse.Namespace) -> int:
                       threads=args.threads)
     if not args.quiet:
         print(format_result(result))
-    if args.json:
-        write_json(result.to_json(), args.json)
-    if args.report_dir:
-        write_report(result.to_json(), args.report_dir, kind="eval")
+    write_results(args, result.to_json(), "eval")
     return 0
 
 

@@ -637,12 +637,17 @@ def _slice_axis(x: torch.Tensor, axis: int, start: int, end: int, step: int) -> 
     return x.index_select(axis, idx)
 
 
+def _axis_and_indices(node, x: torch.Tensor, idx: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """The gather axis and the indices with negative ones counted from the end, as ONNX allows."""
+    axis = node.attrs.get("axis", 0) % x.dim()
+    idx = idx.long()
+    return axis, torch.where(idx < 0, idx + x.shape[axis], idx)
+
+
 @op("Gather")
 def gather(node, inputs, ctx):
     x, idx = inputs
-    axis = node.attrs.get("axis", 0) % x.dim()
-    idx = idx.long()
-    idx = torch.where(idx < 0, idx + x.shape[axis], idx)
+    axis, idx = _axis_and_indices(node, x, idx)
     out = x.index_select(axis, idx.reshape(-1))
     return out.reshape(tuple(x.shape[:axis]) + tuple(idx.shape) + tuple(x.shape[axis + 1:]))
 
@@ -650,9 +655,7 @@ def gather(node, inputs, ctx):
 @op("GatherElements")
 def gather_elements(node, inputs, ctx):
     x, idx = inputs
-    axis = node.attrs.get("axis", 0) % x.dim()
-    idx = idx.long()
-    idx = torch.where(idx < 0, idx + x.shape[axis], idx)
+    axis, idx = _axis_and_indices(node, x, idx)
     return torch.gather(x, axis, idx)
 
 
