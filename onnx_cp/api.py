@@ -20,6 +20,7 @@ from onnx_cp.data.datasets import Preprocessing
 from onnx_cp.errors import UsageError
 from onnx_cp.graph import CPConvPass, LayerOutcome, Plan, filter_sites, find_conv_sites
 from onnx_cp.ranks import error_budget, search
+from onnx_cp.ranks.policy import QualityBudget
 from onnx_cp.ranks.solve import make_solver
 from onnx_cp.runtime import model_io
 from onnx_cp.runtime.inputs import fill_input_shapes, set_input_shapes
@@ -31,6 +32,7 @@ from onnx_cp.settings import (
     FinetuneSettings,
     LayerSelection,
     MeasureSettings,
+    OutputErrorBudget,
     QuantizeSettings,
     RankPolicy,
     SolverSettings,
@@ -82,6 +84,11 @@ def optimize(
     if isinstance(policy, AccuracyBudget) and eval_data is None:
         raise UsageError("needs data to measure accuracy on (eval_data or the fine-tuning val data)",
                          option="max_accuracy_drop")
+    if isinstance(policy, OutputErrorBudget) and eval_data is None:
+        if finetune is None:
+            raise UsageError("needs sample inputs to compare outputs on (eval_data or fine-tuning data)",
+                             option="max_output_error")
+        eval_data = finetune.data  # the sample data users have: outputs need no labels
     if finetune is not None:
         import onnx_cp.finetune  # noqa: F401 - without torch this fails now, naming the extra, not after the solve
     run = _Run(model, layers, measure, make_solver(solver, seed), seed, _Data(preprocessing or Preprocessing()))
@@ -92,8 +99,8 @@ def optimize(
     tuned = None
     if isinstance(policy, SpeedupTarget):
         plan, report["search"] = run.search_speedup(policy.target)
-    elif isinstance(policy, AccuracyBudget):
-        plan, tuned, report["search"] = run.search_accuracy(policy.max_drop, eval_data, tune)
+    elif isinstance(policy, (AccuracyBudget, OutputErrorBudget)):
+        plan, tuned, report["search"] = run.search_quality(policy, eval_data, tune)
     else:
         plan = run.plan_without_search(policy)
     rewritten, outcomes = run.build(plan)
@@ -195,34 +202,45 @@ class _Run:
         plan, _, trace = search.search_speedup(menus, timing, target, self.build_model, self.speedup_of)
         return _with_refusals(plan, refusals), trace
 
-    def search_accuracy(self, max_drop: float, eval_data, tune: _Tuner) -> tuple[Plan, ir.Model, dict]:
-        from onnx_cp.measure import evaluate
-
+    def search_quality(self, policy: QualityBudget, eval_data, tune: _Tuner) -> tuple[Plan, ir.Model, dict]:
+        """The fastest plan whose accuracy drop (or output error) on `eval_data`, after tuning, stays
+        within the policy's limit."""
         timing = self.timing()
         menus, refusals = self.menus(timing)
-        full = self.data.open("evaluation", eval_data)
-        sample = self.data.open("sensitivity", eval_data, limit=SENSITIVITY_SAMPLES)
-
-        def drop_meter(dataset) -> Callable[[ir.Model], float]:
-            baseline = evaluate(self.original, dataset, threads=self.threads)
-            return lambda model: search.accuracy_drop(
-                baseline, evaluate(model, dataset, reference=self.original, threads=self.threads))
-
-        menus = search.with_sensitivities(menus, self.build_model, drop_meter(sample))
-        drop_on_full = drop_meter(full)
+        meter = self._accuracy_meter if isinstance(policy, AccuracyBudget) else self._output_error_meter
+        menus = search.with_sensitivities(menus, self.build_model,
+                                          meter(self.data.open("sensitivity", eval_data, limit=SENSITIVITY_SAMPLES)))
+        measure_on_full = meter(self.data.open("evaluation", eval_data))
         tuning_reports: list[dict] = []
 
         def tune_and_score(model: ir.Model) -> tuple[float, ir.Model]:
             tuned, tuning = tune(model)
             tuning_reports.append(tuning.report)
             tuned = model if tuned is None else tuned
-            return drop_on_full(tuned), tuned
+            return measure_on_full(tuned), tuned
 
-        plan, tuned, trace = search.search_accuracy(menus, timing, max_drop, self.build_model, tune_and_score)
+        limit = (search.QualityLimit("accuracy_drop", policy.max_drop, "points of accuracy")
+                 if isinstance(policy, AccuracyBudget) else
+                 search.QualityLimit("output_error", policy.max_error, "output error"))
+        plan, tuned, trace = search.search_quality(menus, timing, limit, self.build_model, tune_and_score)
         for step, tuning in zip(trace, tuning_reports):
             step.update(tuning)
         return (_with_refusals(plan, refusals), tuned,
                 {"trace": trace, "sensitivity": {m.site.name: m.weight for m in menus}})
+
+    def _accuracy_meter(self, dataset) -> Callable[[ir.Model], float]:
+        """Points of accuracy a model loses against the original on `dataset`."""
+        from onnx_cp.measure import evaluate
+
+        baseline = evaluate(self.original, dataset, threads=self.threads)
+        return lambda model: search.accuracy_drop(
+            baseline, evaluate(model, dataset, reference=self.original, threads=self.threads))
+
+    def _output_error_meter(self, dataset) -> Callable[[ir.Model], float]:
+        """The worst channel-group error of a model's outputs against the original's on `dataset`."""
+        from onnx_cp.measure.outputs import compare_on_data
+
+        return lambda model: compare_on_data(model, self.original, dataset, threads=self.threads).worst_group_error
 
 
 def _with_refusals(plan: Plan, refusals: dict[str, str]) -> Plan:
@@ -314,6 +332,7 @@ def _settings_report(policy: RankPolicy, layers: LayerSelection, solver: SolverS
         "max_error_on": "layer outputs" if isinstance(policy, ErrorBudget) and policy.data is not None else "kernel",
         "target_speedup": policy.target if isinstance(policy, SpeedupTarget) else None,
         "max_accuracy_drop": policy.max_drop if isinstance(policy, AccuracyBudget) else None,
+        "max_output_error": policy.max_error if isinstance(policy, OutputErrorBudget) else None,
         "method": solver.method, "seed": seed, "quantize": quantize.kind if quantize else None,
     }
 

@@ -23,6 +23,7 @@ from onnx_cp.ranks import (
     AccuracyBudget,
     ErrorBudget,
     ExplicitRanks,
+    OutputErrorBudget,
     RankPolicy,
     SolverSettings,
     SpeedupTarget,
@@ -122,6 +123,6 @@ class MeasureSettings:
 
 __all__ = [
     "DEFAULT_MAX_ERROR", "DEFAULT_RECONSTRUCT_STEPS", "AccuracyBudget", "ErrorBudget", "ExplicitRanks",
-    "FinetuneSettings", "LayerSelection", "MeasureSettings", "QuantizeSettings", "RankPolicy", "SolverSettings",
-    "SpeedupTarget", "as_policy",
+    "OutputErrorBudget", "FinetuneSettings", "LayerSelection", "MeasureSettings", "QuantizeSettings", "RankPolicy",
+    "SolverSettings", "SpeedupTarget", "as_policy",
 ]

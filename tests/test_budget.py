@@ -11,9 +11,10 @@ import model_factory
 from onnx_cp import api, optimize
 from onnx_cp.cli import main
 from onnx_cp.errors import BudgetError
-from onnx_cp.ranks.search import LayerMenu, Option, Timing, plan_for_time, search_speedup
+from onnx_cp.measure.outputs import compare_on_data
+from onnx_cp.ranks.search import LayerMenu, Option, Timing, _unmeasured_plan, plan_for_time, search_speedup
 from onnx_cp.ranks.solve import Solved
-from onnx_cp.settings import AccuracyBudget, MeasureSettings, SpeedupTarget
+from onnx_cp.settings import AccuracyBudget, MeasureSettings, OutputErrorBudget, SpeedupTarget
 
 
 class _Site:
@@ -205,3 +206,55 @@ def test_int8_after_cp(tmp_path):
     # both steps are reported: the CP model, then its INT8 version
     assert list(report["accuracy"]) == ["original", "decomposed", "decomposed+int8"]
     assert report["accuracy"]["decomposed+int8"]["n"] == 64
+
+
+def test_max_output_error_stays_within_budget(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
+    proto = model_factory.tiny_cnn()
+    x, _ = labelled_by_model(proto)
+    np.savez(tmp_path / "samples.npz", x=x)  # no labels: outputs are compared
+    result = optimize(proto, OutputErrorBudget(0.5), measure=MeasureSettings(eval_data=str(tmp_path / "samples.npz")))
+    assert any(t["output_error"] <= 0.5 for t in result.report["search"]["trace"])
+    assert result.report["totals"]["decomposed"] >= 1
+    measured = compare_on_data(result.model, proto, str(tmp_path / "samples.npz"))
+    assert measured.worst_group_error <= 0.5
+
+
+def test_output_error_gate_exit_code_3_and_no_output(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(api, "make_solver", zero_solver)
+    proto = model_factory.tiny_cnn()
+    x, _ = labelled_by_model(proto)
+    np.savez(tmp_path / "samples.npz", x=x)
+    onnx.save(proto, tmp_path / "in.onnx")
+    code = main(["optimize", str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"),
+                 "--max-output-error", "0.05", "--eval-data", str(tmp_path / "samples.npz")])
+    assert code == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "within 0.05 output error" in err[0]
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_output_error_budget_needs_sample_inputs(tmp_path, capsys):
+    onnx.save(model_factory.tiny_cnn(), tmp_path / "in.onnx")
+    assert main(["optimize", str(tmp_path / "in.onnx"), str(tmp_path / "o.onnx"), "--max-output-error", "0.1"]) == 2
+    assert "--max-output-error" in capsys.readouterr().err
+
+
+def test_speedup_search_moves_past_a_repeated_plan_toward_the_faster_bracket():
+    """An aim just above a plan measured short gives that plan again; the search then moves toward
+    the overshooting plan's aim until it finds a plan it has not measured."""
+    timing = Timing(total_ms=14.0, layer_ms={"big": 10.0, "small": 2.0})
+    coarse = [menu("big", 10.0, *[(r, 1.0 / r, 1.0 + r / 16) for r in range(8, 129, 8)]), menu("small", 2.0)]
+    rest = timing.rest_ms(coarse)
+
+    def ranks(aim):
+        return {n: o.rank for n, o in plan_for_time(coarse, timing.total_ms / aim, rest).items()}
+
+    trace = [{"aimed_at": 2.5, "measured": 9.0, "ranks": ranks(2.5)},
+             {"aimed_at": 1.9, "measured": 1.9, "ranks": ranks(1.9)}]
+    assert ranks(1.901) == ranks(1.9) != ranks(2.5)  # the interpolated aim repeats a measured plan
+    aim, plan = _unmeasured_plan(coarse, timing, 1.901, rest, trace, required=2.06)
+    assert 1.901 < aim < 2.5
+    assert {n: o.rank for n, o in plan.items()} not in [t["ranks"] for t in trace]
+    assert _unmeasured_plan(coarse, timing, 1.901, rest, trace[1:], required=2.06) is None  # nothing faster

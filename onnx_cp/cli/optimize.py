@@ -27,7 +27,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("input", metavar="IN", help="input ONNX model (never modified)")
     p.add_argument("output", metavar="OUT", help="output ONNX model (written atomically)")
-    ranks = p.add_argument_group("layers and ranks (one of --rank, --target-speedup, --max-accuracy-drop; "
+    ranks = p.add_argument_group("layers and ranks (one of --rank, --target-speedup, --max-accuracy-drop, "
+                                 "--max-output-error; "
                                  "default: the data-free --max-error policy)")
     ranks.add_argument("--rank", action="append", metavar="N|LAYER=N",
                        help="CP rank for every layer (N) or one layer (LAYER=N, repeatable); clipped to "
@@ -41,6 +42,9 @@ def register(subparsers) -> None:
     ranks.add_argument("--max-accuracy-drop", type=float, metavar="P", help="the fastest model whose accuracy "
                        "on --eval-data/--val (after fine-tuning, with --finetune-data) drops at most P points "
                        "(agreement with IN without labels); exit 3 and no OUT if none")
+    ranks.add_argument("--max-output-error", type=float, metavar="E", help="the fastest model whose outputs stay "
+                       "within E of IN's on --eval-data (else the fine-tuning data), after fine-tuning: the worst "
+                       "channel-group relative error of any output; exit 3 and no OUT if none")
     ranks.add_argument("--layers", metavar="REGEX", help="only Conv layers whose name matches")
     ranks.add_argument("--exclude", metavar="REGEX", help="leave Conv layers whose name matches")
     ranks.add_argument("--method", choices=["nls", "als"], help="CP solver (default nls)")
@@ -119,10 +123,12 @@ def settings_from_args(args: argparse.Namespace) -> dict:
 
 
 def _policy(args: argparse.Namespace, rank: int | None, per_layer: dict[str, int]) -> settings.RankPolicy:
-    given = [flag for flag, value in (("--rank", rank is not None or per_layer), ("--target-speedup",
-             args.target_speedup is not None), ("--max-accuracy-drop", args.max_accuracy_drop is not None)) if value]
+    options = {"--rank": rank is not None or bool(per_layer), "--target-speedup": args.target_speedup is not None,
+               "--max-accuracy-drop": args.max_accuracy_drop is not None,
+               "--max-output-error": args.max_output_error is not None}
+    given = [flag for flag, value in options.items() if value]
     if len(given) > 1:
-        raise UsageError(f"give one of --rank, --target-speedup and --max-accuracy-drop, not {' and '.join(given)}")
+        raise UsageError(f"give one of {', '.join(options)}, not {' and '.join(given)}")
     if args.error_data is not None and given:
         raise UsageError("--error-data sets what the default --max-error policy measures; it does not combine "
                          f"with {given[0]}")
@@ -130,6 +136,8 @@ def _policy(args: argparse.Namespace, rank: int | None, per_layer: dict[str, int
         return settings.SpeedupTarget(args.target_speedup)
     if args.max_accuracy_drop is not None:
         return settings.AccuracyBudget(args.max_accuracy_drop)
+    if args.max_output_error is not None:
+        return settings.OutputErrorBudget(args.max_output_error)
     if given:
         return settings.ExplicitRanks(rank, per_layer, max_error=args.max_error)
     return settings.ErrorBudget(args.max_error, args.error_data)
@@ -260,10 +268,11 @@ def _measurement_lines(report: dict) -> list[str]:
         for step in search:
             lines.append(f"speed-up search: aimed at {step['aimed_at']:.2f}x, predicted {step['predicted']:.2f}x, "
                          f"measured {step['measured']:.2f}x")
-    elif search:  # --max-accuracy-drop bisection
+    elif search:  # --max-accuracy-drop / --max-output-error bisection
         for step in search["trace"]:
-            lines.append(f"accuracy search: predicted {step['predicted_speedup']:.2f}x -> "
-                         f"accuracy drop {step['accuracy_drop']:.2f} points")
+            measured = (f"accuracy drop {step['accuracy_drop']:.2f} points" if "accuracy_drop" in step
+                        else f"output error {step['output_error']:.3f}")
+            lines.append(f"quality search: predicted {step['predicted_speedup']:.2f}x -> {measured}")
     if report.get("quantize"):
         lines.append(f"quantized to INT8 (onnxruntime static quantization, QDQ): {report['quantize']['scheme']}")
     fitted = [f for f in (report.get("reconstruction") or {}).get("layers", []) if f["status"] == "fitted"]

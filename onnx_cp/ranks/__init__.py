@@ -7,11 +7,12 @@ from onnx_cp.ranks.policy import (
     AccuracyBudget,
     ErrorBudget,
     ExplicitRanks,
+    OutputErrorBudget,
     RankPolicy,
     SpeedupTarget,
     as_policy,
 )
 from onnx_cp.ranks.solve import SolverSettings
 
-__all__ = ["DEFAULT_MAX_ERROR", "AccuracyBudget", "ErrorBudget", "ExplicitRanks", "RankPolicy", "SolverSettings",
-           "SpeedupTarget", "as_policy"]
+__all__ = ["DEFAULT_MAX_ERROR", "AccuracyBudget", "ErrorBudget", "ExplicitRanks", "OutputErrorBudget", "RankPolicy",
+           "SolverSettings", "SpeedupTarget", "as_policy"]

@@ -5,6 +5,7 @@
                                                       # the bound is on each layer's output error
     SpeedupTarget(4.0)                                # measured whole-model onnxruntime speed-up
     AccuracyBudget(1.0)                               # points of top-1 (or agreement) lost at most
+    OutputErrorBudget(0.1)                            # worst channel-group output error at most
 """
 
 from __future__ import annotations
@@ -95,7 +96,20 @@ class AccuracyBudget:
         _check_positive(self.max_drop, "max_accuracy_drop", above=0.0, inclusive=True)
 
 
-RankPolicy = ErrorBudget | ExplicitRanks | SpeedupTarget | AccuracyBudget
+@dataclass(frozen=True)
+class OutputErrorBudget:
+    """The fastest model found whose outputs stay within `max_error` of the original's on the
+    evaluation data (the worst channel-group relative error of any output, see runtime.fidelity; after
+    fine-tuning when fine-tuning is set): for models whose outputs are not class scores."""
+
+    max_error: float
+
+    def __post_init__(self) -> None:
+        _check_positive(self.max_error, "max_output_error")
+
+
+RankPolicy = ErrorBudget | ExplicitRanks | SpeedupTarget | AccuracyBudget | OutputErrorBudget
+QualityBudget = AccuracyBudget | OutputErrorBudget
 
 
 def as_policy(ranks: RankPolicy | int | None) -> RankPolicy:
@@ -104,7 +118,7 @@ def as_policy(ranks: RankPolicy | int | None) -> RankPolicy:
         return ErrorBudget()
     if isinstance(ranks, int) and not isinstance(ranks, bool):
         return ExplicitRanks(rank=ranks)
-    if isinstance(ranks, (ErrorBudget, ExplicitRanks, SpeedupTarget, AccuracyBudget)):
+    if isinstance(ranks, (ErrorBudget, ExplicitRanks, SpeedupTarget, AccuracyBudget, OutputErrorBudget)):
         return ranks
     raise UsageError(f"expected an int or a rank policy (ExplicitRanks, ErrorBudget, SpeedupTarget, "
-                     f"AccuracyBudget), got {type(ranks).__name__}", option="ranks")
+                     f"AccuracyBudget, OutputErrorBudget), got {type(ranks).__name__}", option="ranks")

@@ -1,0 +1,78 @@
+"""How closely a model's outputs follow a reference model's on sample data: every output, compared the
+way its task reads it (runtime.fidelity: per channel group, top-k anchors, CTC strings, top-1). Needs
+no labels, so it serves models whose outputs are not class scores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnx_cp.data.datasets import Dataset, first_inputs
+from onnx_cp.errors import OnnxCpError
+from onnx_cp.runtime.fidelity import OutputFidelity, compare_output
+from onnx_cp.runtime.model_io import ModelLike
+from onnx_cp.runtime.session import load, make_session, run, session_options
+
+DEFAULT_SAMPLES = 256
+BATCH = 16
+
+
+@dataclass(frozen=True)
+class OutputAgreement:
+    samples: int
+    outputs: list[OutputFidelity]
+
+    @property
+    def worst_group_error(self) -> float:
+        """The headline: the largest channel-group error of any output."""
+        return max((o.worst_group_error for o in self.outputs), default=0.0)
+
+    def to_json(self) -> dict:
+        return {"samples": self.samples, "worst_group_error": self.worst_group_error,
+                "outputs": {o.name: o.to_json() for o in self.outputs}}
+
+
+def compare_on_data(model: ModelLike, reference: ModelLike, data: Dataset | str | np.ndarray, *,
+                    samples: int = DEFAULT_SAMPLES, threads: int = 1) -> OutputAgreement:
+    """Run both models on the first `samples` inputs of `data` and compare every output."""
+    x = first_inputs(data, samples)
+    expected = _outputs(reference, x, threads, "reference")
+    actual = _outputs(model, x, threads, "model")
+    return OutputAgreement(len(x), [compare_output(name, expected[name], actual[name]) for name in expected])
+
+
+def _outputs(model: ModelLike, x: np.ndarray, threads: int, label: str) -> dict[str, np.ndarray]:
+    """Every output of a one-input model on `x`, batch by batch; a model with a fixed batch size (an
+    exported CRNN often takes exactly 1) is run in chunks of that size, the last one padded."""
+    loaded = load(model, label)
+    session = make_session(loaded, session_options(threads=threads))
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise OnnxCpError(f"{loaded.path or label}: comparing outputs on data needs a model with one input, "
+                          f"found {len(inputs)}")
+    first = inputs[0].shape[0] if inputs[0].shape else None
+    batch = first if isinstance(first, int) and first > 0 else BATCH
+    names = [o.name for o in session.get_outputs()]
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    axes: dict[str, int] = {}
+    for start in range(0, len(x), batch):
+        chunk = x[start:start + batch]
+        n = len(chunk)
+        if n < batch and isinstance(first, int):
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
+        for name, value in zip(names, run(session, {inputs[0].name: chunk}, loaded.path or label)):
+            value = np.asarray(value)
+            axis = axes.setdefault(name, _batch_axis(value, len(chunk)))
+            parts[name].append(np.take(value, range(n), axis=axis) if axis is not None else value)
+    return {name: np.concatenate(values, axis=axes[name]) if axes[name] is not None else values[0]
+            for name, values in parts.items()}
+
+
+def _batch_axis(value: np.ndarray, batch: int) -> int | None:
+    """The batch axis of an output: the first (or, for (T, N, C) sequences, the second) whose size is
+    the batch's; None for outputs without one."""
+    for axis in range(min(value.ndim, 2)):
+        if value.shape[axis] == batch:
+            return axis
+    return None
