@@ -249,6 +249,7 @@ class _CRNN(nn.Module):
         return self.fc(y)  # [W/2, N, classes]
 
 
+@pytest.mark.filterwarnings("ignore")  # the TorchScript exporter's deprecation and tracer notes
 @pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU])
 def test_torch_exported_crnn_parity(rnn):
     torch.manual_seed(0)
