@@ -838,6 +838,157 @@ def space_to_depth(node, inputs, ctx):
     return y.reshape(n, c * b * b, h // b, w // b)
 
 
+# ---------------------------------------------------------------- recurrent layers
+# LSTM and GRU with the default activations, run step by step over the ONNX weight layout (gates
+# i, o, f, c for LSTM and z, r, h for GRU), so W, R, B and P stay differentiable parameters.
+_RNN_ACTIVATIONS = {"LSTM": ["sigmoid", "tanh", "tanh"], "GRU": ["sigmoid", "tanh"]}
+
+
+def _rnn_setup(node, inputs, n_gates: int):
+    """Check the attributes and bring every operand to the layout-0 form: X [seq, batch, input],
+    initial states [num_directions, batch, hidden], lengths [batch] (None when all are full)."""
+    attrs = node.attrs
+    direction = attrs.get("direction", "forward")
+    if isinstance(direction, bytes):
+        direction = direction.decode()
+    if direction not in ("forward", "reverse", "bidirectional"):
+        raise _fail(node, f"direction {direction!r} is not supported")
+    num_dir = 2 if direction == "bidirectional" else 1
+    activations = attrs.get("activations")
+    if activations:
+        names = [a.decode() if isinstance(a, bytes) else str(a) for a in activations]
+        if [a.lower() for a in names] != _RNN_ACTIVATIONS[node.op_type] * num_dir:
+            raise _fail(node, f"activations {names} are not supported (only the defaults)")
+    for name in ("activation_alpha", "activation_beta"):
+        if attrs.get(name):
+            raise _fail(node, f"attribute {name} is not supported")
+    if attrs.get("clip") is not None:
+        raise _fail(node, "attribute clip is not supported")
+    if attrs.get("input_forget", 0):
+        raise _fail(node, "attribute input_forget=1 is not supported")
+    layout = attrs.get("layout", 0)
+    x, w, r = inputs[0], inputs[1], inputs[2]
+    b = inputs[3] if len(inputs) > 3 else None
+    lens = inputs[4] if len(inputs) > 4 else None
+    states = [inputs[i] if len(inputs) > i else None for i in range(5, 7)]
+    hidden = r.shape[-1]
+    if attrs.get("hidden_size", hidden) != hidden:
+        raise _fail(node, f"hidden_size {attrs['hidden_size']} does not match R's {hidden}")
+    if w.shape[0] != num_dir or w.shape[1] != n_gates * hidden:
+        raise _fail(node, f"W of shape {list(w.shape)} does not fit direction {direction!r} "
+                          f"and hidden size {hidden}")
+    if layout:
+        x = x.transpose(0, 1)
+        states = [None if s is None else s.transpose(0, 1) for s in states]
+    seq, batch = x.shape[0], x.shape[1]
+    if lens is not None and lens.numel():
+        lens = lens.reshape(-1).to(device=x.device, dtype=torch.long)
+        if bool((lens == seq).all()):
+            lens = None
+    else:
+        lens = None
+    zeros = x.new_zeros(num_dir, batch, hidden)
+    states = [zeros if s is None else s for s in states]
+    return direction, layout, x, w, r, b, lens, states, hidden
+
+
+def _rnn_outputs(layout: int, ys: list[torch.Tensor], finals: list[list[torch.Tensor]]):
+    """Per-direction Y [seq, batch, hidden] and final states -> ONNX Y, Y_h(, Y_c)."""
+    y = torch.stack(ys, dim=1)  # [seq, num_directions, batch, hidden]
+    out = [torch.stack(f, dim=0) for f in finals]  # [num_directions, batch, hidden]
+    if layout:
+        y = y.permute(2, 0, 1, 3)
+        out = [t.transpose(0, 1) for t in out]
+    return (y, *out)
+
+
+def _rnn_run(step, x, lens, reverse: bool, states: list[torch.Tensor]):
+    """Run `step(t, states) -> states` over time; the first state is the output H. With
+    `lens`, a batch entry keeps its state (and outputs zeros) at steps past its length."""
+    seq = x.shape[0]
+    ys: list[torch.Tensor | None] = [None] * seq
+    for t in (range(seq - 1, -1, -1) if reverse else range(seq)):
+        new = step(t, states)
+        if lens is None:
+            states, ys[t] = new, new[0]
+        else:
+            live = (t < lens).unsqueeze(1)
+            states = [torch.where(live, n, s) for n, s in zip(new, states)]
+            ys[t] = torch.where(live, new[0], torch.zeros_like(new[0]))
+    return torch.stack(ys, dim=0), states
+
+
+def _directions(direction: str) -> list[bool]:
+    return {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[direction]
+
+
+@op("LSTM")
+def lstm(node, inputs, ctx):
+    direction, layout, x, w, r, b, lens, (h0, c0), hidden = _rnn_setup(node, inputs, 4)
+    p = inputs[7] if len(inputs) > 7 else None
+    ys, finals = [], [[], []]
+    for d, reverse in enumerate(_directions(direction)):
+        xw = torch.matmul(x, w[d].t())  # all steps at once: [seq, batch, 4 * hidden]
+        if b is not None:
+            xw = xw + b[d, :4 * hidden] + b[d, 4 * hidden:]
+        peep = None if p is None else p[d].split(hidden)  # P_i, P_o, P_f
+
+        def step(t, state, xw=xw, rt=r[d].t(), peep=peep):
+            h, c = state
+            gates = xw[t] + h @ rt
+            i, o, f, g = gates.split(hidden, dim=-1)
+            if peep is not None:
+                i, f = i + peep[0] * c, f + peep[2] * c
+            c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            if peep is not None:
+                o = o + peep[1] * c_new
+            return [torch.sigmoid(o) * torch.tanh(c_new), c_new]
+
+        y, (h, c) = _rnn_run(step, x, lens, reverse, [h0[d], c0[d]])
+        ys.append(y)
+        finals[0].append(h)
+        finals[1].append(c)
+    return _rnn_outputs(layout, ys, finals)
+
+
+@op("GRU")
+def gru(node, inputs, ctx):
+    direction, layout, x, w, r, b, lens, (h0, _), hidden = _rnn_setup(node, inputs[:6], 3)
+    before_reset = bool(node.attrs.get("linear_before_reset", 0))
+    ys, finals = [], [[]]
+    for d, reverse in enumerate(_directions(direction)):
+        xw = torch.matmul(x, w[d].t())  # [seq, batch, 3 * hidden]
+        rb = None
+        if b is not None:
+            xw = xw + b[d, :3 * hidden]
+            rb = b[d, 3 * hidden:]
+        r_zr, r_h = r[d, :2 * hidden].t(), r[d, 2 * hidden:].t()
+
+        def step(t, state, xw=xw, rb=rb, r_zr=r_zr, r_h=r_h):
+            h = state[0]
+            x_zr, x_h = xw[t, :, :2 * hidden], xw[t, :, 2 * hidden:]
+            hr_zr = h @ r_zr
+            if rb is not None:
+                hr_zr = hr_zr + rb[:2 * hidden]
+            z, rg = torch.sigmoid(x_zr + hr_zr).split(hidden, dim=-1)
+            if before_reset:
+                hr_h = h @ r_h
+                if rb is not None:
+                    hr_h = hr_h + rb[2 * hidden:]
+                cand = torch.tanh(x_h + rg * hr_h)
+            else:
+                hr_h = (rg * h) @ r_h
+                if rb is not None:
+                    hr_h = hr_h + rb[2 * hidden:]
+                cand = torch.tanh(x_h + hr_h)
+            return [(1 - z) * cand + z * h]
+
+        y, (h,) = _rnn_run(step, x, lens, reverse, [h0[d]])
+        ys.append(y)
+        finals[0].append(h)
+    return _rnn_outputs(layout, ys, finals)
+
+
 def supported_ops() -> list[str]:
     return sorted(OPS) + ["Constant"]
 
