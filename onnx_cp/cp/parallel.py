@@ -7,8 +7,11 @@ or the order of completion, so workers=1 and workers=N give identical factors.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing
 import os
+import signal
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -25,10 +28,21 @@ from onnx_cp.progress import bar
 # solver time on one core; a worker process costs about that much to start).
 INLINE_BELOW = 2_000_000
 _BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+_PR_SET_PDEATHSIG = 1
 
 
 def _run_job(kernel: np.ndarray, rank: int, kwargs: dict) -> CPResult:
     return decompose(kernel, rank, **kwargs)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: a killed caller (SIGKILL, a CI time-out) takes its workers with it, so none
+    is left holding the caller's stdout and stderr open. Linux only (prctl PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the caller died before the signal was armed
+        os._exit(1)
 
 
 @contextlib.contextmanager
@@ -50,7 +64,8 @@ def _run_pool(jobs, options, workers, results, progress) -> None:
     threads = max(1, (os.cpu_count() or 1) // workers)
     # spawn, not fork: the caller may hold torch / onnxruntime threads that fork would copy.
     context = multiprocessing.get_context("spawn")
-    with _blas_threads(threads), ProcessPoolExecutor(workers, mp_context=context) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),))
+    with _blas_threads(threads), pool:
         # Largest jobs first so the pool does not end waiting on one big job.
         order = sorted(range(len(jobs)), key=lambda i: -np.asarray(jobs[i][0]).size * int(jobs[i][1]))
         futures = {pool.submit(_run_job, np.asarray(jobs[i][0]), int(jobs[i][1]), options): i

@@ -932,8 +932,9 @@ def lstm(node, inputs, ctx):
         if b is not None:
             xw = xw + b[d, :4 * hidden] + b[d, 4 * hidden:]
         peep = None if p is None else p[d].split(hidden)  # P_i, P_o, P_f
+        rt = r[d].t()
 
-        def step(t, state, xw=xw, rt=r[d].t(), peep=peep):
+        def step(t, state, xw=xw, rt=rt, peep=peep):
             h, c = state
             gates = xw[t] + h @ rt
             i, o, f, g = gates.split(hidden, dim=-1)
