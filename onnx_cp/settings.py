@@ -29,6 +29,7 @@ from onnx_cp.ranks import (
     SpeedupTarget,
     as_policy,
 )
+from onnx_cp.runtime.session import check_thread_count
 
 # Adam steps per CP chain in layer-wise reconstruction before fine-tuning (onnx_cp.finetune.reconstruct,
 # which imports torch: the default lives here so that settings import without it).
@@ -115,6 +116,7 @@ class MeasureSettings:
 
     def __post_init__(self) -> None:
         check_int(self.threads, "threads", 1)
+        check_thread_count(self.threads)
         for name, dims in self.input_shapes.items():
             if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
                 raise UsageError(f"{name}: expected positive integer dimensions, got {list(dims)}",

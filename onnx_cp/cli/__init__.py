@@ -87,6 +87,21 @@ def add_result_args(parser) -> None:
     parser.add_argument("--report-dir", metavar="DIR", help="write report.json, report.md and plots here")
 
 
+def check_result_paths(args, inputs: list) -> None:
+    """Before any work: --json is none of the inputs and can be written; --report-dir is a folder."""
+    from pathlib import Path
+
+    from onnx_cp.runtime.files import output_folder, same_file
+
+    if args.json:
+        target = Path(args.json)
+        if any(path is not None and same_file(target, Path(path)) for path in inputs):
+            raise UsageError(f"--json {target} is an input; choose another file")
+        output_folder(target)
+    if args.report_dir and Path(args.report_dir).exists() and not Path(args.report_dir).is_dir():
+        raise UsageError(f"--report-dir {args.report_dir} is a file, not a folder")
+
+
 def write_results(args, results: dict, kind: str) -> None:
     """The results as --json and --report-dir asked (see add_result_args)."""
     from onnx_cp.measure.report import write_json, write_report

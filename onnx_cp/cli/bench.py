@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from onnx_cp.cli import add_result_args, write_results
+from onnx_cp.cli import add_result_args, check_result_paths, write_results
 from onnx_cp.errors import UsageError
 
 
@@ -45,6 +45,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.profile_runs < 1:
         raise UsageError(f"--profile-runs must be >= 1, got {args.profile_runs}")
+    check_result_paths(args, args.models)
     shapes = parse_input_shapes(args.input_shape)
     result = benchmark_latency(
         args.models, threads=args.threads, batch=args.batch, input_shapes=shapes,

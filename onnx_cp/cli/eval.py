@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from onnx_cp.cli import add_preprocessing_args, add_result_args, preprocessing_options, write_results
+from onnx_cp.cli import (
+    add_preprocessing_args,
+    add_result_args,
+    check_result_paths,
+    preprocessing_options,
+    write_results,
+)
 from onnx_cp.errors import UsageError
 
 if TYPE_CHECKING:
@@ -38,6 +44,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_result_paths(args, [args.model, args.data, args.reference])
     dataset = open_dataset(args.data, **preprocessing_options(args))
     result = evaluate(args.model, dataset, reference=args.reference, batch_size=args.batch_size,
                       threads=args.threads)

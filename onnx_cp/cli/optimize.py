@@ -10,12 +10,13 @@ from onnx_cp.cli import add_image_args, preprocessing
 from onnx_cp.errors import OnnxCpError, UsageError
 from onnx_cp.measure import write_json, write_report
 from onnx_cp.runtime import model_io
+from onnx_cp.runtime.files import same_file
 from onnx_cp.runtime.inputs import parse_input_shapes
 
 # Options left unset on the command line are None, so that a config file can fill them; what
 # neither sets takes the settings' defaults (external data is the CLI's own).
-DEFAULTS = {"external_data": "auto", "max_error": settings.DEFAULT_MAX_ERROR, "method": "nls", "seed": 0,
-            "threads": 1, "reconstruct_steps": settings.DEFAULT_RECONSTRUCT_STEPS}
+DEFAULTS = {"external_data": "auto", "method": "nls", "seed": 0, "threads": 1,
+            "reconstruct_steps": settings.DEFAULT_RECONSTRUCT_STEPS}
 
 
 def register(subparsers) -> None:
@@ -90,17 +91,22 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     config_source = _apply_config(args)
     source, target = Path(args.input), Path(args.output)
-    _check_paths(source, target, args.force)
+    _check_paths(source, target, args)
     result = api.optimize(source, **settings_from_args(args))
     report = result.report
     report["output"] = str(target)
     report["config"] = config_source
     external = {"auto": True if result.had_external_data else None, "yes": True, "no": False}
-    model_io.save_model(result.model, target, external_data=external[args.external_data])
-    if args.report:
-        write_json(report, Path(args.report))
-    if args.report_dir:
-        write_report(report, Path(args.report_dir), kind="optimize")
+    written = model_io.save_model(result.model, target, external_data=external[args.external_data])
+    try:
+        if args.report:
+            write_json(report, Path(args.report))
+        if args.report_dir:
+            write_report(report, Path(args.report_dir), kind="optimize")
+    except BaseException:
+        for path in written:  # all or nothing: no model without the report that was asked for
+            path.unlink(missing_ok=True)
+        raise
     if not args.quiet:
         print(format_report(report))
     return 0
@@ -132,6 +138,10 @@ def _policy(args: argparse.Namespace, rank: int | None, per_layer: dict[str, int
     if args.error_data is not None and given:
         raise UsageError("--error-data sets what the default --max-error policy measures; it does not combine "
                          f"with {given[0]}")
+    if args.max_error is not None and (rank is not None or given not in ([], ["--rank"])):
+        flag = "--rank N" if rank is not None else given[0]
+        raise UsageError(f"--max-error is the budget of layers without a rank; it does not combine with {flag}")
+    max_error = settings.DEFAULT_MAX_ERROR if args.max_error is None else args.max_error
     if args.target_speedup is not None:
         return settings.SpeedupTarget(args.target_speedup)
     if args.max_accuracy_drop is not None:
@@ -139,8 +149,8 @@ def _policy(args: argparse.Namespace, rank: int | None, per_layer: dict[str, int
     if args.max_output_error is not None:
         return settings.OutputErrorBudget(args.max_output_error)
     if given:
-        return settings.ExplicitRanks(rank, per_layer, max_error=args.max_error)
-    return settings.ErrorBudget(args.max_error, args.error_data)
+        return settings.ExplicitRanks(rank, per_layer, max_error=max_error)
+    return settings.ErrorBudget(max_error, args.error_data)
 
 
 def _finetune(args: argparse.Namespace) -> settings.FinetuneSettings | None:
@@ -209,12 +219,32 @@ def _finetune_options(args: argparse.Namespace) -> dict:
     return {k: v for k, v in options.items() if v is not None}
 
 
-def _check_paths(source: Path, target: Path, force: bool) -> None:
+def _check_paths(source: Path, target: Path, args: argparse.Namespace) -> None:
+    """Before any work: every path written is writable, replaces at most a regular file, and is none
+    of the inputs (the model and its external data) nor another output."""
     if not source.exists():
         raise OnnxCpError(f"{source}: no such file")
-    if target.exists() and source.resolve() == target.resolve() and not force:
+    if same_file(source, target) and not args.force:
         raise UsageError(f"output {target} is the input file; pass --force to overwrite it")
     model_io.check_output_path(target)
+    inputs = [source, *model_io.external_data_files(source)]
+    data_file = target.with_name(target.name + ".data")
+    if not same_file(source, target) and any(same_file(data_file, p) for p in inputs[1:]) and not args.force:
+        raise UsageError(f"{data_file} holds the input's weights: writing {target}'s external data there would "
+                         "destroy the input; choose another OUT (or pass --force)")
+    written = {"the output": target, "the output's data": data_file}
+    if args.report:
+        report = Path(args.report)
+        for what, path in [("the input", source), *(("the input's data", p) for p in inputs[1:]), *written.items()]:
+            if same_file(report, path):
+                raise UsageError(f"--report {report} is {what}; choose another file")
+        model_io.check_output_path(report)
+    if args.report_dir:
+        folder = Path(args.report_dir)
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"--report-dir {folder} is a file, not a folder")
+        if any(same_file(folder, path) for path in (source, target)):
+            raise UsageError(f"--report-dir {folder} is a model file")
 
 
 def format_report(report: dict) -> str:

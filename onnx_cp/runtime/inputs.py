@@ -26,6 +26,8 @@ def parse_input_shapes(specs: Iterable[str] | None) -> dict[str, list[int]]:
             values = []
         if not sep or not name or not values or any(v <= 0 for v in values):
             raise UsageError(f"{spec!r}: expected NAME:D1,D2,... with positive integers", option="input_shapes")
+        if shapes.get(name, values) != values:
+            raise UsageError(f"{name!r} given twice with different shapes", option="input_shapes")
         shapes[name] = values
     return shapes
 

@@ -21,6 +21,7 @@ from google.protobuf.message import DecodeError
 from onnx_ir import external_data as ir_external_data
 
 from onnx_cp.errors import OnnxCpError, first_line
+from onnx_cp.runtime.files import check_replaceable
 
 ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model
 
@@ -103,8 +104,10 @@ def save_model(
         written = []
         # Data first: a model file never points at data that is not yet in place.
         if data_name is not None:
+            check_replaceable(folder / data_name)
             os.replace(staging / data_name, folder / data_name)
             written.append(folder / data_name)
+        check_replaceable(path)
         os.replace(staging / path.name, path)
         written.append(path)
         return written
@@ -119,9 +122,20 @@ def check_output_path(path: Path) -> Path:
         raise OnnxCpError(f"{path}: output folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise OnnxCpError(f"{path}: output folder {folder} is not writable")
-    if path.is_dir():
-        raise OnnxCpError(f"{path}: is a folder")
+    check_replaceable(path)
     return folder
+
+
+def external_data_files(path: str | os.PathLike) -> list[Path]:
+    """The files a model file keeps its external data in (for checks that no output overwrites them)."""
+    path = Path(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - an unreadable model is reported when it is loaded
+        return []
+    locations = {next((e.value for e in t.external_data if e.key == "location"), "")
+                 for t in _all_tensors(proto) if t.data_location == onnx.TensorProto.EXTERNAL}
+    return [path.parent / location for location in sorted(locations) if location]
 
 
 def _check_external_locations(proto: onnx.ModelProto, base: Path) -> None:

@@ -62,12 +62,24 @@ def resolve_threads(threads: int | str | None) -> int:
         try:
             threads = int(threads)
         except ValueError:
-            raise UsageError(f"threads {threads!r}: expected a positive integer or 'all'") from None
+            raise UsageError(f"expected a positive integer or 'all', got {threads!r}", option="threads") from None
     if threads == 0:
         return os.cpu_count() or 1
     if threads < 0:
-        raise UsageError(f"threads {threads}: expected a positive integer or 'all'")
+        raise UsageError(f"expected a positive integer or 'all', got {threads}", option="threads")
+    check_thread_count(threads)
     return threads
+
+
+def check_thread_count(threads: int) -> None:
+    """onnxruntime starts every thread it is asked for: 100000 of them hang the machine."""
+    limit = max_threads()
+    if threads > limit:
+        raise UsageError(f"{threads} threads on a {os.cpu_count()}-core machine; at most {limit}", option="threads")
+
+
+def max_threads() -> int:
+    return 8 * (os.cpu_count() or 1)
 
 
 def session_options(
