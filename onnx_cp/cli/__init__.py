@@ -78,7 +78,8 @@ def quiet_third_party() -> None:
         import onnxruntime
     except ImportError:  # noqa: PERF203 - the commands that need it say so
         return
-    onnxruntime.set_default_logger_severity(3)  # ERROR: warnings about unused initializers etc.
+    # FATAL: its ERROR lines duplicate the exception that onnx-cp reports as one line.
+    onnxruntime.set_default_logger_severity(4)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -100,6 +101,12 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"onnx-cp {args.command}: interrupted\n")
         return EXIT_INTERRUPTED
+    except MemoryError as exc:
+        if args.debug:
+            raise
+        detail = first_line(exc) if str(exc) else "an allocation failed"
+        sys.stderr.write(f"onnx-cp {args.command}: error: out of memory ({detail})\n")
+        return 1
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         if args.debug:
             raise

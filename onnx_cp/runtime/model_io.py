@@ -40,6 +40,10 @@ PROTOBUF_SAFE_BYTES = 1_800_000_000
 MIN_IR_VERSION = 3
 # Default-domain opsets: onnxruntime has no kernels for several ops below 7 (Relu-1, Gemm-6, ...).
 MIN_OPSET = 7
+# A graph input with more elements than this (its fixed dims) cannot be fed random inputs on any
+# machine onnx-cp targets (8 GiB of float32): refused on load rather than by a MemoryError (or the
+# OOM killer) later.
+MAX_INPUT_ELEMENTS = 2**31
 # Graph metadata key holding the model's IR version (graph.sites: for IR >= 4 an initializer that is
 # also a graph input is an overridable default, not a constant).
 IR_VERSION_META = "onnx_cp.ir_version"
@@ -70,7 +74,9 @@ def to_ir(model: ModelLike) -> ir.Model:
     if isinstance(model, ir.Model):
         return model.clone()  # new graph objects; tensors are shared, never written
     if isinstance(model, onnx.ModelProto):
-        return _deserialize(check_proto(model, "the model"), "the model")
+        # No onnx.checker here: onnx-cp's own stages hand protos through to_ir too (a fine-tuned
+        # copy may carry value_info without shapes, which the checker refuses); files get it all.
+        return _deserialize(check_proto(model, "the model", checker=False), "the model")
     return load_model(model)
 
 
@@ -83,16 +89,20 @@ def _deserialize(proto: onnx.ModelProto, label: str) -> ir.Model:
     return model
 
 
-def check_proto(proto: onnx.ModelProto, label: str, base: Path | None = None) -> onnx.ModelProto:
+def check_proto(
+    proto: onnx.ModelProto, label: str, base: Path | None = None, *, checker: bool = True
+) -> onnx.ModelProto:
     """Refuse, with one line starting with `label`, a model that onnx-cp would rewrite into another
     function or fail on obscurely; return the proto to deserialize (the same one, or a copy whose
     nodes are topologically sorted when the file lists them out of order: `proto` is never changed).
 
-    `base` is the model's folder, for the external-data size checks (None: a model in memory).
+    `base` is the model's folder, for the external-data size checks (None: a model in memory);
+    checker=False skips onnx.checker.
     """
     if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
         raise OnnxCpError(f"{label}: not a valid ONNX model (no graph)")
     _check_versions(proto, label)
+    _check_graph_inputs(proto.graph, label)
     order = _check_graph_structure(proto.graph, label)
     if order is not None:
         sorted_proto = onnx.ModelProto()
@@ -100,7 +110,8 @@ def check_proto(proto: onnx.ModelProto, label: str, base: Path | None = None) ->
         del sorted_proto.graph.node[:]
         sorted_proto.graph.node.extend(proto.graph.node[i] for i in order)
         proto = sorted_proto
-    _run_checker(proto, label)
+    if checker:
+        _run_checker(proto, label)
     _check_tensor_sizes(proto, label, base)
     return proto
 
@@ -121,6 +132,31 @@ def _check_versions(proto: onnx.ModelProto, label: str) -> None:
                 f"{label}: opset {opset.version} of the default ONNX domain is outside what "
                 f"onnx-cp supports ({MIN_OPSET}..{highest})"
             )
+
+
+def _check_graph_inputs(graph: onnx.GraphProto, label: str) -> None:
+    """Tensor inputs and outputs with no element type, negative dims, or too many elements."""
+    initializers = {t.name for t in graph.initializer}
+    for kind, values in (("input", graph.input), ("output", graph.output)):
+        for value in values:
+            if not value.type.HasField("tensor_type"):
+                continue
+            tensor_type = value.type.tensor_type
+            if tensor_type.elem_type == onnx.TensorProto.UNDEFINED:
+                raise OnnxCpError(f"{label}: graph {kind} {value.name!r} has no element type")
+            if not tensor_type.HasField("shape"):
+                continue
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+            shown = [d if d is not None else "?" for d in dims]
+            if any(d is not None and d < 0 for d in dims):
+                raise OnnxCpError(f"{label}: graph {kind} {value.name!r} has a negative dimension {shown}")
+            if kind == "input" and value.name not in initializers:
+                elements = math.prod(d or 1 for d in dims)
+                if elements > MAX_INPUT_ELEMENTS:
+                    raise OnnxCpError(
+                        f"{label}: graph input {value.name!r} has shape {shown} ({elements} elements): "
+                        f"too large to run (at most {MAX_INPUT_ELEMENTS})"
+                    )
 
 
 def _check_graph_structure(graph: onnx.GraphProto, label: str) -> list[int] | None:
@@ -147,6 +183,11 @@ def _check_graph_structure(graph: onnx.GraphProto, label: str) -> list[int] | No
         inputs.add(value.name)
     for name in initializers | inputs:
         defined[name] = "a graph input" if name in inputs else "an initializer"
+    names: set[str] = set()
+    for node in graph.node:
+        if node.name and node.name in names:  # onnxruntime refuses the model ("same node name")
+            raise OnnxCpError(f"{label}: two nodes are named {node.name!r}")
+        names.add(node.name)
     producer: dict[str, int] = {}
     for index, node in enumerate(graph.node):
         for name in node.output:
@@ -243,7 +284,15 @@ def _check_tensor_sizes(proto: onnx.ModelProto, label: str, base: Path | None) -
     for tensor in _all_tensors(proto):
         if any(d < 0 for d in tensor.dims):
             raise OnnxCpError(f"{label}: tensor {tensor.name!r} has negative dims {list(tensor.dims)}")
-        if tensor.data_location != onnx.TensorProto.EXTERNAL or base is None:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            needed = _tensor_bytes(tensor)
+            if tensor.HasField("raw_data") and needed is not None and len(tensor.raw_data) != needed:
+                raise OnnxCpError(
+                    f"{label}: tensor {tensor.name!r} holds {len(tensor.raw_data)} bytes but its shape "
+                    f"{list(tensor.dims)} and type {onnx.TensorProto.DataType.Name(tensor.data_type)} need {needed}"
+                )
+            continue
+        if base is None:
             continue
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
