@@ -152,12 +152,12 @@ def _inspect(node: ir.Node, main_graph: ir.Graph) -> tuple[np.ndarray | None, in
     if len(node.inputs) < 2 or node.inputs[1] is None:
         return None, 1, "Conv without a weight input"
     weight = node.inputs[1]
-    if weight in main_graph.inputs and main_graph.meta.get("onnx_cp.ir_version", 4) >= 4:
-        # IR >= 4: an initializer that is also a graph input is only a default (runtime.model_io)
-        return constant_array(weight), 1, "weight is also a graph input (can be overridden at run time)"
     kernel = constant_array(weight)
     if kernel is None:
         return None, 1, "weight is not a constant (computed at run time)"
+    if weight in main_graph.inputs and main_graph.meta.get("onnx_cp.ir_version", 4) >= 4:
+        # IR >= 4: an initializer that is also a graph input is only a default (runtime.model_io)
+        return kernel, 1, "weight is also a graph input (can be overridden at run time)"
     if not np.issubdtype(kernel.dtype, np.floating):
         return kernel, 1, f"{kernel.dtype} weights (quantized model): not decomposed"
     if kernel.ndim != 4:
