@@ -352,3 +352,13 @@ def test_memory_error_is_one_line(capfd, tmp_path, monkeypatch):
     code, lines, _ = _optimize(capfd, tmp_path, model_factory.tiny_cnn())
     assert code == 1
     assert lines == ["onnx-cp optimize: error: out of memory (Unable to allocate 6.00 PiB)"]
+
+
+def test_names_that_are_not_utf8_are_refused(capfd, tmp_path):
+    """Found by the fuzzer (corrupted bytes): protobuf returned a node name as bytes and onnx_ir
+    failed to write the model again (SerdeError fallback)."""
+    data = model_factory.conv_model(model_factory.low_rank_kernel(8, 4, 3, 3, 2)).SerializeToString()
+    assert data.count(b"\x12\x04conv") >= 1
+    data = data.replace(b"\x12\x04conv", b"\x12\x04con\xbf", 1)  # the graph's name field
+    line = _refused(capfd, tmp_path, data, "is not UTF-8 text")
+    assert "not a valid ONNX model" in line

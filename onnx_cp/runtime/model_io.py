@@ -102,6 +102,7 @@ def check_proto(
     if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
         raise OnnxCpError(f"{label}: not a valid ONNX model (no graph)")
     _check_versions(proto, label)
+    _check_strings(proto, label)
     _check_graph_inputs(proto.graph, label)
     order = _check_graph_structure(proto.graph, label)
     if order is not None:
@@ -132,6 +133,23 @@ def _check_versions(proto: onnx.ModelProto, label: str) -> None:
                 f"{label}: opset {opset.version} of the default ONNX domain is outside what "
                 f"onnx-cp supports ({MIN_OPSET}..{highest})"
             )
+
+
+def _check_strings(message, label: str, where: str = "model") -> None:
+    """Every string field (names, op types, domains, ...) is UTF-8: protobuf hands corrupted ones back
+    as bytes, which onnx_ir cannot write again (found by benchmarks/fuzz.py). Bytes fields (raw
+    data, string attributes) are not walked."""
+    for field, value in message.ListFields():
+        if field.type == field.TYPE_STRING:
+            for item in [value] if isinstance(value, (str, bytes)) else value:
+                if not isinstance(item, str):
+                    raise OnnxCpError(
+                        f"{label}: not a valid ONNX model (field {field.name} of a {where} is not UTF-8 text: "
+                        f"{bytes(item)[:40]!r})"
+                    )
+        elif field.type == field.TYPE_MESSAGE:
+            for item in [value] if hasattr(value, "ListFields") else value:
+                _check_strings(item, label, field.name)
 
 
 def _check_graph_inputs(graph: onnx.GraphProto, label: str) -> None:
