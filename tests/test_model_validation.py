@@ -362,3 +362,11 @@ def test_names_that_are_not_utf8_are_refused(capfd, tmp_path):
     data = data.replace(b"\x12\x04conv", b"\x12\x04con\xbf", 1)  # the graph's name field
     line = _refused(capfd, tmp_path, data, "is not UTF-8 text")
     assert "not a valid ONNX model" in line
+
+
+def test_external_string_tensor_is_refused(capfd, tmp_path):
+    """Found by the fuzzer: a STRING initializer stored as external data raised onnx_ir's TypeError."""
+    data = _external(tmp_path, "location", "in.data")
+    stored = onnx.ModelProto.FromString(data)
+    _init(stored, "fc.bias").data_type = TensorProto.STRING
+    _refused(capfd, tmp_path, stored.SerializeToString(), "type STRING cannot be stored as external data")
