@@ -709,15 +709,13 @@ def check_written(case: Case, violations: list[str]) -> int | None:
     except Exception as exc:  # noqa: BLE001
         violations.append(f"onnxruntime cannot load IN or OUT: {str(exc).splitlines()[0][:200]}")
         return decomposed
-    rng = np.random.default_rng(12345)
-    feeds = {}
-    for value in original.get_inputs():
-        dims = shapes.get(value.name) or [d if isinstance(d, int) and d > 0 else 1 for d in value.shape]
-        dtype = {"tensor(float)": np.float32, "tensor(double)": np.float64,
-                 "tensor(float16)": np.float16}.get(value.type)
-        if dtype is None:
-            return decomposed  # not a float input: nothing simple to compare
-        feeds[value.name] = rng.standard_normal(dims).astype(dtype)
+    # The verification's own random inputs (same shapes, seed 0), so that the reported error is the
+    # bound: an independent draw can differ by several times on a 1x1 input (seed 7, case 11474).
+    from onnx_cp.runtime.inputs import random_inputs
+    from onnx_cp.runtime.model_io import load_model
+
+    seed = int(_option(case.argv, "--seed") or 0)
+    feeds = random_inputs(load_model(case.in_path), shapes, seed=seed)
     try:
         expected = original.run(None, feeds)
         actual = written.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in written.get_inputs()}})
@@ -736,8 +734,8 @@ def check_written(case: Case, violations: list[str]) -> int | None:
         a, b = np.where(mask, a, 0), np.where(mask, b, 0)
         scale = np.linalg.norm(a)
         rel = np.linalg.norm(a - b) / scale if scale > 0 else np.linalg.norm(b)
-        # Other random inputs than the report's: a margin over the reported error; 1e-5 of float32 noise.
-        tolerance = 1e-5 if decomposed == 0 else 3 * reported + 1e-3
+        # The report's inputs: its error plus float32 noise (graph optimisations may reorder sums).
+        tolerance = 1e-5 if decomposed == 0 else 1.01 * reported + 1e-5
         if rel > tolerance:
             violations.append(f"OUT differs from IN: rel error {rel:.3g} > {tolerance:.3g} "
                               f"(reported {reported:.3g}, {decomposed} decomposed)")

@@ -370,3 +370,14 @@ def test_external_string_tensor_is_refused(capfd, tmp_path):
     stored = onnx.ModelProto.FromString(data)
     _init(stored, "fc.bias").data_type = TensorProto.STRING
     _refused(capfd, tmp_path, stored.SerializeToString(), "type STRING cannot be stored as external data")
+
+
+def test_graph_without_outputs_is_refused(capfd, tmp_path):
+    """Found by the fuzzer: eval on it raised IndexError."""
+    proto = model_factory.tiny_cnn()
+    del proto.graph.output[:]
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, str(path))
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 3, 16, 16), np.float32), y=np.arange(4))
+    code, lines = _run(capfd, "eval", path, "--data", tmp_path / "d.npz", "-q")
+    assert code == 1 and lines == [f"onnx-cp eval: error: {path}: the graph has no outputs"]

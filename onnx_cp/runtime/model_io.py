@@ -101,6 +101,8 @@ def check_proto(
     """
     if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
         raise OnnxCpError(f"{label}: not a valid ONNX model (no graph)")
+    if not proto.graph.output:  # found by benchmarks/fuzz.py: eval failed with an IndexError
+        raise OnnxCpError(f"{label}: the graph has no outputs")
     _check_versions(proto, label)
     _check_strings(proto, label)
     _check_graph_inputs(proto.graph, label)
