@@ -381,3 +381,16 @@ def test_graph_without_outputs_is_refused(capfd, tmp_path):
     np.savez(tmp_path / "d.npz", x=np.zeros((4, 3, 16, 16), np.float32), y=np.arange(4))
     code, lines = _run(capfd, "eval", path, "--data", tmp_path / "d.npz", "-q")
     assert code == 1 and lines == [f"onnx-cp eval: error: {path}: the graph has no outputs"]
+
+
+def test_auto_pad_that_is_not_utf8_is_a_refusal_reason():
+    """Found by the fuzzer (corrupted bytes): onnx_ir's as_string() raised TypeError in _inspect."""
+    import onnx_ir as ir
+
+    from onnx_cp.graph.sites import find_conv_sites
+
+    proto = model_factory.conv_model(model_factory.low_rank_kernel(8, 4, 3, 3, 2), auto_pad="SAME_UPPER")
+    attr = next(a for a in proto.graph.node[0].attribute if a.name == "auto_pad")
+    attr.s = b"SAME_UP\x8eER"
+    sites = find_conv_sites(ir.serde.deserialize_model(proto))
+    assert "invalid auto_pad attribute" in sites[0].refusal

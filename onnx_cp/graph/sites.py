@@ -201,8 +201,8 @@ def _malformed_attributes(node: ir.Node, spatial: Sequence[int]) -> str | None:
             return f"kernel_shape {values} does not match the weight's {[int(d) for d in spatial]}"
     auto_pad = node.attributes.get("auto_pad")
     if auto_pad is not None:
-        if auto_pad.type != ir.AttributeType.STRING:
-            return f"invalid auto_pad attribute (type {auto_pad.type.name}, expected a string)"
+        if auto_pad.type != ir.AttributeType.STRING or not isinstance(auto_pad.value, str):
+            return f"invalid auto_pad attribute ({auto_pad.value!r}, expected a string)"
         if auto_pad.as_string() not in ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"):
             return f"invalid auto_pad {auto_pad.as_string()!r}"
     group = node.attributes.get("group")
