@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 import warnings
 
-from onnx_cp import progress
+# Nothing heavy at import time: the console script imports this module before main() can catch a
+# Ctrl-C (progress, onnx, onnxruntime are imported inside main).
 from onnx_cp.errors import EXIT_USAGE, OnnxCpError, UsageError, first_line
+
+EXIT_INTERRUPTED = 130
 
 # API parameter names whose flag is not --name-with-dashes (the core names parameters as the API
 # spells them; see UsageError.worded_for).
@@ -55,11 +59,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The console entry point: a Ctrl-C at any moment, even while the subcommands are imported,
+    is one line and exit 130."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        sys.stderr.write("onnx-cp: interrupted\n")
+        return EXIT_INTERRUPTED
+
+
+def quiet_third_party() -> None:
+    """Third-party log lines (onnxruntime's C++ warnings on stderr, onnx_ir's logging) would print
+    before onnx-cp's own one-line error; --debug keeps them."""
+    warnings.filterwarnings("ignore")
+    for name in ("onnx_ir", "onnxscript", "onnx"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        import onnxruntime
+    except ImportError:  # noqa: PERF203 - the commands that need it say so
+        return
+    # FATAL: its ERROR lines duplicate the exception that onnx-cp reports as one line.
+    onnxruntime.set_default_logger_severity(4)
+
+
+def _main(argv: list[str] | None) -> int:
+    from onnx_cp import progress
+
     parser = build_parser()
     args = parser.parse_args(argv)
     progress.set_quiet(args.quiet)
     if not args.debug:
-        warnings.filterwarnings("ignore")
+        quiet_third_party()
     try:
         return int(args.run(args) or 0)
     except OnnxCpError as exc:
@@ -70,7 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write(f"onnx-cp {args.command}: interrupted\n")
-        return 130
+        return EXIT_INTERRUPTED
+    except MemoryError as exc:
+        if args.debug:
+            raise
+        detail = first_line(exc) if str(exc) else "an allocation failed"
+        sys.stderr.write(f"onnx-cp {args.command}: error: out of memory ({detail})\n")
+        return 1
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         if args.debug:
             raise

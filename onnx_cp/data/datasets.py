@@ -165,8 +165,11 @@ class NpzDataset(Dataset):
                 if len(raw) != count * sample_bytes:
                     raise OnnxCpError(f"{self.path}: x is truncated (sample {start + len(raw) // sample_bytes})")
                 x = np.frombuffer(raw, dtype=self._dtype).reshape((count, *self.sample_shape))
+                _check_finite(x, self.path, start, "holds")
                 y = self.labels[start:start + count] if self.labels is not None else None
-                yield self._normalize(x.astype(np.float32)), y
+                x = self._normalize(x.astype(np.float32))
+                _check_finite(x, self.path, start, "becomes, after --scale/--mean/--std,")
+                yield x, y
 
 
 def _npy_header(archive: zipfile.ZipFile, member: str, path: Path) -> tuple[tuple[int, ...], np.dtype]:
@@ -270,7 +273,11 @@ class ImageFolder(Dataset):
             chunk = self._items[start:start + batch_size]
             x = np.stack([self._load(file) for file, _ in chunk])
             y = np.array([label for _, label in chunk], dtype=np.int64) if self.has_labels else None
-            yield self._normalize(x), y
+            x = self._normalize(x)
+            bad = _first_nonfinite(x)
+            if bad is not None:
+                raise OnnxCpError(f"{chunk[bad][0]}: becomes NaN or infinity after --scale/--mean/--std")
+            yield x, y
 
     def _load(self, file: Path) -> np.ndarray:
         pixels = self._load_raw(file)
@@ -344,10 +351,26 @@ class _Normalizer:
         return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def _first_nonfinite(x: np.ndarray) -> int | None:
+    """The index in the batch of the first sample holding NaN or infinity (None if all are finite)."""
+    if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+        return int(np.argmin(np.isfinite(x).reshape(len(x), -1).all(axis=1)))
+    return None
+
+
+def _check_finite(x: np.ndarray, path, start: int, verb: str) -> None:
+    """Samples with NaN/Inf would make every accuracy, loss and output error meaningless."""
+    bad = _first_nonfinite(x)
+    if bad is not None:
+        raise OnnxCpError(f"{path}: sample {start + bad} of x {verb} NaN or infinity")
+
+
 def _per_channel(values, channels: int, what: str, path) -> np.ndarray | None:
     if values is None:
         return None
     array = np.atleast_1d(np.asarray(values, dtype=np.float32))
+    if not np.all(np.isfinite(array)):
+        raise UsageError(f"{what}: values must be finite numbers, got {values!r}")
     if array.ndim != 1 or array.size not in (1, channels):
         raise UsageError(f"{what}: give 1 or {channels} values (the data of {path} has {channels} "
                          f"channel(s)), got {array.size}")

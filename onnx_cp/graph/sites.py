@@ -151,14 +151,20 @@ def _inspect(node: ir.Node, main_graph: ir.Graph) -> tuple[np.ndarray | None, in
         return None, 1, "inside a subgraph (If/Loop/Scan body): left unchanged"
     if len(node.inputs) < 2 or node.inputs[1] is None:
         return None, 1, "Conv without a weight input"
-    kernel = constant_array(node.inputs[1])
+    weight = node.inputs[1]
+    kernel = constant_array(weight)
     if kernel is None:
         return None, 1, "weight is not a constant (computed at run time)"
+    if weight in main_graph.inputs and main_graph.meta.get("onnx_cp.ir_version", 4) >= 4:
+        # IR >= 4: an initializer that is also a graph input is only a default (runtime.model_io)
+        return kernel, 1, "weight is also a graph input (can be overridden at run time)"
     if not np.issubdtype(kernel.dtype, np.floating):
         return kernel, 1, f"{kernel.dtype} weights (quantized model): not decomposed"
     if kernel.ndim != 4:
         return kernel, 1, f"{kernel.ndim - 2}-D conv: only 2-D convs are decomposed"
     group_attr = node.attributes.get("group")
+    if group_attr is not None and group_attr.type != ir.AttributeType.INT:
+        return kernel, 1, f"invalid group attribute (type {group_attr.type.name}, expected an int)"
     group = group_attr.as_int() if group_attr is not None else 1
     if group < 1 or kernel.shape[0] % group:
         return kernel, group, f"invalid group {group} for {kernel.shape[0]} output channels"
@@ -168,7 +174,41 @@ def _inspect(node: ir.Node, main_graph: ir.Graph) -> tuple[np.ndarray | None, in
         return kernel, group, "depthwise conv: CP gains nothing"
     if not np.all(np.isfinite(kernel)):
         return kernel, group, "weight holds NaN or infinity"
+    malformed = _malformed_attributes(node, kernel.shape[2:])
+    if malformed:
+        return kernel, group, malformed
     return kernel, group, None
+
+
+def _malformed_attributes(node: ir.Node, spatial: Sequence[int]) -> str | None:
+    """Why the Conv's attributes do not describe a valid 2-D conv of this kernel (None if they do);
+    onnxruntime refuses such a model too, but the splice must not be the one that trips on it."""
+    expected = {"pads": 4, "strides": 2, "dilations": 2, "kernel_shape": 2}
+    for name, length in expected.items():
+        attr = node.attributes.get(name)
+        if attr is None:
+            continue
+        if attr.type != ir.AttributeType.INTS:
+            return f"invalid {name} attribute (type {attr.type.name}, expected a list of ints)"
+        values = list(attr.as_ints())
+        if len(values) != length:
+            return f"invalid {name} {values}: a 2-D conv needs {length} values"
+        if name == "pads" and any(v < 0 for v in values):
+            return f"invalid pads {values}: negative"
+        if name in ("strides", "dilations") and any(v < 1 for v in values):
+            return f"invalid {name} {values}: values must be positive"
+        if name == "kernel_shape" and values != [int(d) for d in spatial]:
+            return f"kernel_shape {values} does not match the weight's {[int(d) for d in spatial]}"
+    auto_pad = node.attributes.get("auto_pad")
+    if auto_pad is not None:
+        if auto_pad.type != ir.AttributeType.STRING or not isinstance(auto_pad.value, str):
+            return f"invalid auto_pad attribute ({auto_pad.value!r}, expected a string)"
+        if auto_pad.as_string() not in ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"):
+            return f"invalid auto_pad {auto_pad.as_string()!r}"
+    group = node.attributes.get("group")
+    if group is not None and group.type != ir.AttributeType.INT:
+        return f"invalid group attribute (type {group.type.name}, expected an int)"
+    return None
 
 
 def _hw(shape: Sequence[int] | None) -> tuple[int, int] | None:

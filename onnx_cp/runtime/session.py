@@ -98,7 +98,9 @@ def session_options(
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
-    options.log_severity_level = 3  # warnings about unused initializers etc. are noise here
+    # FATAL only: warnings about unused initializers are noise, and an error is raised anyway (and
+    # reported as one line) after onnxruntime has logged it in colour on stderr.
+    options.log_severity_level = 4
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
