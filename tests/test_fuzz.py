@@ -41,6 +41,7 @@ def test_cases_are_reproducible(tmp_path):
 @pytest.mark.parametrize("argv_tail", [["--rank", "nan"], ["--max-error", "-1"], ["--layers", "(["]])
 def test_bad_options_are_one_line(tmp_path, argv_tail):
     import onnx
+
     import model_factory
 
     model = tmp_path / "in.onnx"

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 
-import model_factory
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import model_factory
 from onnx_cp import cli
 from onnx_cp.cli import main
 

@@ -89,3 +89,8 @@ def test_conflicting_repeats_are_usage_errors(model, tmp_path):
     assert main(["optimize", str(model), str(tmp_path / "o.onnx"), "--max-error", "inf"]) == 2
     assert main(["optimize", str(model), str(tmp_path / "o.onnx"), "--layers", "conv(", "--rank", "4"]) == 2
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_input_shapes_too_large_to_run_are_usage_errors(model, tmp_path, capsys):
+    assert optimize(model, tmp_path / "o.onnx", "--input-shape", "x:99999999999999999999,3,16,16") == 2
+    assert "--input-shape" in capsys.readouterr().err and not (tmp_path / "o.onnx").exists()

@@ -3,6 +3,7 @@ and 32 for the others (as everywhere in onnx-cp)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -10,6 +11,10 @@ import onnx
 import onnx_ir as ir
 
 from onnx_cp.errors import UsageError
+
+# One input of more elements than this cannot be run (onnxruntime and numpy index with int64, and memory
+# runs out far before): a shape beyond it is a typo.
+MAX_INPUT_ELEMENTS = 2**31
 
 DEFAULT_BATCH = 1
 DEFAULT_OTHER_DIM = 32
@@ -26,6 +31,9 @@ def parse_input_shapes(specs: Iterable[str] | None) -> dict[str, list[int]]:
             values = []
         if not sep or not name or not values or any(v <= 0 for v in values):
             raise UsageError(f"{spec!r}: expected NAME:D1,D2,... with positive integers", option="input_shapes")
+        if math.prod(values) > MAX_INPUT_ELEMENTS:
+            raise UsageError(f"{spec!r}: {math.prod(values)} elements, more than one input can hold "
+                             f"({MAX_INPUT_ELEMENTS})", option="input_shapes")
         if shapes.get(name, values) != values:
             raise UsageError(f"{name!r} given twice with different shapes", option="input_shapes")
         shapes[name] = values

@@ -29,6 +29,7 @@ from onnx_ir import external_data as ir_external_data
 
 from onnx_cp.errors import OnnxCpError, first_line
 from onnx_cp.runtime.files import check_replaceable
+from onnx_cp.runtime.inputs import MAX_INPUT_ELEMENTS
 
 ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model
 
@@ -43,7 +44,6 @@ MIN_OPSET = 7
 # A graph input with more elements than this (its fixed dims) cannot be fed random inputs on any
 # machine onnx-cp targets (8 GiB of float32): refused on load rather than by a MemoryError (or the
 # OOM killer) later.
-MAX_INPUT_ELEMENTS = 2**31
 # Graph metadata key holding the model's IR version (graph.sites: for IR >= 4 an initializer that is
 # also a graph input is an overridable default, not a constant).
 IR_VERSION_META = "onnx_cp.ir_version"
