@@ -284,6 +284,7 @@ def format_report(report: dict) -> str:
             f"random inputs ({shapes}): max abs error {check['max_abs_error']:.3g}, "
             f"relative error {check['max_rel_error']:.3g}, worst channel group {check['worst_group_error']:.3g}"
         )
+        lines += [f"note: {note}" for note in check.get("notes", [])]
     lines += _measurement_lines(report)
     lines.append(f"wrote {report['output']} in {report['seconds']:.1f} s")
     return "\n".join(lines)
