@@ -358,12 +358,11 @@ def run_model(cache: Path, model: Model, configs: list[str], args, results_dir: 
             report = json.loads(report_path.read_text())
             totals = report.get("totals", {})
             row["stages"] = stage_seconds(report)
-            row["totals"] = {k: totals.get(k) for k in ("decomposed", "eligible", "flops_ratio", "params_ratio",
-                                                        "conv_layers") if k in totals} or totals
+            row["totals"] = totals
             row["data"] = report.get("data")
             row["verification"] = report.get("verification")
             if "search" in report:
-                row["search"] = {k: v for k, v in report["search"].items() if not isinstance(v, list)}
+                row["search"] = report["search"]
         if code != 0 or not out.exists():
             row["log"] = tail
             print(f"[{model.key}] {config}: exit {code} after {seconds:.0f}s\n{tail}", flush=True)
@@ -408,7 +407,7 @@ def write_results(results: dict, prefix: Path) -> None:
               "Error: worst channel-group relative error per held-out sample (median / max); agreement: the "
               "task reading of compare_output averaged over held-out samples; label acc.: rendered text read "
               "exactly / page rotation right (original -> optimised).", "",
-              "| model | config | exit | wall s | stages s | decomposed | orig ms | opt ms | speedup | error med/max "
+              "| model | config | exit | wall s | stages s | decomposed, conv MACs | orig ms | opt ms | speedup | error med/max "
               "| agreement | label acc. |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for m in results["models"]:
@@ -419,11 +418,12 @@ def write_results(results: dict, prefix: Path) -> None:
             agr = "; ".join(", ".join(f"{k} {x:.2f}" for k, x in v["agreement"].items()) for v in held.values())
             stages = ", ".join(f"{k} {v}" for k, v in (r.get("stages") or {}).items() if v is not None)
             totals = r.get("totals") or {}
-            dec = totals.get("decomposed")
+            dec = (f"{totals['decomposed']}/{totals['convs']}, MACs x{totals['conv_macs_after'] / totals['conv_macs_before']:.2f}"
+                   if totals.get("convs") and totals.get("conv_macs_before") else None)
             acc = (f"{fmt(m.get('original_label_accuracy'), '.2f')} -> {fmt(r.get('label_accuracy'), '.2f')}"
                    if m.get("original_label_accuracy") is not None else "-")
             lines.append(f"| {m['key']} | {config} | {r['exit']} | {r['wall_seconds']} | {stages or '-'} | "
-                         f"{fmt(dec, '')} | {fmt(b.get('original_ms'))} | {fmt(b.get('optimized_ms'))} | "
+                         f"{dec or '-'} | {fmt(b.get('original_ms'))} | {fmt(b.get('optimized_ms'))} | "
                          f"{fmt(b.get('speedup'), '.2f')} | {err or '-'} | {agr or '-'} | {acc} |")
     failures = [(m["key"], c, r) for m in results["models"] for c, r in m["runs"].items() if r["exit"] != 0]
     if failures:
