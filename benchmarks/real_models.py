@@ -294,7 +294,7 @@ def fidelity(expected: list[list[np.ndarray]], actual: list[list[np.ndarray]], n
 
 def label_accuracy(model: Model, outputs: list[list[np.ndarray]], labels: list[str], charset) -> float | None:
     if model.label == "rotation":
-        truth = [int(int(re.search(r"(\d+)", lab).group(1)) / 90) if lab else 0 for lab in labels]
+        truth = [int(lab) for lab in labels]  # labels.tsv holds the class k (rotated 90k degrees clockwise)
         return float(np.mean([int(o[0].argmax()) == t for o, t in zip(outputs, truth)]))
     if model.label == "ctc-ddddocr":
         hits = []
