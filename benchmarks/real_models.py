@@ -446,7 +446,18 @@ def main() -> int:
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more onnx-cp optimize options")
     parser.add_argument("--fetch-only", action="store_true", help="fetch models and make inputs, then stop")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "real_models")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="only join earlier result files (runs split over processes) into --out")
     args = parser.parse_args()
+    if args.merge:
+        parts = [json.loads(p.read_text()) for p in args.merge]
+        merged = {**parts[0], "models": [m for part in parts for m in part["models"]],
+                  "merged_from": [str(p) for p in args.merge]}
+        order = {m.key: i for i, m in enumerate(MODELS)}
+        merged["models"].sort(key=lambda m: order.get(m["key"], len(order)))
+        write_results(merged, args.out)
+        print(f"wrote {args.out}.md and .json")
+        return 0
 
     import onnxruntime
 
