@@ -258,3 +258,24 @@ def test_speedup_search_moves_past_a_repeated_plan_toward_the_faster_bracket():
     assert 1.901 < aim < 2.5
     assert {n: o.rank for n, o in plan.items()} not in [t["ranks"] for t in trace]
     assert _unmeasured_plan(coarse, timing, 1.901, rest, trace[1:], required=2.06) is None  # nothing faster
+
+
+def test_speedup_menus_use_quick_estimates_and_only_the_chosen_plan_is_solved_in_full(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+
+    def recording_solver(settings, seed):
+        real = api_make_solver(settings, seed)
+
+        def solve(jobs, quick=False):
+            calls.append((quick, [rank for _, rank in jobs]))
+            return real(jobs, quick=quick)
+        return solve
+
+    api_make_solver = api.make_solver
+    monkeypatch.setattr(api, "make_solver", recording_solver)
+    result = optimize(model_factory.tiny_cnn(), SpeedupTarget(1.2))
+    full = [ranks for quick, ranks in calls if not quick and ranks]
+    assert calls[0][0] is True  # the menus
+    chosen = sorted(row["rank"] for row in result.report["layers"] if row["status"] == "decomposed")
+    assert len(full) == 1 and sorted(full[0]) == chosen  # one full solve, of the chosen ranks only

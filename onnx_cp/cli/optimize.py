@@ -285,6 +285,7 @@ def format_report(report: dict) -> str:
             f"relative error {check['max_rel_error']:.3g}, worst channel group {check['worst_group_error']:.3g}"
         )
         lines += [f"note: {note}" for note in check.get("notes", [])]
+    lines += [f"warning: {warning}" for warning in report.get("warnings", [])]
     lines += _measurement_lines(report)
     lines.append(f"wrote {report['output']} in {report['seconds']:.1f} s")
     return "\n".join(lines)

@@ -74,7 +74,10 @@ def layer_menus(
         elif layer_ms.get(site.name, 0) <= 0:
             refusals[site.name] = "no measurable time in the model's profile"
     kept = [s for s in sites if s.name not in refusals]
-    solved = solve_layers([(s, rank) for s in kept for rank in candidate_ranks(s)], solve_many)
+    # Quick estimates (a few ALS sweeps): a menu holds every grid rank of every layer (281 options on
+    # YOLOv8n), and full solves of all of them took minutes; only the plan finally chosen is solved in
+    # full (see ranks.solve.Refiner). Latency does not depend on the factors.
+    solved = solve_layers([(s, rank) for s in kept for rank in candidate_ranks(s)], solve_many, quick=True)
     menus = []
     for site in kept:
         ranks = candidate_ranks(site)

@@ -4,6 +4,7 @@ groups' results. `solve_many([(kernel, rank), ...], quick=False)` returns result
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from onnx_cp import cp
 from onnx_cp.errors import UsageError
-from onnx_cp.graph import ConvSite, LayerPlan
+from onnx_cp.graph import ConvSite, LayerPlan, Plan
 from onnx_cp.graph.plan import as_factors
 
 SolveMany = Callable[..., Sequence[object]]
@@ -84,3 +85,20 @@ def kernel_error(site: ConvSite, group_results: Sequence[object]) -> float:
 
 def layer_plan(rank: int, group_results: Sequence[object], note: str | None = None) -> LayerPlan:
     return LayerPlan(rank, [list(r.factors) for r in group_results], note=note)
+
+
+class Refiner:
+    """Full solves in place of quick estimates, for the layers of a plan: a search plans on quick
+    estimates and refines only the plans it builds for good. Each (layer, rank) is solved once."""
+
+    def __init__(self, sites: Sequence[ConvSite], solve_many: SolveMany) -> None:
+        self.sites = {s.name: s for s in sites}
+        self.solve_many = solve_many
+        self.solved: dict[tuple[str, int], list] = {}
+
+    def __call__(self, plan: Plan) -> Plan:
+        missing = sorted({(name, layer.rank) for name, layer in plan.layers.items()} - set(self.solved))
+        self.solved.update(solve_layers([(self.sites[name], rank) for name, rank in missing], self.solve_many))
+        layers = {name: dataclasses.replace(layer, factors=[list(r.factors) for r in self.solved[(name, layer.rank)]])
+                  for name, layer in plan.layers.items()}
+        return Plan(layers, plan.refusals)
