@@ -279,3 +279,12 @@ def test_speedup_menus_use_quick_estimates_and_only_the_chosen_plan_is_solved_in
     assert calls[0][0] is True  # the menus
     chosen = sorted(row["rank"] for row in result.report["layers"] if row["status"] == "decomposed")
     assert len(full) == 1 and sorted(full[0]) == chosen  # one full solve, of the chosen ranks only
+
+
+def test_a_speed_target_alone_warns_about_what_it_cost():
+    moved = {"worst_group_error": 0.8}
+    (warning,) = api._unbounded_cost(SpeedupTarget(2.0), None, None, moved)
+    assert "0.80" in warning and "--max-output-error" in warning
+    assert api._unbounded_cost(SpeedupTarget(2.0), None, "val.npz", moved) == []  # accuracy is measured
+    assert api._unbounded_cost(SpeedupTarget(2.0), None, None, {"worst_group_error": 0.05}) == []
+    assert api._unbounded_cost(OutputErrorBudget(0.5), None, None, moved) == []  # bounded by its budget
