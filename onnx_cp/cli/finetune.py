@@ -28,8 +28,12 @@ def register(subparsers) -> None:
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, metavar="E", help="passes over the data (default 5)")
     length.add_argument("--steps", type=int, metavar="K", help="optimizer steps instead of epochs")
-    p.add_argument("--lr", type=float, default=0.001,
-                   help="peak learning rate (default 0.001: a trained network needs small steps)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: 0.001, the optimizer's default)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
+                   help="sgd (momentum) or adamw (default sgd)")
+    p.add_argument("--warmup", type=float, default=0.0, metavar="SHARE",
+                   help="linear learning-rate warm-up over this share of the steps (default 0)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="samples per step (per process under torchrun; default 32)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
@@ -82,6 +86,7 @@ def _run(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint, resume=args.resume, momentum=args.momentum,
         weight_decay=args.weight_decay, schedule=args.schedule, temperature=args.temperature,
         distill=args.distill, keep=args.keep, clip_grad_norm=args.clip_grad_norm or None,
+        optimizer=args.optimizer, warmup=args.warmup,
     )
     if result.model is None:
         return 0  # a torchrun worker other than rank 0: rank 0 writes
