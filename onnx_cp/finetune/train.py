@@ -444,7 +444,7 @@ class _Validation:
             torch.distributed.all_gather_object(gathered, (expected, actual))
             expected = [np.concatenate([g[0][k] for g in gathered]) for k in range(len(actual))]
             actual = [np.concatenate([g[1][k] for g in gathered]) for k in range(len(actual))]
-        results = [compare_output(t.name, e, a)
+        results = [compare_output(t.name, *_comparable(t, e, a))
                    for t, e, a in zip(self.targets.items, expected, actual)]
         metrics: dict = {"val_worst_group_error": max(r.worst_group_error for r in results)}
         top1 = [r.agreement["top1"] for r in results if r.kind == CLASS_SCORES]
@@ -452,6 +452,17 @@ class _Validation:
             metrics["val_agreement"] = float(np.mean(top1))
         metrics["val_group_errors"] = {r.name: r.group_errors for r in results}
         return metrics
+
+
+def _comparable(target: _Target, expected: np.ndarray, actual: np.ndarray):
+    """Logits distilled by KL are compared centred over the class axis: softmax, its KL and every
+    prediction ignore a shift shared by a row's logits, which no KL gradient can correct (it sums
+    to zero over the classes), so a raw comparison would judge an error training cannot see."""
+    if target.loss == "kl" and target.form == "logits":
+        axis = target.channel_axis
+        return (expected - expected.mean(axis, keepdims=True),
+                actual - actual.mean(axis, keepdims=True))
+    return expected, actual
 
 
 # ------------------------------------------------------------------------------- distillation
@@ -470,6 +481,7 @@ class _Target:
     loss: str  # "kl", "mse" (plain) or "normalised mse"
     form: str = "logits"  # kl only: "logits", "probabilities" or "log-probabilities"
     scale: torch.Tensor | None = None  # normalised mse: mean squares per channel group
+    trained: bool = True  # False: validated only (distill "kl" / "mse" train the first output)
 
     def batch_first(self, outs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         out = outs[self.index]
@@ -526,12 +538,13 @@ class _Targets:
         n = len(rows)
         first = self.first_output(outs)[:n]
         loss = first.new_zeros(n)
-        if teacher_out is not None and self.items:
-            for target, ref in zip(self.items, teacher_out):
+        trained = [(t, ref) for t, ref in zip(self.items, teacher_out or []) if t.trained]
+        if trained:
+            for target, ref in trained:
                 value = target.batch_first(outs)[:n]
                 ref_rows = torch.from_numpy(ref[local]).to(value.device)
                 loss = loss + target.per_sample(value, ref_rows, temperature)
-            loss = loss / len(self.items)
+            loss = loss / len(trained)
         if y is not None:
             if first.dim() != 2:
                 raise OnnxCpError(f"labels need a model output of shape (N, classes); the output "
@@ -561,9 +574,10 @@ def _make_targets(data: _Data, output_names: list[str], distill: str,
                                                        data.teacher_axes, data.teacher_squeeze)):
         index = output_names.index(name) if by_name else data.teacher_indices[k]
         kind, channel_axis = output_kind(ref.shape)
-        if distill == "mse":
+        old_loss = distill in ("kl", "mse") and k == 0  # the first output, by the old losses
+        if distill == "mse" and old_loss:
             loss = "mse"
-        elif distill == "kl" or kind in (CLASS_SCORES, SEQUENCE):
+        elif (distill == "kl" and old_loss) or kind in (CLASS_SCORES, SEQUENCE):
             loss = "kl"
         else:
             loss = "normalised mse"
@@ -574,9 +588,8 @@ def _make_targets(data: _Data, output_names: list[str], distill: str,
             target.form = _score_form(ref, channel_axis)
         elif loss == "normalised mse":
             target.scale = _mean_squares(ref, kind, channel_axis, world).to(world.device)
+        target.trained = distill == "auto" or old_loss
         items.append(target)
-        if distill in ("kl", "mse"):
-            break
     return _Targets(items, data.teacher_squeeze[0], first_axis)
 
 
