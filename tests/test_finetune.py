@@ -257,9 +257,11 @@ def test_dropout_active_in_training_only():
     assert not torch.equal(module(x), module(x))
 
 
-def test_checkpoint_resume_equals_an_uninterrupted_run(damaged, data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_checkpoint_resume_equals_an_uninterrupted_run(damaged, data, tmp_path, monkeypatch, optimizer):
     (xt, yt), (xv, yv) = data
-    args = {"val": (xv[:64], yv[:64]), "epochs": 3, "lr": 0.02, "seed": 5, "keep": "last"}
+    args = {"val": (xv[:64], yv[:64]), "epochs": 3, "lr": 0.02 if optimizer == "sgd" else 0.003, "seed": 5,
+            "keep": "last", "optimizer": optimizer, "warmup": 0.2}
     straight = finetune(damaged, (xt[:128], yt[:128]), **args)
     ckpt = tmp_path / "run.ckpt"
     real_epoch = train._Trainer._train_epoch
@@ -316,6 +318,16 @@ def test_momentum_sgd_equals_torch_optim_sgd():
     assert not torch.equal(ours[0], start[0])
     for mine, theirs in zip(ours, reference):
         assert torch.equal(mine, theirs)
+
+
+def test_warmup_then_cosine():
+    trainer = train._Trainer.__new__(train._Trainer)
+    trainer.schedule, trainer.warmup = "cosine", 0.25
+    trainer.configure(8, 4)
+    factors = [trainer._lr_factor(step) for step in range(8)]
+    assert factors[:2] == [0.5, 1.0]  # linear warm-up over 2 of 8 steps
+    assert factors[2] == 1.0 and all(a > b for a, b in zip(factors[2:], factors[3:]))
+    assert factors[-1] == pytest.approx(0.5 * (1 + np.cos(np.pi * 5 / 6)))
 
 
 def test_steps_limit_training_length(data):

@@ -1,7 +1,7 @@
 """Fine-tune an ONNX model with backpropagation: supervised, or distilled from a teacher model.
 
-The ONNX graph runs in PyTorch through the interpreter; SGD with momentum and a cosine (or step)
-schedule; BatchNorm statistics frozen unless asked otherwise (dropout stays active); validation
+The ONNX graph runs in PyTorch through the interpreter; SGD with momentum or AdamW, optional linear
+warm-up, a cosine (or step) schedule; BatchNorm statistics frozen unless asked otherwise (dropout stays active); validation
 after every epoch and the best epoch kept; checkpoints that resume exactly (the data order and
 dropout seeds are functions of (seed, epoch), not of a random state carried along). The trained
 weights are written back into the original graph and checked against onnxruntime.
@@ -95,8 +95,24 @@ def finetune(
     (x, y) pair of arrays (y may be None) or an x array.
     teacher: the model to distil from (e.g. the model before CP decomposition). With labels and a
     teacher the loss is distillation + cross-entropy; without a teacher, labels are required.
-    distill: "kl" (temperature-softened logits, for class scores), "mse" (raw outputs, for
-    anything else) or "auto" (kl for 2-D outputs, mse otherwise).
+    distill: "auto" (the default): every float output of the teacher is a target, with a loss
+    by its kind (runtime.fidelity.output_kind), the mean over outputs: class scores (N, C) and
+    sequences (N, T, C) / (T, N, C) by KL over the class axis (logits softened by `temperature`;
+    softmax outputs as probabilities, log-softmax ones as log-probabilities); detector heads
+    (N, 4 + K, A) by the MSE of the box rows and of the class-score rows, each divided by the
+    teacher's mean square of that group, summed (so scores count as much as boxes in pixels);
+    maps and other outputs by the MSE per channel (axis 1) divided by the teacher's mean square of
+    that channel. The normalisers come from the teacher's outputs on the training data, once.
+    "kl" / "mse": the old losses, the first output only (KL of softened logits, plain MSE); the
+    other outputs are still validated.
+    Without labels, validation minimises the worst channel-group error of any output
+    (runtime.fidelity.compare_output; KL-distilled logits centred per row) and reports the top-1
+    agreement of class-score outputs (val_agreement).
+    A model whose input has a fixed batch size (an exported CRNN often takes 1) runs in chunks of
+    it, the teacher too; a training step accumulates the gradients of batch_size samples.
+    optimizer: "sgd" (momentum) or "adamw" (torch.optim.AdamW; `momentum` unused); lr: the peak
+    learning rate (None: DEFAULT_LR of the optimizer); warmup: the share of the steps over which
+    the learning rate rises linearly before the schedule.
     epochs / steps: training length (steps wins if both are given; default 5 epochs).
     keep: "best" (best validation epoch, when validation data is given) or "last".
     clip_grad_norm: scale gradients down to this global norm when above it (a guard against the
