@@ -14,11 +14,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "finetune",
         help="fine-tune a model's weights on data (labels or distillation from a teacher)",
-        description="Fine-tune the weights of IN with SGD (momentum, cosine schedule) and write "
-        "them back into the same graph as OUT. With labels the loss is cross-entropy; with "
-        "--teacher (usually the model before decomposition) it is distillation from the "
-        "teacher's outputs, which needs no labels. The best epoch on --val is kept. Under "
-        "torchrun the data is sharded across processes (DistributedDataParallel).",
+        description="Fine-tune the weights of IN and write them back into the same graph as OUT. "
+        "With labels the loss is cross-entropy; with --teacher (usually the model before "
+        "decomposition) it is distillation from every output of the teacher, which needs no "
+        "labels. The best epoch on --val is kept (by accuracy with labels, else by the worst "
+        "channel-group error of any output). Models with a fixed batch size run in chunks of it. "
+        "Under torchrun the data is sharded across processes (DistributedDataParallel).",
     )
     p.add_argument("input", metavar="IN.onnx", help="model to fine-tune")
     p.add_argument("output", metavar="OUT.onnx", help="where to write the fine-tuned model")
@@ -46,8 +47,10 @@ def register(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=1.0,
                    help="distillation temperature (default 1)")
     p.add_argument("--distill", choices=["auto", "kl", "mse"], default="auto",
-                   help="distillation loss: kl on softened logits, mse on raw outputs, auto = kl "
-                   "for (N, classes) outputs (default)")
+                   help="distillation loss: auto (default) = every output by its kind (KL for "
+                   "class scores and sequences, MSE per channel group normalised by the teacher's "
+                   "for detector heads and maps); kl / mse = the first output only, by KL of "
+                   "softened logits or plain MSE")
     p.add_argument("--keep", choices=["best", "last"], default="best",
                    help="keep the best validation epoch (default) or the last")
     p.add_argument("--seed", type=int, default=0, help="seed of data order and dropout (default 0)")
