@@ -30,14 +30,14 @@ def register(subparsers) -> None:
     length.add_argument("--epochs", type=int, metavar="E", help="passes over the data (default 5)")
     length.add_argument("--steps", type=int, metavar="K", help="optimizer steps instead of epochs")
     p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: 0.001, the optimizer's default)")
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
-                   help="sgd (momentum) or adamw (default sgd)")
-    p.add_argument("--warmup", type=float, default=0.0, metavar="SHARE",
-                   help="linear learning-rate warm-up over this share of the steps (default 0)")
+                   help="peak learning rate (default 0.003 for adamw, 0.001 for sgd)")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
+                   help="adamw (default) or sgd with --momentum")
+    p.add_argument("--warmup", type=float, default=0.05, metavar="SHARE",
+                   help="linear learning-rate warm-up over this share of the steps (default 0.05)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="samples per step (per process under torchrun; default 32)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9; sgd only)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay (default 0)")
     p.add_argument("--schedule", choices=["cosine", "step", "constant"], default="cosine",
                    help="learning-rate schedule (default cosine; step = /10 at 50%% and 75%%)")
