@@ -28,10 +28,16 @@ from onnx_cp.finetune import distributed
 from onnx_cp.finetune.interpreter import OnnxModule, to_torch
 from onnx_cp.finetune.writeback import write_back
 from onnx_cp.runtime import model_io
-from onnx_cp.runtime.files import atomic_write
 from onnx_cp.runtime.fidelity import (
-    BOX_ROWS, CHANNEL_FLOOR, CLASS_SCORES, DETECTIONS, SEQUENCE, compare_output, output_kind,
+    BOX_ROWS,
+    CHANNEL_FLOOR,
+    CLASS_SCORES,
+    DETECTIONS,
+    SEQUENCE,
+    compare_output,
+    output_kind,
 )
+from onnx_cp.runtime.files import atomic_write
 from onnx_cp.runtime.session import ort_session
 from onnx_cp.runtime.tensors import single_input
 
