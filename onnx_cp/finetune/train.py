@@ -117,7 +117,7 @@ def finetune(
     "kl" / "mse": the old losses, the first output only (KL of softened logits, plain MSE); the
     other outputs are still validated.
     Without labels, validation minimises the worst channel-group error of any output
-    (runtime.fidelity.compare_output; KL-distilled logits centred per row) and reports the top-1
+    (runtime.fidelity.compare_output; KL-distilled logits as their softmax) and reports the top-1
     agreement of class-score outputs (val_agreement).
     A model whose input has a fixed batch size (an exported CRNN often takes 1) runs in chunks of
     it, the teacher too; a training step accumulates the gradients of batch_size samples.
@@ -150,7 +150,7 @@ def finetune(
         module = to_torch(source).to(world.device)
         module.update_bn_stats = not freeze_bn
         fixed = _fixed_batch(source, input_name)
-        targets = _make_targets(data, module.output_names, distill, world)
+        targets = _make_targets(data, module.output_names, distill, temperature, world)
         trainer = _Trainer(
             module=module, world=world, lr=lr, momentum=momentum, weight_decay=weight_decay,
             schedule=schedule, batch_size=batch_size, seed=seed, temperature=temperature,
@@ -483,14 +483,21 @@ class _Validation:
 
 
 def _comparable(target: _Target, expected: np.ndarray, actual: np.ndarray):
-    """Logits distilled by KL are compared centred over the class axis: softmax, its KL and every
-    prediction ignore a shift shared by a row's logits, which no KL gradient can correct (it sums
-    to zero over the classes), so a raw comparison would judge an error training cannot see."""
+    """Logits distilled by KL are compared as the probabilities KL matches (softmax at the training
+    temperature): KL ignores a shift shared by a row's logits (its gradient sums to zero over the
+    classes) and lets their scale drift where the probabilities stay, so raw logits would judge
+    errors training cannot see (measured on charnet: top-1 agreement 0.71 -> 0.84 while the
+    centred logits' error rose 0.70 -> 1.61). Collapsed scores still show: uniform probabilities
+    are far from the teacher's."""
     if target.loss == "kl" and target.form == "logits":
-        axis = target.channel_axis
-        return (expected - expected.mean(axis, keepdims=True),
-                actual - actual.mean(axis, keepdims=True))
+        axis, t = target.channel_axis, target.temperature
+        return _softmax(expected / t, axis), _softmax(actual / t, axis)
     return expected, actual
+
+
+def _softmax(a: np.ndarray, axis: int) -> np.ndarray:
+    e = np.exp(a - a.max(axis, keepdims=True))
+    return e / e.sum(axis, keepdims=True)
 
 
 # ------------------------------------------------------------------------------- distillation
@@ -510,6 +517,7 @@ class _Target:
     form: str = "logits"  # kl only: "logits", "probabilities" or "log-probabilities"
     scale: torch.Tensor | None = None  # normalised mse: mean squares per channel group
     trained: bool = True  # False: validated only (distill "kl" / "mse" train the first output)
+    temperature: float = 1.0  # kl of logits
 
     def batch_first(self, outs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         out = outs[self.index]
@@ -585,7 +593,7 @@ class _Targets:
         return loss
 
 
-def _make_targets(data: _Data, output_names: list[str], distill: str,
+def _make_targets(data: _Data, output_names: list[str], distill: str, temperature: float,
                   world: distributed.World) -> _Targets:
     """distill "auto": every float output of the teacher, each with the loss of its kind; "kl" and
     "mse": the first output only, by KL of softened logits or by plain MSE (the old losses)."""
@@ -611,7 +619,7 @@ def _make_targets(data: _Data, output_names: list[str], distill: str,
             loss = "normalised mse"
         if loss == "kl" and channel_axis is None:
             channel_axis = ref.ndim - 1
-        target = _Target(name, index, axis, squeeze, kind, channel_axis, loss)
+        target = _Target(name, index, axis, squeeze, kind, channel_axis, loss, temperature=temperature)
         if loss == "kl":
             target.form = _score_form(ref, channel_axis)
         elif loss == "normalised mse":
