@@ -14,11 +14,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "finetune",
         help="fine-tune a model's weights on data (labels or distillation from a teacher)",
-        description="Fine-tune the weights of IN with SGD (momentum, cosine schedule) and write "
-        "them back into the same graph as OUT. With labels the loss is cross-entropy; with "
-        "--teacher (usually the model before decomposition) it is distillation from the "
-        "teacher's outputs, which needs no labels. The best epoch on --val is kept. Under "
-        "torchrun the data is sharded across processes (DistributedDataParallel).",
+        description="Fine-tune the weights of IN and write them back into the same graph as OUT. "
+        "With labels the loss is cross-entropy; with --teacher (usually the model before "
+        "decomposition) it is distillation from every output of the teacher, which needs no "
+        "labels. The best epoch on --val is kept (by accuracy with labels, else by the worst "
+        "channel-group error of any output). Models with a fixed batch size run in chunks of it. "
+        "Under torchrun the data is sharded across processes (DistributedDataParallel).",
     )
     p.add_argument("input", metavar="IN.onnx", help="model to fine-tune")
     p.add_argument("output", metavar="OUT.onnx", help="where to write the fine-tuned model")
@@ -28,11 +29,15 @@ def register(subparsers) -> None:
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, metavar="E", help="passes over the data (default 5)")
     length.add_argument("--steps", type=int, metavar="K", help="optimizer steps instead of epochs")
-    p.add_argument("--lr", type=float, default=0.001,
-                   help="peak learning rate (default 0.001: a trained network needs small steps)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default 0.003 for adamw, 0.001 for sgd)")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
+                   help="adamw (default) or sgd with --momentum")
+    p.add_argument("--warmup", type=float, default=0.05, metavar="SHARE",
+                   help="linear learning-rate warm-up over this share of the steps (default 0.05)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="samples per step (per process under torchrun; default 32)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9; sgd only)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay (default 0)")
     p.add_argument("--schedule", choices=["cosine", "step", "constant"], default="cosine",
                    help="learning-rate schedule (default cosine; step = /10 at 50%% and 75%%)")
@@ -42,8 +47,10 @@ def register(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=1.0,
                    help="distillation temperature (default 1)")
     p.add_argument("--distill", choices=["auto", "kl", "mse"], default="auto",
-                   help="distillation loss: kl on softened logits, mse on raw outputs, auto = kl "
-                   "for (N, classes) outputs (default)")
+                   help="distillation loss: auto (default) = every output by its kind (KL for "
+                   "class scores and sequences, MSE per channel group normalised by the teacher's "
+                   "for detector heads and maps); kl / mse = the first output only, by KL of "
+                   "softened logits or plain MSE")
     p.add_argument("--keep", choices=["best", "last"], default="best",
                    help="keep the best validation epoch (default) or the last")
     p.add_argument("--seed", type=int, default=0, help="seed of data order and dropout (default 0)")
@@ -82,6 +89,7 @@ def _run(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint, resume=args.resume, momentum=args.momentum,
         weight_decay=args.weight_decay, schedule=args.schedule, temperature=args.temperature,
         distill=args.distill, keep=args.keep, clip_grad_norm=args.clip_grad_norm or None,
+        optimizer=args.optimizer, warmup=args.warmup,
     )
     if result.model is None:
         return 0  # a torchrun worker other than rank 0: rank 0 writes
