@@ -42,7 +42,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
     torch.set_num_threads(1)
     (xt, yt), (xv, yv) = oriented_gratings(256, 0), oriented_gratings(128, 1)
     result = finetune(model_factory.tiny_cnn(num_classes=4), (xt, yt), val=(xv, yv), epochs=2,
-                      lr=0.05, checkpoint=f"{folder}/run.ckpt")
+                      optimizer="sgd", lr=0.05, checkpoint=f"{folder}/run.ckpt")
     np.savez(f"{folder}/state{rank}.npz", **result.state)
     if rank == 0:
         onnx.save(result.model, f"{folder}/out.onnx")
@@ -90,7 +90,7 @@ def test_torchrun_cli(tmp_path):
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            "-m", "onnx_cp", "finetune", str(tmp_path / "in.onnx"), str(out),
            "--data", str(tmp_path / "train.npz"), "--val", str(tmp_path / "val.npz"),
-           "--epochs", "2", "--lr", "0.05", "--history", str(history),
+           "--epochs", "2", "--optimizer", "sgd", "--lr", "0.05", "--history", str(history),
            "--checkpoint", str(tmp_path / "run.ckpt")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
                           check=False)
