@@ -39,8 +39,10 @@ PROTOBUF_SAFE_BYTES = 1_800_000_000
 # (onnx.IR_VERSION, 14 for onnx 1.23; onnxruntime 1.32 runs 3..14); newer ones are refused by
 # onnx.checker too.
 MIN_IR_VERSION = 3
-# Default-domain opsets: onnxruntime has no kernels for several ops below 7 (Relu-1, Gemm-6, ...).
-MIN_OPSET = 7
+# Default-domain opsets from 1 up to what this onnx knows. onnxruntime has no kernels for several ops
+# below 7 (Relu-1, Gemm-6), but others run there (Clip-6, Pad-2): a model it cannot run is refused
+# when its session is made, naming the op.
+MIN_OPSET = 1
 # A graph input with more elements than this (its fixed dims) cannot be fed random inputs on any
 # machine onnx-cp targets (8 GiB of float32): refused on load rather than by a MemoryError (or the
 # OOM killer) later.
