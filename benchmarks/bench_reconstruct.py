@@ -178,7 +178,8 @@ def make_models(seed: int) -> tuple[Path, Path]:
     if not det.exists():
         model = build_detector(seed, smooth_images(16, seed=seed + 100))
         torch.onnx.export(model, torch.zeros(1, 3, 320, 320), det, dynamo=False, opset_version=17,
-                          input_names=["images"], output_names=["output"])
+                          input_names=["images"], output_names=["output"],
+                          dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}})
     if not det_cp.exists():
         subprocess.run([sys.executable, "-m", "onnx_cp", "optimize", str(det), str(det_cp), "--rank", "16",
                         "--reconstruct-steps", "0", "-q"], check=True)
@@ -234,12 +235,14 @@ def main(argv=None) -> int:
             if naming.layer_of(node.name) not in keep and naming.layer_of(node.name) != node.name:
                 node.name = node.name.replace(naming.SEPARATOR, "/not-fitted/")
     inputs = smooth_images(args.images, seed=args.seed + 1)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     _, fits = module.reconstruct_layers(rewritten, original, inputs, seed=args.seed)
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    load = os.getloadavg()[0]
     fitted = module.fits_report(fits)
     entry = {"label": args.label or (f"impl {args.impl}" if args.impl else "current"), "impl": args.impl or "current",
              "chains_fitted": len(fitted), "chains_total": len(chains), "images": args.images, "seconds": round(seconds, 1),
+             "cpu_seconds": round(cpu_seconds, 1), "load_average": round(load, 1),
              "seconds_per_chain": round(seconds / max(1, len(fitted)), 1), "cpu": cpu_kind(),
              "torch_threads": torch.get_num_threads(), "layers": fitted,
              "convs": sum(n.op_type == "Conv" for n in original.graph.node)}
@@ -261,14 +264,17 @@ def write_markdown(entries: list[dict]) -> None:
              "`PYTHONPATH=$PWD python benchmarks/bench_reconstruct.py [--impl REV --chains N --label L]`; "
              "see the script's docstring. Errors are relative output errors of each chain against the "
              "original layer (on the fitting samples, as `fits_report` gives them).", "",
-             "| run | CPU | images | chains fitted / total | seconds | s / chain | mean error before | mean error after |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "Wall seconds depend on what else runs on the machine (load average at the end of the run "
+             "given); CPU seconds are this process's user + system time over all its threads.", "",
+             "| run | CPU | images | chains fitted / total | wall s | CPU s | load | wall s / chain | mean error before | mean error after |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for e in entries:
         fitted = [f for f in e["layers"] if f["error_after"] is not None]
         before = np.mean([f["error_before"] for f in fitted]) if fitted else float("nan")
         after = np.mean([f["error_after"] for f in fitted]) if fitted else float("nan")
         lines.append(f"| {e['label']} | {e['cpu']} | {e['images']} | {e['chains_fitted']} / {e['chains_total']} | "
-                     f"{e['seconds']} | {e['seconds_per_chain']} | {before:.4f} | {after:.4f} |")
+                     f"{e['seconds']} | {e.get('cpu_seconds', '')} | {e.get('load_average', '')} | {e['seconds_per_chain']} | "
+                     f"{before:.4f} | {after:.4f} |")
     labels = [e["label"] for e in entries]
     layers = list(dict.fromkeys(f["layer"] for e in entries for f in e["layers"]))
     lines += ["", "Per layer: error before -> after (samples)", "",

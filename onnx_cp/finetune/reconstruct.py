@@ -222,16 +222,29 @@ def _geometry(model: onnx.ModelProto, chain: _Chain):
     return tuple(stride), tuple(begin), tuple(end), tuple(extent)
 
 
-def _shapes(model: onnx.ModelProto, names: list[str], input_name: str, x: np.ndarray) -> dict[str, tuple]:
-    values = _probe_values(model, names, input_name, [x], threads=1)
+def _shapes(model: onnx.ModelProto, names: list[str], input_name: str, inputs: np.ndarray) -> dict[str, tuple]:
+    values = _probe_values(model, names, input_name, _batches(model, input_name, inputs, 1), threads=1)
     return {name: value.shape[1:] for name, value in zip(names, next(values))}
+
+
+def _batches(model: onnx.ModelProto, input_name: str, inputs: np.ndarray, count: int):
+    """The first `count` inputs in batches the model takes: COLLECT_BATCH, or the input's fixed
+    batch size (the last batch padded with copies of the last image)."""
+    fixed = next((v.type.tensor_type.shape.dim[0].dim_value for v in model.graph.input if v.name == input_name
+                  and v.type.tensor_type.shape.dim), 0)
+    size = fixed or COLLECT_BATCH
+    for start in range(0, count, size):
+        batch = inputs[start:min(start + size, count)]
+        if fixed and len(batch) < fixed:
+            batch = np.concatenate([batch, np.repeat(batch[-1:], fixed - len(batch), 0)])
+        yield batch
 
 
 def _plans(student: onnx.ModelProto, chains: list[_Chain], input_name: str, inputs: np.ndarray, *, crop: int,
            memory: int, passes: int, seed: int) -> list[_Plan]:
     if not chains:
         return []
-    shapes = _shapes(student, [n for c in chains for n in (c.input, c.output)], input_name, inputs[:1])
+    shapes = _shapes(student, [n for c in chains for n in (c.input, c.output)], input_name, inputs)
     weights = {t.name: int(np.prod(t.dims)) for t in student.graph.initializer}
     per_group = math.ceil(len(chains) / passes)
     budget = memory // per_group
@@ -301,10 +314,11 @@ def _collect(student: onnx.ModelProto, teacher: onnx.ModelProto, input_name: str
     images = max(p.images for p in group)
     xs = [np.empty((p.images * p.crops, _channels(student, p), *p.in_hw), np.float32) for p in group]
     ys = [None] * len(group)
-    batches = [inputs[i:i + COLLECT_BATCH] for i in range(0, images, COLLECT_BATCH)]
     start = 0
-    pairs = zip(_probe_values(student, [p.chain.input for p in group], input_name, iter(batches), threads),
-                _probe_values(teacher, [p.chain.output for p in group], input_name, iter(batches), threads))
+    pairs = zip(_probe_values(student, [p.chain.input for p in group], input_name,
+                              _batches(student, input_name, inputs, images), threads),
+                _probe_values(teacher, [p.chain.output for p in group], input_name,
+                              _batches(teacher, input_name, inputs, images), threads))
     for x_values, y_values in pairs:
         for k, (plan, x, y) in enumerate(zip(group, x_values, y_values)):
             if ys[k] is None:
