@@ -15,6 +15,7 @@ import model_factory
 import onnx_cp
 from onnx_cp.cli import main as cli_main
 from onnx_cp.finetune.reconstruct import reconstruct_layers
+from onnx_cp.finetune.writeback import proto_copy
 from onnx_cp.settings import FinetuneSettings, MeasureSettings, SolverSettings
 
 torch.set_num_threads(1)
@@ -120,3 +121,61 @@ def test_cli_rejects_negative_reconstruction_steps(tmp_path, capsys):
     assert cli_main(["optimize", str(path), str(tmp_path / "o.onnx"), "--reconstruct-steps", "-1"]) == 2
     assert "--reconstruct-steps" in capsys.readouterr().err
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.fixture(scope="module")
+def strided():
+    """tiny_cnn with a stride-2 conv2 (pads 2): windows must follow the stride and the padding."""
+    model = model_factory.tiny_cnn(seed=3)
+    conv2 = next(n for n in model.graph.node if n.name == "conv2")
+    conv2.attribute.append(helper.make_attribute("strides", [2, 2]))
+    return model, onnx_cp.optimize(model, RANK, solver=SolverSettings(workers=1)).model
+
+
+def test_windows_reproduce_the_full_maps_exactly(strided):
+    from onnx_cp.finetune import reconstruct as r
+
+    _, rewritten = strided
+    student = r.proto_copy(rewritten)
+    inputs = model_factory.smooth_inputs(6, seed=2)
+    chains = r._chains(student)
+    plans = r._plans(student, chains, "x", inputs, crop=5, memory=1 << 26, passes=1, seed=0)
+    assert [(p.croppable, p.out_hw, p.stride) for p in plans] == [(True, (5, 5), (1, 1)), (True, (5, 5), (2, 2))]
+    assert plans[1].in_hw == (4 * 2 + 5, 4 * 2 + 5) and plans[1].crops == 3  # 8x8 map: ceil(64 / 25)
+    data = r._collect(student, student, "x", inputs, plans, threads=1)
+    for plan, (x, y) in zip(plans, data):
+        module = r.to_torch(r._chain_model(student, plan.chain, unpadded=True))
+        with torch.no_grad():
+            got = module(torch.from_numpy(x)).numpy()
+        full = layer_output(student, plan.chain.output, inputs)
+        for i in range(plan.images):
+            for c, (oy, ox) in enumerate(plan.positions[i]):
+                window = full[i, :, oy:oy + plan.out_hw[0], ox:ox + plan.out_hw[1]]
+                np.testing.assert_allclose(y[i * plan.crops + c], window, rtol=0, atol=0)
+                np.testing.assert_allclose(got[i * plan.crops + c], window, rtol=1e-4, atol=1e-4)
+
+
+def test_fitting_on_windows_lowers_the_full_map_error(strided):
+    original, rewritten = strided
+    model, fits = reconstruct_layers(rewritten, original, model_factory.smooth_inputs(256, seed=0), steps=150,
+                                     crop=6, seed=0)
+    assert all(f.status == "fitted" for f in fits)
+    held_out = model_factory.smooth_inputs(128, seed=1)
+    for output in ["c1", "c2"]:
+        target = layer_output(original, output, held_out)
+        before = relative_error(layer_output(rewritten, output, held_out), target)
+        after = relative_error(layer_output(model, output, held_out), target)
+        assert after < 0.8 * before, (output, before, after)
+
+
+def test_a_model_with_a_fixed_batch_of_one_is_reconstructed(original, rewritten):
+    def batch_one(model):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(proto_copy(model))
+        for value in list(copy.graph.input) + list(copy.graph.output):
+            value.type.tensor_type.shape.dim[0].dim_value = 1
+        return copy
+
+    model, fits = reconstruct_layers(batch_one(rewritten), batch_one(original), model_factory.smooth_inputs(37, seed=0),
+                                     steps=20)
+    assert [f.status for f in fits] == ["fitted", "fitted"] and all(f.samples == 37 for f in fits)

@@ -7,12 +7,29 @@ really sees, and those span far fewer directions than the kernel does. So each c
 graph order, each fed by the already reconstructed network, so a chain also corrects the error of
 the chains before it. On charnet at ranks 32/16/64 this takes test top-1 from 20% after
 decomposition to about 80% before any end-to-end training, which then starts from there.
+
+What it costs scales with the model, not with chains x model:
+
+- Data is collected for a group of chains at once: one onnxruntime pass of the original model
+  gives the replaced layers' outputs (the targets), one pass of the current student gives the
+  chains' inputs. The chains are split into at most `passes` groups in graph order (and by the
+  memory bound), so a chain is fed by a student whose earlier groups are already reconstructed;
+  with `passes` >= the number of chains this is exactly one chain per pass.
+- Big feature maps are not held whole: each sample is a random window of the layer's output
+  (CROP x CROP) with the input window that produces it (the chain's receptive field: the window
+  scaled by the stride plus the kernel's reach, zero padding where the layer pads), and the chain is
+  trained without its own padding on those windows, which is exact. Several windows per image;
+  all layer data held as float32 within MEMORY_BYTES.
+- The batch is sized by the chain's cost (multiply-adds per sample), training stops when the error
+  on a held-out slice stops falling (the learning rate drops on each plateau, the best weights so
+  far are kept), and torch uses every core.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
@@ -26,12 +43,23 @@ from onnx_cp.finetune.interpreter import to_torch
 from onnx_cp.finetune.writeback import check_parity, proto_copy, write_back
 from onnx_cp.graph import naming
 from onnx_cp.runtime import model_io
-from onnx_cp.runtime.tensors import single_input, tensor_values
+from onnx_cp.runtime.session import ort_session
+from onnx_cp.runtime.tensors import single_input
 
-DEFAULT_STEPS = 300
+DEFAULT_STEPS = 300  # at most, per chain; early stopping usually ends sooner
 DEFAULT_SAMPLES = 4096
-# Inputs and targets of one layer are held in memory; fewer samples for layers with big maps.
+# Inputs and targets of the chains of one collection group are held in memory at once; fewer
+# samples for layers with big windows.
 MEMORY_BYTES = 1 << 30
+# Data collection passes (each: the original model and the current student over the samples).
+DEFAULT_PASSES = 4
+CROP = 32  # output window side for maps bigger than this
+MAX_CROPS = 4  # windows per image and layer
+BATCH_MACS = 4e8  # multiply-adds of one training batch's forward pass, at most
+EVAL_EVERY = 20  # steps between held-out evaluations
+PATIENCE = 2  # evaluations without a 1% improvement before the learning rate drops
+DECAYS = 2  # learning-rate drops (x0.2) before training stops
+COLLECT_BATCH = 16
 
 
 @dataclass
@@ -44,6 +72,7 @@ class ChainFit:
     error_before: float
     error_after: float
     status: str = "fitted"
+    steps: int = 0
 
 
 @dataclass
@@ -52,6 +81,25 @@ class _Chain:
     nodes: list[onnx.NodeProto]
     input: str
     output: str
+
+
+@dataclass
+class _Plan:
+    """How one chain's data is sampled: windows of out_hw on the output and in_hw on the
+    (zero padded by pad_tl at the top left) input, `crops` of them per image, from `images` images."""
+
+    chain: _Chain
+    croppable: bool
+    stride: tuple[int, int]
+    pad_tl: tuple[int, int]
+    in_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+    out_full: tuple[int, int]
+    crops: int
+    images: int
+    sample_bytes: int
+    sample_macs: float
+    positions: np.ndarray = field(default=None, repr=False)  # (images, crops, 2) output window corners
 
 
 def reconstruct_layers(
@@ -63,29 +111,53 @@ def reconstruct_layers(
     lr: float = 1e-2,
     batch_size: int = 128,
     seed: int = 0,
+    passes: int = DEFAULT_PASSES,
+    crop: int = CROP,
+    memory_bytes: int | None = None,
+    threads: int | None = None,
 ) -> tuple[onnx.ModelProto, list[ChainFit]]:
     """`model` (a CP rewrite of `original`) with every CP chain's weights fitted to reproduce the
     output of the layer it replaced, on `inputs` (samples of the model's only input, no labels
     needed). A chain keeps its weights when fitting does not lower its error; a chain whose
-    weights are shared with other nodes or are not float32 is left alone."""
+    weights are shared with other nodes or are not float32 is left alone.
+
+    steps: Adam steps per chain at most (training stops earlier when the held-out error stops
+    falling). passes: data collection passes at most (see the module docstring). crop: output
+    window side on maps bigger than that. memory_bytes: bound on the data held (MEMORY_BYTES).
+    threads: torch and onnxruntime threads (default: every core this process may use)."""
     if steps < 1:
         raise OnnxCpError(f"reconstruction steps must be positive, got {steps}")
+    if passes < 1:
+        raise OnnxCpError(f"reconstruction passes must be positive, got {passes}")
+    memory = MEMORY_BYTES if memory_bytes is None else memory_bytes
+    threads = threads or _cores()
     student = proto_copy(model)
     teacher = proto_copy(original)
     input_name = single_input(ir.serde.deserialize_model(student), "layer-wise reconstruction")
     inputs = np.ascontiguousarray(inputs, dtype=np.float32)
-    fits = []
     chains = _chains(student)
-    for chain in progress.progress(chains, desc="layer-wise reconstruction", total=len(chains)):
-        reason = _unfit_reason(student, chain)
-        if reason:
-            fits.append(ChainFit(chain.layer, 0, math.nan, math.nan, reason))
-            continue
-        x, y = _layer_data(student, teacher, input_name, inputs, chain)
-        state, fit = _fit_chain(student, chain, x, y, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
-        if state:
-            student = write_back(student, state, check=False)
-        fits.append(fit)
+    reasons = {c.layer: _unfit_reason(student, c) for c in chains}
+    todo = [c for c in chains if not reasons[c.layer]]
+    fitted: dict[str, ChainFit] = {}
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        plans = _plans(student, todo, input_name, inputs, crop=crop, memory=memory, passes=passes, seed=seed)
+        bar = progress.bar(len(todo), desc="layer-wise reconstruction")
+        for group in _groups(plans, memory, passes):
+            data = _collect(student, teacher, input_name, inputs, group, threads)
+            for plan, (x, y) in zip(group, data):
+                state, fit = _fit_chain(student, plan, x, y, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+                del x, y
+                if state:
+                    student = write_back(student, state, check=False)
+                fitted[plan.chain.layer] = fit
+                bar.update(1)
+            del data
+        bar.close()
+    finally:
+        torch.set_num_threads(saved_threads)
+    fits = [fitted.get(c.layer) or ChainFit(c.layer, 0, math.nan, math.nan, reasons[c.layer]) for c in chains]
     if any(f.status == "fitted" for f in fits):
         check_parity(ir.serde.deserialize_model(student))
     return student, fits
@@ -94,6 +166,13 @@ def reconstruct_layers(
 def fits_report(fits: list[ChainFit]) -> list[dict]:
     return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(f).items()}
             for f in fits]
+
+
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _chains(model: onnx.ModelProto) -> list[_Chain]:
@@ -113,49 +192,232 @@ def _unfit_reason(model: onnx.ModelProto, chain: _Chain) -> str | None:
     return None
 
 
-def _layer_data(student: onnx.ModelProto, teacher: onnx.ModelProto, input_name: str, inputs: np.ndarray,
-                chain: _Chain) -> tuple[np.ndarray, np.ndarray]:
-    """The chain's inputs in the (partly reconstructed) student and the original layer's outputs,
-    on as many samples as fit in MEMORY_BYTES."""
-    (first_x,) = tensor_values(student, [chain.input], input_name, inputs[:1])
-    (first_y,) = tensor_values(teacher, [chain.output], input_name, inputs[:1])
-    n = max(1, min(len(inputs), MEMORY_BYTES // (first_x.nbytes + first_y.nbytes)))
-    (x,) = tensor_values(student, [chain.input], input_name, inputs[:n])
-    (y,) = tensor_values(teacher, [chain.output], input_name, inputs[:n])
-    return np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(y, dtype=np.float32)
+# ---------------------------------------------------------------------- sampling plan
+
+def _geometry(model: onnx.ModelProto, chain: _Chain):
+    """(stride, top-left pads, bottom-right pads, receptive extent) of the chain per axis, or None
+    when the chain cannot be trained on windows without its padding (SAME auto_pad, a bias before
+    the last stage, padding after a stride)."""
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    stride, extent, begin, end = [1, 1], [1, 1], [0, 0], [0, 0]
+    for i, node in enumerate(chain.nodes):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type != "Conv" or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET", "VALID"):
+            return None
+        if i < len(chain.nodes) - 1 and len(node.input) > 2 and node.input[2]:
+            return None
+        kernel = list(attrs.get("kernel_shape") or shapes.get(node.input[1], (0, 0, 1, 1))[2:])
+        if len(kernel) != 2:
+            return None
+        strides = list(attrs.get("strides", [1, 1]))
+        dilations = list(attrs.get("dilations", [1, 1]))
+        pads = list(attrs.get("pads", [0, 0, 0, 0]))
+        for a in range(2):
+            if (pads[a] or pads[a + 2]) and stride[a] != 1:
+                return None
+            begin[a] += pads[a]
+            end[a] += pads[a + 2]
+            extent[a] += dilations[a] * (kernel[a] - 1) * stride[a]
+            stride[a] *= strides[a]
+    return tuple(stride), tuple(begin), tuple(end), tuple(extent)
 
 
-def _fit_chain(model: onnx.ModelProto, chain: _Chain, x: np.ndarray, y: np.ndarray, *, steps: int, lr: float,
+def _shapes(model: onnx.ModelProto, names: list[str], input_name: str, inputs: np.ndarray) -> dict[str, tuple]:
+    values = _probe_values(model, names, input_name, _batches(model, input_name, inputs, 1), threads=1)
+    return {name: value.shape[1:] for name, value in zip(names, next(values))}
+
+
+def _batches(model: onnx.ModelProto, input_name: str, inputs: np.ndarray, count: int):
+    """The first `count` inputs in batches the model takes: COLLECT_BATCH, or the input's fixed
+    batch size (the last batch padded with copies of the last image)."""
+    fixed = next((v.type.tensor_type.shape.dim[0].dim_value for v in model.graph.input if v.name == input_name
+                  and v.type.tensor_type.shape.dim), 0)
+    size = fixed or COLLECT_BATCH
+    for start in range(0, count, size):
+        batch = inputs[start:min(start + size, count)]
+        if fixed and len(batch) < fixed:
+            batch = np.concatenate([batch, np.repeat(batch[-1:], fixed - len(batch), 0)])
+        yield batch
+
+
+def _plans(student: onnx.ModelProto, chains: list[_Chain], input_name: str, inputs: np.ndarray, *, crop: int,
+           memory: int, passes: int, seed: int) -> list[_Plan]:
+    if not chains:
+        return []
+    shapes = _shapes(student, [n for c in chains for n in (c.input, c.output)], input_name, inputs)
+    weights = {t.name: int(np.prod(t.dims)) for t in student.graph.initializer}
+    per_group = math.ceil(len(chains) / passes)
+    budget = memory // per_group
+    plans = []
+    for index, chain in enumerate(chains):
+        (c_in, h, w), (c_out, ho, wo) = shapes[chain.input], shapes[chain.output]
+        geometry = _geometry(student, chain)
+        if geometry is None:
+            croppable, stride, pad_tl = False, (1, 1), (0, 0)
+            in_hw, out_hw, crops = (h, w), (ho, wo), 1
+        else:
+            croppable = True
+            stride, pad_tl, _, extent = geometry
+            out_hw = (min(crop, ho), min(crop, wo))
+            in_hw = tuple((o - 1) * s + e for o, s, e in zip(out_hw, stride, extent))
+            crops = min(MAX_CROPS, math.ceil(ho * wo / (out_hw[0] * out_hw[1])))
+        sample_bytes = 4 * (c_in * in_hw[0] * in_hw[1] + c_out * out_hw[0] * out_hw[1])
+        samples = max(1, min(len(inputs) * crops, budget // sample_bytes))
+        images = min(len(inputs), math.ceil(samples / crops))
+        macs = sum(weights.get(name, 0) for node in chain.nodes for name in node.input[1:2])
+        plan = _Plan(chain, croppable, stride, pad_tl, in_hw, out_hw, (ho, wo), crops, images, sample_bytes,
+                     float(macs) * stride[0] * stride[1] * out_hw[0] * out_hw[1])
+        rng = np.random.default_rng([seed, index])
+        plan.positions = np.stack([rng.integers(0, ho - out_hw[0] + 1, (images, crops)),
+                                   rng.integers(0, wo - out_hw[1] + 1, (images, crops))], -1)
+        plans.append(plan)
+    return plans
+
+
+def _groups(plans: list[_Plan], memory: int, passes: int) -> list[list[_Plan]]:
+    """Consecutive chains collected together: at most ceil(chains / passes) of them, within memory."""
+    per_group = math.ceil(len(plans) / passes) if plans else 1
+    groups: list[list[_Plan]] = []
+    held = 0
+    for plan in plans:
+        size = plan.images * plan.crops * plan.sample_bytes
+        if not groups or len(groups[-1]) >= per_group or held + size > memory:
+            groups.append([])
+            held = 0
+        groups[-1].append(plan)
+        held += size
+    return groups
+
+
+# ---------------------------------------------------------------------- data collection
+
+def _probe_values(model: onnx.ModelProto, names: list[str], input_name: str, batches, threads: int):
+    wanted = [name for name in dict.fromkeys(names) if name != input_name]
+    if not wanted:
+        for batch in batches:
+            yield [batch] * len(names)
+        return
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in wanted)
+    with ort_session(ir.serde.deserialize_model(probe), threads=threads) as session:
+        for batch in batches:
+            values = dict(zip(wanted, session.run(wanted, {input_name: batch})))
+            yield [batch if name == input_name else values[name] for name in names]
+
+
+def _collect(student: onnx.ModelProto, teacher: onnx.ModelProto, input_name: str, inputs: np.ndarray,
+             group: list[_Plan], threads: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each chain's input windows in the current student and the original layer's output windows,
+    from one pass of each model over the images the group needs."""
+    images = max(p.images for p in group)
+    xs = [np.empty((p.images * p.crops, _channels(student, p), *p.in_hw), np.float32) for p in group]
+    ys = [None] * len(group)
+    start = 0
+    pairs = zip(_probe_values(student, [p.chain.input for p in group], input_name,
+                              _batches(student, input_name, inputs, images), threads),
+                _probe_values(teacher, [p.chain.output for p in group], input_name,
+                              _batches(teacher, input_name, inputs, images), threads))
+    for x_values, y_values in pairs:
+        for k, (plan, x, y) in enumerate(zip(group, x_values, y_values)):
+            if ys[k] is None:
+                ys[k] = np.empty((plan.images * plan.crops, y.shape[1], *plan.out_hw), np.float32)
+            for i in range(start, min(start + len(x), plan.images)):
+                for c, (oy, ox) in enumerate(plan.positions[i]):
+                    row = i * plan.crops + c
+                    ys[k][row] = y[i - start, :, oy:oy + plan.out_hw[0], ox:ox + plan.out_hw[1]]
+                    iy, ix = oy * plan.stride[0] - plan.pad_tl[0], ox * plan.stride[1] - plan.pad_tl[1]
+                    _window(x[i - start], iy, ix, xs[k][row])
+        start += len(x_values[0])
+    return list(zip(xs, ys))
+
+
+def _channels(model: onnx.ModelProto, plan: _Plan) -> int:
+    first = plan.chain.nodes[0]
+    weight = next(t for t in model.graph.initializer if t.name == first.input[1])
+    group = next((helper.get_attribute_value(a) for a in first.attribute if a.name == "group"), 1)
+    return int(weight.dims[1]) * int(group)
+
+
+def _window(image: np.ndarray, top: int, left: int, out: np.ndarray) -> None:
+    """out[:] = image[:, top:top+h, left:left+w], zero where the window leaves the image."""
+    h, w = out.shape[1:]
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + h, image.shape[1]), min(left + w, image.shape[2])
+    if y0 > top or x0 > left or y1 < top + h or x1 < left + w:
+        out[:] = 0
+    if y1 > y0 and x1 > x0:
+        out[:, y0 - top:y1 - top, x0 - left:x1 - left] = image[:, y0:y1, x0:x1]
+
+
+# ---------------------------------------------------------------------- fitting
+
+def _fit_chain(model: onnx.ModelProto, plan: _Plan, x: np.ndarray, y: np.ndarray, *, steps: int, lr: float,
                batch_size: int, seed: int) -> tuple[dict[str, np.ndarray], ChainFit]:
-    module = to_torch(_chain_model(model, chain))
+    chain = plan.chain
+    module = to_torch(_chain_model(model, chain, unpadded=plan.croppable))
     xs, ys = torch.from_numpy(x), torch.from_numpy(y)
     scale = float(ys.square().mean()) or 1.0
+    n = len(xs)
+    held = min(256, n // 8) if n >= 32 else 0
+    train_x, train_y = (xs[:n - held], ys[:n - held]) if held else (xs, ys)
+    check_x, check_y = (xs[n - held:], ys[n - held:]) if held else (xs, ys)
     before = _relative_error(module, xs, ys, scale)
     initial = module.onnx_state()
+    best_state, best = initial, _relative_error(module, check_x, check_y, scale)
+    batch = int(max(8, min(batch_size, BATCH_MACS // max(plan.sample_macs, 1.0))))
     optimizer = torch.optim.Adam(module.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     generator = torch.Generator().manual_seed(seed)
-    module.train()
-    for _ in range(steps):
-        rows = torch.randint(0, len(xs), (min(batch_size, len(xs)),), generator=generator)
-        loss = (module(xs[rows]) - ys[rows]).square().mean() / scale
+    stalls, decays, done = 0, 0, 0
+    for step in range(1, steps + 1):
+        module.train()
+        rows = torch.randint(0, len(train_x), (min(batch, len(train_x)),), generator=generator)
+        loss = (module(train_x[rows]) - train_y[rows]).square().mean() / scale
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        schedule.step()
+        done = step
+        if step % EVAL_EVERY and step != steps:
+            continue
+        error = _relative_error(module, check_x, check_y, scale)
+        if error < best * 0.99:
+            stalls = 0
+        else:
+            stalls += 1
+        if error < best:
+            best, best_state = error, module.onnx_state()
+        if stalls >= PATIENCE:
+            if decays >= DECAYS:
+                break
+            decays, stalls = decays + 1, 0
+            for group in optimizer.param_groups:
+                group["lr"] *= 0.2
+    module.load_onnx_state(best_state)
     after = _relative_error(module, xs, ys, scale)
     if not after < before:  # never make a layer worse than the solver left it
-        return {}, ChainFit(chain.layer, len(x), before, before, "kept: fitting did not lower the error")
+        return {}, ChainFit(chain.layer, n, before, before, "kept: fitting did not lower the error", done)
     state = {k: v for k, v in module.onnx_state().items() if k in initial}
-    return state, ChainFit(chain.layer, len(x), before, after)
+    return state, ChainFit(chain.layer, n, before, after, steps=done)
 
 
-def _chain_model(model: onnx.ModelProto, chain: _Chain) -> onnx.ModelProto:
-    """The four chain nodes as a model of their own: input -> output, with their weights."""
+def _chain_model(model: onnx.ModelProto, chain: _Chain, unpadded: bool = False) -> onnx.ModelProto:
+    """The chain nodes as a model of their own: input -> output, with their weights (and without
+    their padding when `unpadded`: the data is padded already)."""
     names = {name for node in chain.nodes for name in node.input}
     weights = [t for t in model.graph.initializer if t.name in names]
+    nodes = chain.nodes
+    if unpadded:
+        nodes = []
+        for node in chain.nodes:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            keep = [a for a in copy.attribute if a.name not in ("pads", "auto_pad")]
+            del copy.attribute[:]
+            copy.attribute.extend(keep)
+            nodes.append(copy)
     graph = helper.make_graph(
-        chain.nodes, chain.layer, [helper.make_tensor_value_info(chain.input, onnx.TensorProto.FLOAT, None)],
+        nodes, chain.layer, [helper.make_tensor_value_info(chain.input, onnx.TensorProto.FLOAT, None)],
         [helper.make_tensor_value_info(chain.output, onnx.TensorProto.FLOAT, None)], weights)
     return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
 
@@ -163,6 +425,5 @@ def _chain_model(model: onnx.ModelProto, chain: _Chain) -> onnx.ModelProto:
 @torch.no_grad()
 def _relative_error(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, scale: float) -> float:
     module.eval()
-    squared = sum(float((module(x[i:i + 512]) - y[i:i + 512]).square().sum()) for i in range(0, len(x), 512))
+    squared = sum(float((module(x[i:i + 256]) - y[i:i + 256]).square().sum()) for i in range(0, len(x), 256))
     return math.sqrt(squared / (y.numel() * scale))
-
