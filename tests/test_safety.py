@@ -94,3 +94,13 @@ def test_conflicting_repeats_are_usage_errors(model, tmp_path):
 def test_input_shapes_too_large_to_run_are_usage_errors(model, tmp_path, capsys):
     assert optimize(model, tmp_path / "o.onnx", "--input-shape", "x:99999999999999999999,3,16,16") == 2
     assert "--input-shape" in capsys.readouterr().err and not (tmp_path / "o.onnx").exists()
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys):
+    model = tmp_path / "in.onnx"
+    onnx.save(model_factory.tiny_cnn(), model)
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 3, 16, 16), np.float32), y=np.zeros(4, np.int64))
+    code = main(["finetune", str(model), str(tmp_path / "o.onnx"), "--data", str(tmp_path / "d.npz"), "--steps", "1",
+                 "--checkpoint", str(tmp_path / "missing.ckpt"), "--resume"])
+    assert code == 2 and "nothing to resume" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()

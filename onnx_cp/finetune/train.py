@@ -136,6 +136,9 @@ def finetune(
     if lr is None:
         lr = DEFAULT_LR.get(optimizer, 0.001)
     _check_options(epochs, steps, lr, batch_size, schedule, distill, keep, temperature)
+    if resume and not (checkpoint and Path(checkpoint).exists()):
+        missing = f"{checkpoint} does not exist" if checkpoint else "no checkpoint given"
+        raise UsageError(f"nothing to resume: {missing}", option="resume")
     if optimizer not in OPTIMIZERS:
         raise UsageError(f"optimizer {optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
     if not 0 <= warmup < 1:
