@@ -96,7 +96,7 @@ def find_conv_sites(
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
             continue
-        kernel, group, refusal = _inspect(node, model.graph)
+        kernel, group, refusal = _inspect(node, model.graph, model.ir_version)
         input_hw = output_hw = None
         if kernel is not None and kernel.ndim == 4:
             input_hw = _hw(shapes.get(node.inputs[0].name)) if node.inputs[0] else None
@@ -145,7 +145,7 @@ def conv_bias(site: ConvSite) -> np.ndarray | None:
     return constant_array(site.node.inputs[2])
 
 
-def _inspect(node: ir.Node, main_graph: ir.Graph) -> tuple[np.ndarray | None, int, str | None]:
+def _inspect(node: ir.Node, main_graph: ir.Graph, ir_version: int | None) -> tuple[np.ndarray | None, int, str | None]:
     """(kernel, group, refusal reason) of one Conv."""
     if node.graph is not main_graph:
         return None, 1, "inside a subgraph (If/Loop/Scan body): left unchanged"
@@ -155,8 +155,9 @@ def _inspect(node: ir.Node, main_graph: ir.Graph) -> tuple[np.ndarray | None, in
     kernel = constant_array(weight)
     if kernel is None:
         return None, 1, "weight is not a constant (computed at run time)"
-    if weight in main_graph.inputs and main_graph.meta.get("onnx_cp.ir_version", 4) >= 4:
-        # IR >= 4: an initializer that is also a graph input is only a default (runtime.model_io)
+    if weight in main_graph.inputs and (ir_version or 4) >= 4:
+        # IR >= 4: an initializer that is also a graph input is only a default, overridable at run time
+        # (IR < 4 lists every initializer as an input)
         return kernel, 1, "weight is also a graph input (can be overridden at run time)"
     if not np.issubdtype(kernel.dtype, np.floating):
         return kernel, 1, f"{kernel.dtype} weights (quantized model): not decomposed"

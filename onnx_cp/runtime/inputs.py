@@ -12,8 +12,9 @@ import onnx_ir as ir
 
 from onnx_cp.errors import UsageError
 
-# One input of more elements than this cannot be run (onnxruntime and numpy index with int64, and memory
-# runs out far before): a shape beyond it is a typo.
+# A graph input with more elements than this (its fixed dims, or a given shape) cannot be fed random
+# inputs on any machine onnx-cp targets (8 GiB of float32): refused up front rather than by a
+# MemoryError (or the OOM killer) later.
 MAX_INPUT_ELEMENTS = 2**31
 
 DEFAULT_BATCH = 1

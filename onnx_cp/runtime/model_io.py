@@ -43,12 +43,6 @@ MIN_IR_VERSION = 3
 # below 7 (Relu-1, Gemm-6), but others run there (Clip-6, Pad-2): a model it cannot run is refused
 # when its session is made, naming the op.
 MIN_OPSET = 1
-# A graph input with more elements than this (its fixed dims) cannot be fed random inputs on any
-# machine onnx-cp targets (8 GiB of float32): refused on load rather than by a MemoryError (or the
-# OOM killer) later.
-# Graph metadata key holding the model's IR version (graph.sites: for IR >= 4 an initializer that is
-# also a graph input is an overridable default, not a constant).
-IR_VERSION_META = "onnx_cp.ir_version"
 
 
 def load_model(path: str | os.PathLike) -> ir.Model:
@@ -87,7 +81,6 @@ def _deserialize(proto: onnx.ModelProto, label: str) -> ir.Model:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # onnx_ir raises various types on malformed graphs
         raise OnnxCpError(f"{label}: malformed ONNX model ({first_line(exc, 200)})") from None
-    model.graph.meta[IR_VERSION_META] = int(proto.ir_version)
     return model
 
 
