@@ -43,8 +43,7 @@ from onnx_cp.finetune.interpreter import to_torch
 from onnx_cp.finetune.writeback import check_parity, proto_copy, write_back
 from onnx_cp.graph import naming
 from onnx_cp.runtime import model_io
-from onnx_cp.runtime.session import ort_session
-from onnx_cp.runtime.tensors import single_input
+from onnx_cp.runtime.tensors import iter_tensor_values, single_input
 
 DEFAULT_STEPS = 300  # at most, per chain; early stopping usually ends sooner
 DEFAULT_SAMPLES = 4096
@@ -223,7 +222,7 @@ def _geometry(model: onnx.ModelProto, chain: _Chain):
 
 
 def _shapes(model: onnx.ModelProto, names: list[str], input_name: str, inputs: np.ndarray) -> dict[str, tuple]:
-    values = _probe_values(model, names, input_name, _batches(model, input_name, inputs, 1), threads=1)
+    values = iter_tensor_values(model, names, input_name, _batches(model, input_name, inputs, 1), threads=1)
     return {name: value.shape[1:] for name, value in zip(names, next(values))}
 
 
@@ -291,22 +290,6 @@ def _groups(plans: list[_Plan], memory: int, passes: int) -> list[list[_Plan]]:
 
 # ---------------------------------------------------------------------- data collection
 
-def _probe_values(model: onnx.ModelProto, names: list[str], input_name: str, batches, threads: int):
-    wanted = [name for name in dict.fromkeys(names) if name != input_name]
-    if not wanted:
-        for batch in batches:
-            yield [batch] * len(names)
-        return
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in wanted)
-    with ort_session(ir.serde.deserialize_model(probe), threads=threads) as session:
-        for batch in batches:
-            values = dict(zip(wanted, session.run(wanted, {input_name: batch})))
-            yield [batch if name == input_name else values[name] for name in names]
-
-
 def _collect(student: onnx.ModelProto, teacher: onnx.ModelProto, input_name: str, inputs: np.ndarray,
              group: list[_Plan], threads: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each chain's input windows in the current student and the original layer's output windows,
@@ -315,9 +298,9 @@ def _collect(student: onnx.ModelProto, teacher: onnx.ModelProto, input_name: str
     xs = [np.empty((p.images * p.crops, _channels(student, p), *p.in_hw), np.float32) for p in group]
     ys = [None] * len(group)
     start = 0
-    pairs = zip(_probe_values(student, [p.chain.input for p in group], input_name,
+    pairs = zip(iter_tensor_values(student, [p.chain.input for p in group], input_name,
                               _batches(student, input_name, inputs, images), threads),
-                _probe_values(teacher, [p.chain.output for p in group], input_name,
+                iter_tensor_values(teacher, [p.chain.output for p in group], input_name,
                               _batches(teacher, input_name, inputs, images), threads))
     for x_values, y_values in pairs:
         for k, (plan, x, y) in enumerate(zip(group, x_values, y_values)):
