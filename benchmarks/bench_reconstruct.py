@@ -161,7 +161,7 @@ def build_detector(seed: int, calib: np.ndarray) -> nn.Module:
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     for conv in convs:
         seen = {}
-        handle = conv.register_forward_hook(lambda m, i, o: seen.setdefault("y", o))
+        handle = conv.register_forward_hook(lambda m, i, o, seen=seen: seen.setdefault("y", o))
         model(x)
         handle.remove()
         y = seen["y"]

@@ -786,9 +786,24 @@ def fuzz(seed: int, count: int, root: Path, *, minutes: float | None = None, kee
         elif only is not None:
             log(f"[{index}] {case.describe()} | {' '.join(case.argv)}\n    -> exit {outcome.code}: "
                 f"{outcome.stderr.strip()[-600:]}")
+        if _live_children():
+            counts["orphans"] += 1  # a worker outliving its run (the solver pool is shut down per run)
         shutil.rmtree(case.folder, ignore_errors=True)
     counts["seconds"] = round(time.monotonic() - started, 1)
     return {"seed": seed, "counts": dict(counts), "failures": failures}
+
+
+def _live_children() -> list[int]:
+    """Child processes of this one still running, multiprocessing's resource tracker aside (Linux)."""
+    me, alive = str(os.getpid()), []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        with contextlib.suppress(OSError):
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+            cmdline = (status.parent / "cmdline").read_bytes()
+            if fields.get("PPid", "").strip() == me and fields.get("State", "")[:1] != "Z" \
+                    and b"resource_tracker" not in cmdline:
+                alive.append(int(status.parent.name))
+    return alive
 
 
 def main(argv: list[str] | None = None) -> int:
