@@ -335,6 +335,11 @@ def _check_tensor_sizes(proto: onnx.ModelProto, label: str, base: Path | None) -
                 f"{label}: external data of tensor {tensor.name!r}: type {type_name} cannot be stored "
                 "as external data"
             )
+        if length is not None and length != needed:  # onnxruntime refuses the tensor (found by the fuzzer)
+            raise OnnxCpError(
+                f"{label}: external data of tensor {tensor.name!r}: length {length} but its shape "
+                f"{list(tensor.dims)} needs {needed} bytes"
+            )
         if needed > available:
             raise OnnxCpError(
                 f"{label}: external data of tensor {tensor.name!r}: its shape {list(tensor.dims)} needs "
