@@ -244,9 +244,10 @@ class _Run:
 
     def _output_error_meter(self, dataset) -> Callable[[ir.Model], float]:
         """The worst channel-group error of a model's outputs against the original's on `dataset`."""
-        from onnx_cp.measure.outputs import compare_on_data
+        from onnx_cp.measure.outputs import ReferenceOutputs
 
-        return lambda model: compare_on_data(model, self.original, dataset, threads=self.threads).worst_group_error
+        reference = ReferenceOutputs(self.original, dataset, threads=self.threads)  # run once per search
+        return lambda model: reference.compare(model).worst_group_error
 
 
 def _with_refusals(plan: Plan, refusals: dict[str, str]) -> Plan:

@@ -33,13 +33,26 @@ class OutputAgreement:
                 "outputs": {o.name: o.to_json() for o in self.outputs}}
 
 
+class ReferenceOutputs:
+    """The reference model's outputs on the first `samples` inputs of `data`, computed once, to compare
+    many candidate models against (a budget search compares one per step)."""
+
+    def __init__(self, reference: ModelLike, data: Dataset | str | np.ndarray, *,
+                 samples: int = DEFAULT_SAMPLES, threads: int = 1) -> None:
+        self.inputs = first_inputs(data, samples)
+        self.threads = threads
+        self.expected = _outputs(reference, self.inputs, threads, "reference")
+
+    def compare(self, model: ModelLike) -> OutputAgreement:
+        actual = _outputs(model, self.inputs, self.threads, "model")
+        return OutputAgreement(len(self.inputs), [compare_output(name, expected, actual[name])
+                                                  for name, expected in self.expected.items()])
+
+
 def compare_on_data(model: ModelLike, reference: ModelLike, data: Dataset | str | np.ndarray, *,
                     samples: int = DEFAULT_SAMPLES, threads: int = 1) -> OutputAgreement:
     """Run both models on the first `samples` inputs of `data` and compare every output."""
-    x = first_inputs(data, samples)
-    expected = _outputs(reference, x, threads, "reference")
-    actual = _outputs(model, x, threads, "model")
-    return OutputAgreement(len(x), [compare_output(name, expected[name], actual[name]) for name in expected])
+    return ReferenceOutputs(reference, data, samples=samples, threads=threads).compare(model)
 
 
 def _outputs(model: ModelLike, x: np.ndarray, threads: int, label: str) -> dict[str, np.ndarray]:
