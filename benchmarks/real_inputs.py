@@ -7,6 +7,10 @@ check), split into a training folder (unlabelled samples for --finetune-data) an
   with seeded crops, flips, scale, small rotations and colour jitter;
 - lines: single text lines (random words and numbers) rendered with PIL in the fonts under
   onnx_cp/data/fonts, on plain, gradient or photo-textured backgrounds, slightly rotated and blurred;
+- people: photographs of people (faces at many scales) for detectors of people, mixed 3:1 with the
+  photos above; the photographs come from wheels (ultralytics' assets, matplotlib's sample data,
+  scikit-image's astronaut), and the held-out split is made from photographs the training split never
+  sees (``PEOPLE_HELD_OUT``), so held-out faces are new faces;
 - pages: document-like pages (several lines of text, a few sizes) letterboxed on white, rotated by
   0/90/180/270 degrees (the label is kept in the file name: ``00012_r90.png``).
 
@@ -37,6 +41,10 @@ WORDS = ("the of and to in is you that it he was for on are as with his they at 
          "turn here why ask went men read need land different home us move try kind hand picture again "
          "change off play spell air away animal house point page letter mother answer found study still "
          "learn should America world invoice total receipt order price tax date ONNX model layer").split()
+
+
+PEOPLE_HELD_OUT = ("bus.jpg",)
+PEOPLE_SHARE = 0.75
 
 
 def fonts() -> list[Path]:
@@ -178,8 +186,17 @@ def page(size: tuple[int, int], rng: random.Random, font_files: list[Path]) -> t
     return canvas, label
 
 
+def people_photos(files: list[Path], held_out: bool) -> list[Image.Image]:
+    """The people photographs of one split: the held-out names or all the others."""
+    chosen = [f for f in files if (f.name in PEOPLE_HELD_OUT) == held_out]
+    if not chosen:
+        raise SystemExit(f"no people photographs for the {'held-out' if held_out else 'training'} split")
+    return [Image.open(f).convert("RGB") for f in chosen]
+
+
 def generate(kind: str, size: tuple[int, int], out: Path, count: int, seed: int, *,
-             skimage_data: Path | None = None, grayscale: bool = False) -> Path:
+             skimage_data: Path | None = None, grayscale: bool = False,
+             people: list[Image.Image] | None = None) -> Path:
     """Write `count` images of `kind` at size (H, W) into the flat folder `out` (skipped when it
     already holds them) and return it."""
     done = out / ".done"
@@ -195,6 +212,9 @@ def generate(kind: str, size: tuple[int, int], out: Path, count: int, seed: int,
     for i in range(count):
         if kind == "photos":
             im, label = augment_photo(rng.choice(photos), size, rng), ""
+        elif kind == "people":
+            pool = people if rng.random() < PEOPLE_SHARE else photos
+            im, label = augment_photo(rng.choice(pool), size, rng), ""
         elif kind == "lines":
             im, label = text_line(size, rng, font_files, photos)
         elif kind == "pages":

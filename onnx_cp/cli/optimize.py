@@ -29,8 +29,8 @@ def register(subparsers) -> None:
     p.add_argument("input", metavar="IN", help="input ONNX model (never modified)")
     p.add_argument("output", metavar="OUT", help="output ONNX model (written atomically)")
     ranks = p.add_argument_group("layers and ranks (one of --rank, --target-speedup, --max-accuracy-drop, "
-                                 "--max-output-error; "
-                                 "default: the data-free --max-error policy)")
+                                 "--max-output-error, or --target-speedup with one of the last two as its "
+                                 "bound; default: the data-free --max-error policy)")
     ranks.add_argument("--rank", action="append", metavar="N|LAYER=N",
                        help="CP rank for every layer (N) or one layer (LAYER=N, repeatable); clipped to "
                        "each layer's FLOP break-even")
@@ -133,7 +133,8 @@ def _policy(args: argparse.Namespace, rank: int | None, per_layer: dict[str, int
                "--max-accuracy-drop": args.max_accuracy_drop is not None,
                "--max-output-error": args.max_output_error is not None}
     given = [flag for flag, value in options.items() if value]
-    if len(given) > 1:
+    bounded_speed = len(given) == 2 and given[0] == "--target-speedup" and given[1] != "--rank"
+    if len(given) > 1 and not bounded_speed:
         raise UsageError(f"give one of {', '.join(options)}, not {' and '.join(given)}")
     if args.error_data is not None and given:
         raise UsageError("--error-data sets what the default --max-error policy measures; it does not combine "
@@ -142,12 +143,13 @@ def _policy(args: argparse.Namespace, rank: int | None, per_layer: dict[str, int
         flag = "--rank N" if rank is not None else given[0]
         raise UsageError(f"--max-error is the budget of layers without a rank; it does not combine with {flag}")
     max_error = settings.DEFAULT_MAX_ERROR if args.max_error is None else args.max_error
+    budget = (settings.AccuracyBudget(args.max_accuracy_drop) if args.max_accuracy_drop is not None
+              else settings.OutputErrorBudget(args.max_output_error) if args.max_output_error is not None
+              else None)
     if args.target_speedup is not None:
-        return settings.SpeedupTarget(args.target_speedup)
-    if args.max_accuracy_drop is not None:
-        return settings.AccuracyBudget(args.max_accuracy_drop)
-    if args.max_output_error is not None:
-        return settings.OutputErrorBudget(args.max_output_error)
+        return settings.SpeedupTarget(args.target_speedup, within=budget)
+    if budget is not None:
+        return budget
     if given:
         return settings.ExplicitRanks(rank, per_layer, max_error=max_error)
     return settings.ErrorBudget(max_error, args.error_data)

@@ -4,6 +4,7 @@
     ErrorBudget(max_error=0.15, data=None)            # the data-free default; with sample data,
                                                       # the bound is on each layer's output error
     SpeedupTarget(4.0)                                # measured whole-model onnxruntime speed-up
+    SpeedupTarget(8.5, within=AccuracyBudget(1.0))    # ... and checked against a quality bound
     AccuracyBudget(1.0)                               # points of top-1 (or agreement) lost at most
     OutputErrorBudget(0.1)                            # worst channel-group output error at most
 """
@@ -76,16 +77,6 @@ class ExplicitRanks:
 
 
 @dataclass(frozen=True)
-class SpeedupTarget:
-    """Ranks whose model is measured `target` times faster than the original (onnxruntime)."""
-
-    target: float
-
-    def __post_init__(self) -> None:
-        _check_positive(self.target, "target_speedup", above=1.0)
-
-
-@dataclass(frozen=True)
 class AccuracyBudget:
     """The fastest model found whose accuracy (top-1 with labels, else agreement with the original;
     after fine-tuning when fine-tuning is set) drops at most `max_drop` points on the evaluation data."""
@@ -106,6 +97,23 @@ class OutputErrorBudget:
 
     def __post_init__(self) -> None:
         _check_positive(self.max_error, "max_output_error")
+
+
+@dataclass(frozen=True)
+class SpeedupTarget:
+    """Ranks whose model is measured `target` times faster than the original (onnxruntime): the most
+    accurate plan the search measured at the target. With `within`, the final model (after fine-tuning
+    and quantization) must also stay within that quality bound and still reach the target, or the run
+    fails (BudgetError) and writes nothing."""
+
+    target: float
+    within: AccuracyBudget | OutputErrorBudget | None = None
+
+    def __post_init__(self) -> None:
+        _check_positive(self.target, "target_speedup", above=1.0)
+        if self.within is not None and not isinstance(self.within, (AccuracyBudget, OutputErrorBudget)):
+            raise UsageError(f"expected an AccuracyBudget or OutputErrorBudget, got {type(self.within).__name__}",
+                             option="target_speedup")
 
 
 RankPolicy = ErrorBudget | ExplicitRanks | SpeedupTarget | AccuracyBudget | OutputErrorBudget
