@@ -135,6 +135,29 @@ def test_default_settings_recover_without_a_learning_rate(damaged, data):
     assert accuracy(old_defaults.model, xv, yv) <= before + 0.1  # SGD at 1e-3 barely moves in 36 steps
 
 
+def test_without_a_learning_rate_a_probe_picks_the_best_scoring_one_and_leaves_the_model_as_it_was(damaged, data):
+    (xt, yt), (xv, yv) = data
+    result = finetune(damaged, (xt, yt), val=(xv, yv), steps=train.LR_PROBE_MIN_TOTAL)
+    rates = [t["lr"] for t in result.lr_probe]
+    assert rates == pytest.approx([train.DEFAULT_LR["adamw"] * f for f in train.LR_PROBE_FACTORS])
+    scores = [t["val_accuracy"] for t in result.lr_probe]
+    assert result.lr == rates[int(np.argmax(scores))]
+    # the probes trained copies: the run itself starts from the damaged model
+    assert result.metric_at(0) == pytest.approx(accuracy(damaged, xv, yv))
+    given = finetune(damaged, (xt, yt), val=(xv, yv), steps=train.LR_PROBE_MIN_TOTAL, lr=0.01)
+    assert given.lr == 0.01 and given.lr_probe == []
+    short = finetune(damaged, (xt, yt), val=(xv, yv), steps=train.LR_PROBE_MIN_TOTAL - 1)
+    assert short.lr == train.DEFAULT_LR["adamw"] and short.lr_probe == []
+
+
+def test_without_validation_data_the_probe_is_judged_on_training_samples(damaged, trained, data):
+    (xt, _), _ = data
+    result = finetune(damaged, xt, teacher=trained, steps=train.LR_PROBE_MIN_TOTAL)
+    assert len(result.lr_probe) == len(train.LR_PROBE_FACTORS)
+    errors = [t["val_worst_group_error"] for t in result.lr_probe]
+    assert result.lr == result.lr_probe[int(np.argmin(errors))]["lr"]
+
+
 def test_distillation_needs_no_labels(damaged, trained, data):
     (xt, _), (xv, yv) = data
     before = accuracy(damaged, xv, yv)

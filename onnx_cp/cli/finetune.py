@@ -96,15 +96,16 @@ def _run(args: argparse.Namespace) -> int:
     save_model(ir.serde.deserialize_model(result.model), args.output)
     if args.history:
         with open(args.history, "w") as f:
-            json.dump({"best_epoch": result.best_epoch, "metric": result.metric,
-                       "seconds": result.seconds, "history": result.history}, f, indent=2)
+            json.dump({"best_epoch": result.best_epoch, "metric": result.metric, "seconds": result.seconds,
+                       "lr": result.lr, "lr_probe": result.lr_probe, "history": result.history}, f, indent=2)
     if not args.quiet:
         print(format_result(result, args.output))
     return 0
 
 
 def format_result(result, output: str) -> str:
-    lines = []
+    lines = [f"learning-rate probe {t['lr']:.0e}: " + ", ".join(f"{k} {v:.4f}" for k, v in t.items() if k != "lr")
+             for t in result.lr_probe]
     for row in result.history:
         metric = row.get(result.metric) if result.metric else None
         loss = "-" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
@@ -114,6 +115,6 @@ def format_result(result, output: str) -> str:
     if result.metric:
         kept += (f" ({result.metric} {result.metric_at(result.best_epoch):.4f}, before "
                  f"fine-tuning {result.metric_at(0):.4f})")
-    lines.append(f"{kept}; {result.samples_per_second:.0f} samples/s; "
+    lines.append(f"{kept}; peak lr {result.lr:.0e}; {result.samples_per_second:.0f} samples/s; "
                  f"{result.seconds:.1f} s; wrote {output}")
     return "\n".join(lines)

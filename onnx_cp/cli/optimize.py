@@ -315,8 +315,10 @@ def _measurement_lines(report: dict) -> list[str]:
             f"{f['layer']} {f['error_before']:.3f} -> {f['error_after']:.3f}" for f in fitted))
     tuned = report.get("finetune")
     if tuned:
-        lines.append(f"fine-tuned for {len(tuned['history']) - 1} epoch(s) in {tuned['seconds']:.0f} s; "
-                     f"kept epoch {tuned['best_epoch']}")
+        probe = tuned.get("lr_probe")
+        how = (f", chosen by a probe of {'/'.join(f'{t['lr']:.0e}' for t in probe)}" if probe else "")
+        lines.append(f"fine-tuned for {len(tuned['history']) - 1} epoch(s) in {tuned['seconds']:.0f} s at peak "
+                     f"lr {tuned['lr']:.0e}{how}; kept epoch {tuned['best_epoch']}")
     accuracy = report.get("accuracy")
     if accuracy:
         steps = []

@@ -30,8 +30,9 @@ from onnx_cp.ranks.solve import SolveMany, kernel_error, layer_plan, solve_layer
 
 # Only ranks that cut a layer's MACs by at least this much are worth measuring.
 MIN_OPTION_GAIN = 1.5
-SPEEDUP_ATTEMPTS = 6
-SPEEDUP_SLACK = 0.1  # a measured speed-up this far above the target is close enough
+SPEEDUP_ATTEMPTS = 8
+SPEEDUP_SLACK = 0.04  # a measured speed-up this far above the required one is close enough: a wider
+# slack stopped charnet at ranks 16/64 measured 9.32x for an 8.5x target, where 48/64 measures 9.2x
 # Aim this far above the target, so that the model still meets it when measured again on a noisy
 # machine (charnet: the search measured 8.56x for an 8.5x target, a later benchmark 8.42x).
 SPEEDUP_MARGIN = 0.03
