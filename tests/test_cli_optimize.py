@@ -345,3 +345,13 @@ def test_unlabelled_photo_folder_drives_every_data_stage(tmp_path):
     assert report["data"]["fine-tuning"] == {"source": str(photos), "samples": 6}
     assert report["data"]["reconstruction"]["samples"] == 6
     assert report["finetune"]["teacher"] == "input model"
+    assert report["finetune"]["lr"] == 0.003 and report["finetune"]["lr_probe"] == []  # too short to probe
+
+
+def test_the_summary_names_the_learning_rate_and_its_probe():
+    from onnx_cp.cli.optimize import _measurement_lines
+
+    tuned = {"history": [{}, {}], "seconds": 12.0, "best_epoch": 1, "lr": 0.0009,
+             "lr_probe": [{"lr": 0.003}, {"lr": 0.0009}, {"lr": 0.0003}]}
+    text = "\n".join(_measurement_lines({"finetune": tuned}))
+    assert "at peak lr 9e-04, chosen by a probe of 3e-03/9e-04/3e-04; kept epoch 1" in text

@@ -316,7 +316,8 @@ def _measurement_lines(report: dict) -> list[str]:
     tuned = report.get("finetune")
     if tuned:
         probe = tuned.get("lr_probe")
-        how = (f", chosen by a probe of {'/'.join(f'{t['lr']:.0e}' for t in probe)}" if probe else "")
+        rates = "/".join(f"{t['lr']:.0e}" for t in probe or [])
+        how = f", chosen by a probe of {rates}" if probe else ""
         lines.append(f"fine-tuned for {len(tuned['history']) - 1} epoch(s) in {tuned['seconds']:.0f} s at peak "
                      f"lr {tuned['lr']:.0e}{how}; kept epoch {tuned['best_epoch']}")
     accuracy = report.get("accuracy")
