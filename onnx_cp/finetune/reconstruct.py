@@ -39,7 +39,7 @@ from onnx import helper
 
 from onnx_cp import progress
 from onnx_cp.errors import OnnxCpError
-from onnx_cp.finetune.interpreter import to_torch
+from onnx_cp.finetune.interpreter import channels_last, to_torch
 from onnx_cp.finetune.writeback import check_parity, proto_copy, write_back
 from onnx_cp.graph import naming
 from onnx_cp.runtime import model_io
@@ -340,7 +340,7 @@ def _fit_chain(model: onnx.ModelProto, plan: _Plan, x: np.ndarray, y: np.ndarray
                batch_size: int, seed: int) -> tuple[dict[str, np.ndarray], ChainFit]:
     chain = plan.chain
     module = to_torch(_chain_model(model, chain, unpadded=plan.croppable))
-    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
+    xs, ys = channels_last(torch.from_numpy(x)), channels_last(torch.from_numpy(y))
     scale = float(ys.square().mean()) or 1.0
     n = len(xs)
     held = min(256, n // 8) if n >= 32 else 0

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from onnx_cp import progress
 from onnx_cp.errors import OnnxCpError, UsageError, first_line
 from onnx_cp.finetune import distributed
-from onnx_cp.finetune.interpreter import OnnxModule, to_torch
+from onnx_cp.finetune.interpreter import OnnxModule, channels_last, to_torch
 from onnx_cp.finetune.writeback import write_back
 from onnx_cp.runtime import model_io
 from onnx_cp.runtime.fidelity import (
@@ -722,7 +722,7 @@ def _forward(model, x: np.ndarray, fixed: int | None, device) -> tuple[torch.Ten
     repeating its last sample (callers keep the first len(x) rows)."""
     if fixed and len(x) < fixed:
         x = np.concatenate([x, np.repeat(x[-1:], fixed - len(x), axis=0)])
-    out = model(torch.from_numpy(x).to(device))
+    out = model(channels_last(torch.from_numpy(x).to(device)))
     return out if isinstance(out, tuple) else (out,)
 
 
