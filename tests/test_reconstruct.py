@@ -179,3 +179,21 @@ def test_a_model_with_a_fixed_batch_of_one_is_reconstructed(original, rewritten)
     model, fits = reconstruct_layers(batch_one(rewritten), batch_one(original), model_factory.smooth_inputs(37, seed=0),
                                      steps=20)
     assert [f.status for f in fits] == ["fitted", "fitted"] and all(f.samples == 37 for f in fits)
+
+
+def test_a_last_stage_that_is_the_only_difference_is_solved_exactly(rewritten):
+    """The chain's last 1x1 stage is linear in its weights: when the target layer differs from the
+    chain only there, the least-squares start recovers it (one Adam step allowed, the best kept)."""
+    teacher = proto_copy(rewritten)
+    rng = np.random.default_rng(7)
+    for init in teacher.graph.initializer:
+        if init.name in ("conv2/cp/out.weight", "conv2.bias"):
+            w = numpy_helper.to_array(init)
+            init.CopyFrom(numpy_helper.from_array((w + rng.standard_normal(w.shape) * w.std()).astype(np.float32),
+                                                  init.name))
+    inputs = model_factory.smooth_inputs(256, seed=0)
+    model, fits = reconstruct_layers(rewritten, teacher, inputs, steps=1, seed=0)
+    conv2 = next(f for f in fits if f.layer == "conv2")
+    assert conv2.error_before > 0.3 and conv2.error_after < 1e-3
+    held_out = model_factory.smooth_inputs(64, seed=1)
+    assert relative_error(layer_output(model, "c2", held_out), layer_output(teacher, "c2", held_out)) < 1e-3

@@ -349,6 +349,14 @@ def _fit_chain(model: onnx.ModelProto, plan: _Plan, x: np.ndarray, y: np.ndarray
     before = _relative_error(module, xs, ys, scale)
     initial = module.onnx_state()
     best_state, best = initial, _relative_error(module, check_x, check_y, scale)
+    solved = _solve_last_stage(model, plan, train_x, train_y)
+    if solved:
+        module.load_onnx_state(solved)
+        error = _relative_error(module, check_x, check_y, scale)
+        if error < best:
+            best_state, best = module.onnx_state(), error
+        else:  # no better on the held-out windows: start from the solver's weights
+            module.load_onnx_state(initial)
     batch = int(max(8, min(batch_size, BATCH_MACS // max(plan.sample_macs, 1.0))))
     optimizer = torch.optim.Adam(module.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
@@ -382,6 +390,45 @@ def _fit_chain(model: onnx.ModelProto, plan: _Plan, x: np.ndarray, y: np.ndarray
         return {}, ChainFit(chain.layer, n, before, before, "kept: fitting did not lower the error", done)
     state = {k: v for k, v in module.onnx_state().items() if k in initial}
     return state, ChainFit(chain.layer, n, before, after, steps=done)
+
+
+@torch.no_grad()
+def _solve_last_stage(model: onnx.ModelProto, plan: _Plan, x: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
+    """The weights (and bias) of the chain's last stage, when it is a 1x1 conv (CP's and Tucker-2's
+    output stage, an SVD's second conv), fitted exactly by ridge regression of the layer's outputs on
+    the rest of the chain's outputs: the stage is linear in its weights, so the best of them is one
+    solve away, and Adam starts from there ({} when the last stage is not such a conv)."""
+    last = plan.chain.nodes[-1]
+    weights = {t.name: t for t in model.graph.initializer}
+    kernel = weights.get(last.input[1])
+    attrs = {a.name: helper.get_attribute_value(a) for a in last.attribute}
+    if (kernel is None or len(plan.chain.nodes) < 2 or tuple(kernel.dims[2:]) != (1, 1)
+            or attrs.get("group", 1) != 1 or any(v != 1 for v in attrs.get("strides", [1, 1]))):
+        return {}
+    head = _Chain(plan.chain.layer, plan.chain.nodes[:-1], plan.chain.input, plan.chain.nodes[-2].output[0])
+    module = to_torch(_chain_model(model, head, unpadded=plan.croppable))
+    module.eval()
+    has_bias = len(last.input) > 2 and bool(last.input[2])
+    rank = int(kernel.dims[1])
+    gram = torch.zeros(rank + 1, rank + 1, dtype=torch.float64)
+    cross = torch.zeros(rank + 1, int(kernel.dims[0]), dtype=torch.float64)
+    for start in range(0, len(x), 64):
+        z = module(x[start:start + 64])
+        target = y[start:start + 64]
+        if tuple(z.shape[2:]) != tuple(target.shape[2:]):
+            return {}  # pads on the last stage: not a plain per-pixel regression
+        z = z.permute(0, 2, 3, 1).reshape(-1, rank).double()
+        z = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], 1)
+        gram += z.T @ z
+        cross += z.T @ target.permute(0, 2, 3, 1).reshape(len(z), -1).double()
+    if not has_bias:
+        gram, cross = gram[:rank, :rank], cross[:rank]
+    ridge = 1e-6 * float(torch.diagonal(gram).mean()) or 1e-12
+    solution = torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype), cross)  # (R[+1], T)
+    state = {last.input[1]: solution[:rank].T.reshape(tuple(kernel.dims)).float().numpy()}
+    if has_bias:
+        state[last.input[2]] = solution[rank].float().numpy()
+    return state
 
 
 def _chain_model(model: onnx.ModelProto, chain: _Chain, unpadded: bool = False) -> onnx.ModelProto:
