@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from onnx_cp.graph import ConvSite, LayerPlan, Plan
+from onnx_cp.graph.plan import CP
 from onnx_cp.ranks.grid import grid_ranks
 from onnx_cp.ranks.policy import ErrorBudget, ExplicitRanks
 from onnx_cp.ranks.solve import SolveMany, kernel_error, layer_plan, solve_layers
@@ -45,6 +46,9 @@ def plan_ranks(
     automatic: list[ConvSite] = []
     unique = unique_weights(sites)
     for site in unique:
+        if site.refusal_for(CP):
+            refusals[site.name] = site.refusal_for(CP)
+            continue
         wanted = policy.rank_of(site.name) if isinstance(policy, ExplicitRanks) else None
         if wanted is None:
             automatic.append(site)
