@@ -11,8 +11,17 @@ from onnx import numpy_helper
 
 from onnx_cp.cp.blas import blas_threads
 from onnx_cp.errors import UsageError
-from onnx_cp.lowrank import (FORMS, SPATIAL_SVD, SVD, TUCKER2, channel_svd, channel_svd_errors, spatial_svd,
-                             spatial_svd_errors, tucker2)
+from onnx_cp.lowrank import (
+    FORMS,
+    SPATIAL_SVD,
+    SVD,
+    TUCKER2,
+    channel_svd,
+    channel_svd_errors,
+    spatial_svd,
+    spatial_svd_errors,
+    tucker2,
+)
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 

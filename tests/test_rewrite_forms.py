@@ -9,15 +9,14 @@ import onnx
 import onnx_ir as ir
 import pytest
 from onnx import helper, numpy_helper
+from test_rewrite import CASES, assert_same_outputs, run
+from test_rewrite_onnx_suite import CONV_CASES
 
 import model_factory
-from onnx_cp.graph import LayerPlan, LowRankPass, Plan, find_conv_sites, plan_with
-from onnx_cp.graph import naming
+from onnx_cp.graph import LayerPlan, LowRankPass, Plan, find_conv_sites, naming, plan_with
 from onnx_cp.graph.forms import macs_after, params_after
 from onnx_cp.lowrank import FORMS, SPATIAL_SVD, SVD, TUCKER2
 from onnx_cp.measure import count_flops
-from test_rewrite import CASES, assert_same_outputs, run
-from test_rewrite_onnx_suite import CONV_CASES
 
 FORM_RANKS = {TUCKER2: (2, 3), SVD: 2, SPATIAL_SVD: 2}
 

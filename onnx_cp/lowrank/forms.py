@@ -26,6 +26,7 @@ class Solution:
 
     factors: list[np.ndarray]
     rel_error: float
+    form: str = CP
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class Form:
 
 def _solve_tucker2(kernel: np.ndarray, rank: Rank) -> Solution:
     result = tucker2.tucker2(kernel, rank)
-    return Solution(result.factors, result.rel_error)
+    return Solution(result.factors, result.rel_error, TUCKER2)
 
 
 def _solve_cp(kernel: np.ndarray, rank: Rank) -> Solution:
@@ -45,16 +46,21 @@ def _solve_cp(kernel: np.ndarray, rank: Rank) -> Solution:
     return Solution(result.factors, result.rel_error)
 
 
-def _svd_solver(fn: Callable[[np.ndarray, int], svd.SVDResult]) -> Callable[[np.ndarray, Rank], Solution]:
+def _svd_solver(fn: Callable[[np.ndarray, int], svd.SVDResult], form: str) -> Callable[[np.ndarray, Rank], Solution]:
     def solve(kernel: np.ndarray, rank: Rank) -> Solution:
         result = fn(kernel, rank)
-        return Solution(result.factors, result.rel_error)
+        return Solution(result.factors, result.rel_error, form)
     return solve
 
 
 FORMS: dict[str, Form] = {
     CP: Form(CP, _solve_cp, cp.reconstruct),
     TUCKER2: Form(TUCKER2, _solve_tucker2, tucker2.reconstruct),
-    SVD: Form(SVD, _svd_solver(svd.channel_svd), svd.reconstruct_channel),
-    SPATIAL_SVD: Form(SPATIAL_SVD, _svd_solver(svd.spatial_svd), svd.reconstruct_spatial),
+    SVD: Form(SVD, _svd_solver(svd.channel_svd, SVD), svd.reconstruct_channel),
+    SPATIAL_SVD: Form(SPATIAL_SVD, _svd_solver(svd.spatial_svd, SPATIAL_SVD), svd.reconstruct_spatial),
 }
+
+
+def reconstruct(result: object) -> np.ndarray:
+    """The kernel a result's factors rebuild, whatever its form (CP results carry no form)."""
+    return FORMS[getattr(result, "form", CP)].reconstruct(list(result.factors))

@@ -59,7 +59,7 @@ def _hooi(kernel: np.ndarray, r_in: int, r_out: int, max_iter: int, tol: float) 
     u_in, _ = _leading(_gram(kernel, mode=1), r_in)
     u_out, _ = _leading(_gram(kernel, mode=0), r_out)
     captured, iterations = 0.0, 0
-    for iterations in range(1, max_iter + 1):
+    for iterations in range(1, max_iter + 1):  # noqa: B007 - the count is reported
         u_out, _ = _leading(_gram(_project(kernel, u_in, mode=1), mode=0), r_out)
         # ||core||^2 is the sum of the leading eigenvalues of the last update: the energy captured.
         u_in, energy = _leading(_gram(_project(kernel, u_out, mode=0), mode=1), r_in)
