@@ -166,7 +166,7 @@ def _why(option: Option, note: str) -> str | None:
     and rank won on its predicted time and kernel error."""
     if option.form == CP and not note:
         return None
-    won = f"{option.form} won: kernel error {option.error:.3f}, predicted {option.ms:.3f} ms"
+    won = f"{option.form} won: estimated kernel error {option.error:.3f} at a predicted {option.ms:.3f} ms"
     return f"{note}; {won}" if note else won
 
 
