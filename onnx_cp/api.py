@@ -397,7 +397,8 @@ def _settings_report(policy: RankPolicy, layers: LayerSelection, solver: SolverS
         "target_speedup": policy.target if isinstance(policy, SpeedupTarget) else None,
         "max_accuracy_drop": quality.max_drop if isinstance(quality, AccuracyBudget) else None,
         "max_output_error": quality.max_error if isinstance(quality, OutputErrorBudget) else None,
-        "method": solver.method, "seed": seed, "quantize": quantize.kind if quantize else None,
+        "method": solver.method, "decomposition": solver.decomposition, "seed": seed,
+        "quantize": quantize.kind if quantize else None,
     }
 
 

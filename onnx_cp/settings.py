@@ -3,7 +3,8 @@
     LayerSelection   what to decompose (name filters)
     RankPolicy       how to choose ranks (onnx_cp.ranks: ExplicitRanks, ErrorBudget, SpeedupTarget,
                      AccuracyBudget)
-    SolverSettings   how to decompose (method, worker processes, a custom decomposer)
+    SolverSettings   how to decompose (the low-rank forms to choose from, CP method, worker processes,
+                     a custom CP decomposer)
     FinetuneSettings layer-wise reconstruction and fine-tuning
     QuantizeSettings INT8 after fine-tuning
     MeasureSettings  how models are run and measured (input shapes, threads, evaluation data, latency)
@@ -29,6 +30,7 @@ from onnx_cp.ranks import (
     SpeedupTarget,
     as_policy,
 )
+from onnx_cp.ranks.solve import DECOMPOSITIONS
 from onnx_cp.runtime.session import check_thread_count
 
 # Adam steps per CP chain in layer-wise reconstruction before fine-tuning (onnx_cp.finetune.reconstruct,
@@ -124,7 +126,7 @@ class MeasureSettings:
 
 
 __all__ = [
-    "DEFAULT_MAX_ERROR", "DEFAULT_RECONSTRUCT_STEPS", "AccuracyBudget", "ErrorBudget", "ExplicitRanks",
-    "OutputErrorBudget", "FinetuneSettings", "LayerSelection", "MeasureSettings", "QuantizeSettings", "RankPolicy",
-    "SolverSettings", "SpeedupTarget", "as_policy",
+    "DECOMPOSITIONS", "DEFAULT_MAX_ERROR", "DEFAULT_RECONSTRUCT_STEPS", "AccuracyBudget", "ErrorBudget",
+    "ExplicitRanks", "OutputErrorBudget", "FinetuneSettings", "LayerSelection", "MeasureSettings", "QuantizeSettings",
+    "RankPolicy", "SolverSettings", "SpeedupTarget", "as_policy",
 ]

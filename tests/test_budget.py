@@ -12,6 +12,7 @@ from onnx_cp import api, optimize
 from onnx_cp.cli import main
 from onnx_cp.errors import BudgetError
 from onnx_cp.measure.outputs import compare_on_data
+from onnx_cp.ranks.forms import rank_label
 from onnx_cp.ranks.search import LayerMenu, Option, Timing, _unmeasured_plan, plan_for_time, search_speedup
 from onnx_cp.ranks.solve import Solved
 from onnx_cp.settings import AccuracyBudget, MeasureSettings, OutputErrorBudget, SpeedupTarget
@@ -136,7 +137,9 @@ def test_target_speedup_end_to_end_meets_its_own_measurement(tmp_path, monkeypat
     monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
     result = optimize(model_factory.tiny_cnn(), SpeedupTarget(1.2))
     attempts = result.report["search"]
-    chosen = {row["name"]: row["rank"] for row in result.report["layers"] if row["status"] == "decomposed"}
+    # trace entries name each option's form unless it is CP (see Option.label)
+    chosen = {row["name"]: rank_label(row["form"], tuple(row["rank"]) if isinstance(row["rank"], list) else row["rank"])
+              for row in result.report["layers"] if row["status"] == "decomposed"}
     # the search only returns a model it measured fast enough
     assert any(t["measured"] >= 1.2 and {k: v for k, v in t["ranks"].items() if v} == chosen for t in attempts)
     assert result.report["totals"]["decomposed"] >= 1

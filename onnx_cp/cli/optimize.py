@@ -15,7 +15,7 @@ from onnx_cp.runtime.inputs import parse_input_shapes
 
 # Options left unset on the command line are None, so that a config file can fill them; what
 # neither sets takes the settings' defaults (external data is the CLI's own).
-DEFAULTS = {"external_data": "auto", "method": "nls", "seed": 0, "threads": 1,
+DEFAULTS = {"external_data": "auto", "method": "nls", "decomposition": "auto", "seed": 0, "threads": 1,
             "reconstruct_steps": settings.DEFAULT_RECONSTRUCT_STEPS}
 
 
@@ -48,6 +48,10 @@ def register(subparsers) -> None:
                        "channel-group relative error of any output; exit 3 and no OUT if none")
     ranks.add_argument("--layers", metavar="REGEX", help="only Conv layers whose name matches")
     ranks.add_argument("--exclude", metavar="REGEX", help="leave Conv layers whose name matches")
+    ranks.add_argument("--decomposition", choices=list(settings.DECOMPOSITIONS),
+                       help="the low-rank forms to choose from per layer: auto (default: CP, Tucker-2, channel "
+                       "SVD - the one form for 1x1 convs - and spatial SVD, by measured latency and error) or "
+                       "one of them; --rank gives CP ranks unless a form is named here")
     ranks.add_argument("--method", choices=["nls", "als"], help="CP solver (default nls)")
     ranks.add_argument("--workers", type=int, metavar="N", help="solver processes (default: CPU count)")
     p.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...",
@@ -118,7 +122,8 @@ def settings_from_args(args: argparse.Namespace) -> dict:
     return {
         "ranks": _policy(args, rank, per_layer),
         "layers": settings.LayerSelection(args.layers, args.exclude),
-        "solver": settings.SolverSettings(method=args.method, workers=args.workers),
+        "solver": settings.SolverSettings(method=args.method, workers=args.workers,
+                                          decomposition=args.decomposition),
         "finetune": _finetune(args),
         "quantize": settings.QuantizeSettings(args.quantize, args.calibration_data) if args.quantize else None,
         "measure": settings.MeasureSettings(input_shapes=parse_input_shapes(args.input_shape), threads=args.threads,
@@ -251,7 +256,7 @@ def _check_paths(source: Path, target: Path, args: argparse.Namespace) -> None:
 
 def format_report(report: dict) -> str:
     """The per-layer table, totals and verification, for the terminal."""
-    header = ("layer", "kernel", "group", "rank", "error", "MACs before", "MACs after", "gain", "status")
+    header = ("layer", "kernel", "group", "form", "rank", "error", "MACs before", "MACs after", "gain", "status")
     rows = [header]
     for row in report["layers"]:
         kernel = "x".join(map(str, row["kernel_shape"])) if row.get("kernel_shape") else "?"
@@ -261,8 +266,8 @@ def format_report(report: dict) -> str:
         if row.get("note"):
             status += f" ({row['note']})"
         rows.append((
-            row["name"], kernel, str(row["group"]),
-            str(row["rank"]) if done else "-",
+            row["name"], kernel, str(row["group"]), (row.get("form") or "cp") if done else "-",
+            ("x".join(map(str, row["rank"])) if isinstance(row["rank"], list) else str(row["rank"])) if done else "-",
             f"{row['rel_error']:.3f}" if done else "-",
             _count(row.get("macs_before")), _count(row.get("macs_after")) if done else "-",
             f"{gain:.1f}x" if gain else "-", status,

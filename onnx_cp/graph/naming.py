@@ -1,5 +1,6 @@
-"""How the nodes and weights of a CP chain are named, so that every tool maps them back to the
-layer they replaced (profiles, reports, fine-tuning)."""
+"""How chain nodes and weights are named, so that every tool maps them back to the layer they
+replaced (profiles, reports, fine-tuning): `<layer>/<form>/<stage>`, e.g. conv/cp/vertical,
+conv/tucker2/core, conv/svd/out."""
 
 from __future__ import annotations
 
@@ -8,37 +9,68 @@ from typing import TypeVar
 
 N = TypeVar("N")
 
-STAGES = ("in", "vertical", "horizontal", "out")
+STAGES = ("in", "vertical", "horizontal", "out")  # the CP chain's
+FORM_STAGES = {
+    "cp": STAGES,
+    "tucker2": ("in", "core", "out"),
+    "svd": ("in", "out"),
+    "spatial_svd": ("vertical", "horizontal"),
+}
+OPTIONAL_STAGES = {"cp": {"in"}}  # a one-input-channel CP chain folds its input stage
 SEPARATOR = "/cp/"
 LAYER_METADATA_KEY = "onnx_cp.layer"
 
 
-def node_name(layer: str, stage: str) -> str:
-    return f"{layer}{SEPARATOR}{stage}"
+def separator(form: str = "cp") -> str:
+    return f"/{form}/"
 
 
-def weight_name(layer: str, stage: str) -> str:
-    return f"{node_name(layer, stage)}.weight"
+def node_name(layer: str, stage: str, form: str = "cp") -> str:
+    return f"{layer}{separator(form)}{stage}"
+
+
+def weight_name(layer: str, stage: str, form: str = "cp") -> str:
+    return f"{node_name(layer, stage, form)}.weight"
+
+
+def split_name(name: str) -> tuple[str, str, str] | None:
+    """(layer, form, stage) of a chain node (or weight) name; None for other names."""
+    for form, stages in FORM_STAGES.items():
+        head, sep, tail = name.rpartition(separator(form))
+        if sep and tail.split(".")[0] in stages:
+            return head, form, tail.split(".")[0]
+    return None
 
 
 def layer_of(name: str) -> str:
     """The original layer a chain node (or weight) came from; other names map to themselves."""
-    head, sep, tail = name.rpartition(SEPARATOR)
-    if sep and tail.split(".")[0] in STAGES:
-        return head
-    return name
+    parts = split_name(name)
+    return parts[0] if parts else name
 
 
-
-def find_chains(nodes: Iterable[N]) -> dict[str, list[N]]:
-    """The CP chains among `nodes` (anything with a .name: onnx NodeProtos or onnx_ir Nodes), by
-    layer in graph order, each as its stage nodes in chain order: four, or three when the input
-    stage was folded into the vertical one. Incomplete chains are left out."""
-    by_layer: dict[str, dict[str, N]] = {}
+def find_chains(nodes: Iterable[N], forms: Iterable[str] | None = None) -> dict[str, list[N]]:
+    """The chains among `nodes` (anything with a .name: onnx NodeProtos or onnx_ir Nodes), of every
+    form (or of `forms`), by layer in graph order, each as its stage nodes in chain order.
+    Incomplete chains are left out."""
+    wanted = set(FORM_STAGES if forms is None else forms)
+    by_layer: dict[tuple[str, str], dict[str, N]] = {}
     for node in nodes:
-        name = node.name or ""
-        layer = layer_of(name)
-        if layer != name:
-            by_layer.setdefault(layer, {})[name.rpartition(SEPARATOR)[2]] = node
-    return {layer: [stages[s] for s in STAGES if s in stages] for layer, stages in by_layer.items()
-            if set(stages) - {"in"} == set(STAGES[1:])}
+        parts = split_name(node.name or "")
+        if parts and parts[1] in wanted:
+            by_layer.setdefault(parts[:2], {})[parts[2]] = node
+    chains = {}
+    for (layer, form), stages in by_layer.items():
+        required = set(FORM_STAGES[form]) - OPTIONAL_STAGES.get(form, set())
+        if required <= set(stages):
+            chains[layer] = [stages[s] for s in FORM_STAGES[form] if s in stages]
+    return chains
+
+
+def chain_forms(nodes: Iterable[N]) -> dict[str, str]:
+    """The form of each layer's chain among `nodes`."""
+    forms = {}
+    for node in nodes:
+        parts = split_name(node.name or "")
+        if parts:
+            forms.setdefault(parts[0], parts[1])
+    return forms

@@ -17,10 +17,12 @@ CP = "cp"
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """Replace one Conv by its CP chain at `rank`; `factors` holds one [(T/G,R), (S/G,R), (kh,R), (kw,R)]
-    list per group (float64, any scaling: the pass balances them)."""
+    """Replace one Conv by its chain of `form` at `rank`; `factors` holds one list per group, as the
+    form's module in onnx_cp/graph says: CP [(T/G,R), (S/G,R), (kh,R), (kw,R)] (any scaling: the
+    pass balances them); Tucker-2 (rank (R_in, R_out)) [(T/G,R_out), (R_out,R_in,kh,kw), (S/G,R_in)];
+    SVD [(T/G,R), (R,S/G,kh,kw)]; spatial SVD [(T/G,R,kw), (R,S/G,kh)]. float64."""
 
-    rank: int
+    rank: int | tuple[int, int]
     factors: Sequence[Sequence[np.ndarray]]
     form: str = CP
     note: str | None = None
@@ -32,7 +34,8 @@ class Plan:
     refusals: Mapping[str, str] = field(default_factory=dict)  # eligible layers left alone, and why
 
     def refusal(self, site: ConvSite) -> str:
-        return site.refusal or self.refusals.get(site.name) or "no rank chosen"
+        """Why the site is left alone: its own reason, the policy's, else CP's (the default form)."""
+        return site.refusal or self.refusals.get(site.name) or site.refusal_for(CP) or "no rank chosen"
 
 
 def as_factors(result: object) -> list[np.ndarray]:
@@ -47,17 +50,32 @@ def plan_with(
     sites: Sequence[ConvSite],
     rank_for: Callable[[ConvSite], int | None],
     decomposer: Callable[[np.ndarray, int], object],
+    form: str = CP,
 ) -> Plan:
     """A plan from a rank rule and any decomposer(kernel (T,S,kh,kw) float64, rank) -> factors: the
-    graph pass on its own, without onnx-cp's rank policies and solver."""
+    graph pass on its own, without onnx-cp's rank policies and solver. `form`: the chain the
+    decomposer's factors are for (as LayerPlan describes them)."""
     layers: dict[str, LayerPlan] = {}
-    by_weight: dict[tuple[int, int], LayerPlan] = {}  # a weight shared by several Convs is decomposed once
+    refusals: dict[str, str] = {}
+    by_weight: dict[tuple, LayerPlan] = {}  # a weight shared by several Convs is decomposed once
     for site in sites:
-        rank = rank_for(site) if site.eligible else None
+        if not site.eligible:
+            continue
+        if site.refusal_for(form):
+            refusals[site.name] = site.refusal_for(form)
+            continue
+        rank = rank_for(site)
         if rank is None:
             continue
-        key = (id(site.weight), rank)
+        key = (id(site.weight), tuple(rank) if isinstance(rank, (list, tuple)) else rank)
         if key not in by_weight:
-            by_weight[key] = LayerPlan(rank, [as_factors(decomposer(k, rank)) for k in site.group_kernels()])
+            factors = [_factors(decomposer(k, rank), form) for k in site.group_kernels()]
+            by_weight[key] = LayerPlan(rank, factors, form=form)
         layers[site.name] = by_weight[key]
-    return Plan(layers)
+    return Plan(layers, refusals)
+
+
+def _factors(result: object, form: str) -> list[np.ndarray]:
+    if form == CP:
+        return as_factors(result)
+    return [np.asarray(f, dtype=np.float64) for f in getattr(result, "factors", result)]

@@ -27,7 +27,12 @@ class ConvSite:
 
     @property
     def eligible(self) -> bool:
+        """Some low-rank form may replace it (see refusal_for for each form)."""
         return self.refusal is None
+
+    def refusal_for(self, form: str) -> str | None:
+        """Why this Conv cannot be replaced by a chain of `form` (None if it can)."""
+        return self.refusal or form_refusal(self.kernel.shape, self.group, form)
 
     @property
     def weight(self) -> ir.Value:
@@ -81,6 +86,24 @@ class ConvSite:
         """The largest rank whose chain still costs fewer MACs than the Conv (0 if none)."""
         per_rank = self.macs_after(1)
         return max(0, (self.macs_before() - 1) // per_rank) if per_rank else 0
+
+
+def form_refusal(kernel_shape: Sequence[int], group: int, form: str) -> str | None:
+    """Why a (T, S/G, kh, kw) kernel of an otherwise eligible Conv does not suit `form`: each form
+    needs something to split (a spatial extent for CP, two spatial axes for spatial SVD, input
+    channels for Tucker-2 to reduce beyond what channel SVD does)."""
+    _, s, kh, kw = kernel_shape
+    if form == "cp":
+        return "1x1 conv: CP gains nothing" if kh * kw == 1 else None
+    if form == "tucker2":
+        if kh * kw == 1:
+            return "1x1 conv: Tucker-2 is the SVD form there"
+        return "one input channel: Tucker-2 gains nothing over SVD" if s == 1 else None
+    if form == "spatial_svd":
+        return f"{kh}x{kw} kernel: no two spatial axes to split" if kh == 1 or kw == 1 else None
+    if form == "svd":
+        return None
+    return f"unknown form {form!r}"
 
 
 def find_conv_sites(
@@ -169,10 +192,8 @@ def _inspect(node: ir.Node, main_graph: ir.Graph, ir_version: int | None) -> tup
     group = group_attr.as_int() if group_attr is not None else 1
     if group < 1 or kernel.shape[0] % group:
         return kernel, group, f"invalid group {group} for {kernel.shape[0]} output channels"
-    if kernel.shape[2] * kernel.shape[3] == 1:
-        return kernel, group, "1x1 conv: CP gains nothing"
     if kernel.shape[1] == 1 and group > 1:
-        return kernel, group, "depthwise conv: CP gains nothing"
+        return kernel, group, "depthwise conv: no low-rank form gains anything"
     if not np.all(np.isfinite(kernel)):
         return kernel, group, "weight holds NaN or infinity"
     malformed = _malformed_attributes(node, kernel.shape[2:])

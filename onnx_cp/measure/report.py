@@ -291,13 +291,19 @@ def _layers_md(layers: list | None) -> list[str]:
         rows.append([
             f"`{layer.get('name')}`",
             "x".join(map(str, shape)) if shape else None,
-            layer.get("group"), layer.get("rank"), layer.get("rel_error"),
+            layer.get("group"), layer.get("form") if layer.get("status") == "decomposed" else None,
+            _rank(layer.get("rank")), layer.get("rel_error"),
             layer.get("macs_before"), layer.get("macs_after"),
             layer.get("status"), layer.get("reason") or layer.get("note"),
         ])
-    header = ["layer", "kernel", "group", "rank", "rel. error", "MACs before", "MACs after",
+    header = ["layer", "kernel", "group", "form", "rank", "rel. error", "MACs before", "MACs after",
               "status", "reason"]
-    return ["## Layers", ""] + _table(header, rows, "lrrrrrrll")
+    return ["## Layers", ""] + _table(header, rows, "lrrlrrrrll")
+
+
+def _rank(rank):
+    """A Tucker-2 rank [R_in, R_out] as R_inxR_out; others as they are."""
+    return "x".join(map(str, rank)) if isinstance(rank, list) else rank
 
 
 def _verification_md(verification) -> list[str]:

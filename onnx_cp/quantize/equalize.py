@@ -10,6 +10,11 @@ vertical outputs to the same calibrated magnitude (RMS). Their weights are quant
 so the rescaling costs them nothing. The last intermediate tensor (horizontal's output) is
 equalized too; its compensation lands in the columns of out's weight, which is quantized per
 *output* channel, so small-range columns lose weight precision - but they contribute little.
+
+The other forms' chains (Tucker-2: in -> core -> out; SVD: in -> out; spatial SVD: vertical ->
+horizontal) are linear up to the last stage's bias too, but their inner stages mix channels: channel
+c of an intermediate tensor is rescaled through the producing stage's output rows and compensated in
+the input-channel columns of the stage that reads it (per group), each intermediate on its own.
 """
 
 from __future__ import annotations
@@ -31,10 +36,11 @@ _MIN_RELATIVE_RANGE = 1e-4
 @dataclass
 class _Chain:
     layer: str
-    stages: list[ir.Node]  # in, vertical, horizontal, out
+    stages: list[ir.Node]  # CP: in, vertical, horizontal, out; other forms: their stages in order
+    form: str = "cp"
 
     def intermediates(self) -> list[ir.Value]:
-        return [node.outputs[0] for node in self.stages[:3]]
+        return [node.outputs[0] for node in self.stages[:-1]]
 
 
 def equalize_chains(model: ir.Model, batches: Iterator[np.ndarray]) -> list[str]:
@@ -47,13 +53,59 @@ def equalize_chains(model: ir.Model, batches: Iterator[np.ndarray]) -> list[str]
     ranges = _channel_ranges(model, [v for c in chains for v in c.intermediates()], batches)
     chains = [c for c in chains if all(v.name in ranges for v in c.intermediates())]  # no batches: none
     for chain in chains:
-        _rescale(chain, [ranges[v.name] for v in chain.intermediates()])
+        rescale = _rescale if chain.form == "cp" else _rescale_dense
+        rescale(chain, [ranges[v.name] for v in chain.intermediates()])
     return [c.layer for c in chains]
 
 
 def _find_chains(graph: ir.Graph) -> list[_Chain]:
-    return [_Chain(layer, stages) for layer, stages in naming.find_chains(graph).items()
-            if len(stages) == 4 and _is_plain_chain(graph, stages)]
+    forms = naming.chain_forms(graph)
+    chains = []
+    for layer, stages in naming.find_chains(graph).items():
+        form = forms[layer]
+        if form == "cp" and len(stages) == 4 and _is_plain_chain(graph, stages):
+            chains.append(_Chain(layer, stages))
+        elif form != "cp" and _is_linear_chain(graph, stages):
+            chains.append(_Chain(layer, stages, form))
+    return chains
+
+
+def _is_linear_chain(graph: ir.Graph, stages: list[ir.Node]) -> bool:
+    """Float Convs feeding each other with constant unshared weights, no bias before the last stage,
+    no one else reading the intermediates, channel counts that match: what _rescale_dense relies on."""
+    outputs = set(graph.outputs)
+    if any(n.op_type != "Conv" or n.domain not in ("", "ai.onnx") for n in stages):
+        return False
+    for node, nxt in zip(stages, stages[1:]):
+        value = node.outputs[0]
+        if value in outputs or len(value.uses()) != 1 or nxt.inputs[0] is not value:
+            return False
+    weights = [_const(n.inputs[1]) for n in stages]
+    if any(w is None or w.dtype != np.float32 or w.ndim != 4 for w in weights):
+        return False
+    for nxt, weight, following in zip(stages[1:], weights, weights[1:]):
+        if weight.shape[0] != following.shape[1] * nxt.attributes.get_int("group", 1):
+            return False
+    no_inner_bias = all(len(n.inputs) < 3 or n.inputs[2] is None for n in stages[:-1])
+    return no_inner_bias and all(len(n.inputs[1].uses()) == 1 for n in stages)
+
+
+def _rescale_dense(chain: _Chain, ranges: list[np.ndarray]) -> None:
+    """Scale channel c of each intermediate so that its RMS becomes its tensor's largest: the
+    producing stage's output row c times s_c, the reading stage's weights for input channel c
+    divided by it (input channel c of a group-G conv is column c mod (C/G) of that group's rows)."""
+    for node, nxt, channel_range in zip(chain.stages, chain.stages[1:], ranges):
+        top = float(channel_range.max())
+        if top <= 0.0:
+            continue  # a dead intermediate: nothing to equalize
+        wanted = top / np.maximum(channel_range.astype(np.float64), top * _MIN_RELATIVE_RANGE)
+        _scale_weight(node.inputs[1], wanted, axis=0)
+        weight = nxt.inputs[1].const_value.numpy()
+        group = nxt.attributes.get_int("group", 1)
+        per_group_in, per_group_out = weight.shape[1], weight.shape[0] // group
+        columns = (1.0 / wanted).reshape(group, 1, per_group_in)  # group g's columns j: channel g*C/G + j
+        factors = np.repeat(columns, per_group_out, axis=1).reshape(weight.shape[0], per_group_in)
+        _scale_weight_2d(nxt.inputs[1], factors)
 
 
 def _is_plain_chain(graph: ir.Graph, stages: list[ir.Node]) -> bool:
@@ -115,6 +167,13 @@ def _rescale(chain: _Chain, ranges: list[np.ndarray]) -> None:
         _scale_weight(node.inputs[1], wanted, axis=0)
         applied *= wanted
     _scale_weight(chain.stages[3].inputs[1], 1.0 / applied, axis=1)
+
+
+def _scale_weight_2d(weight: ir.Value, factors: np.ndarray) -> None:
+    """Multiply `weight` (O, I, kh, kw) by `factors` (O, I), as a new tensor."""
+    array = weight.const_value.numpy()
+    scaled = (array.astype(np.float64) * factors[:, :, None, None]).astype(array.dtype)
+    weight.const_value = ir.tensor(scaled, name=weight.name)
 
 
 def _scale_weight(weight: ir.Value, factors: np.ndarray, axis: int) -> None:

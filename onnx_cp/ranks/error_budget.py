@@ -1,8 +1,10 @@
 """Ranks without a budget search: explicit ranks, and the error-budget policy.
 
-Explicit ranks are clipped to each layer's FLOP break-even. The error budget picks per layer the
+Explicit ranks are clipped to each layer's FLOP break-even; they are CP ranks unless the solver
+serves one other form only (`decomposition`). The error budget picks per layer and form the
 smallest rank on the channel grid whose relative error stays within `max_error`, among ranks that
-at least halve the layer's MACs; a layer where no such rank exists is left alone, with the reason.
+at least halve the layer's MACs, and across forms the one with the fewest MACs (this policy measures
+no latency: the searches do); a layer where no form meets it is left alone, with the reason.
 The error is the kernel's (no data needed) or, given an `ErrorOf` measured on sample inputs, the
 layer output's.
 """
@@ -13,9 +15,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from onnx_cp.graph import ConvSite, LayerPlan, Plan
+from onnx_cp.graph.forms import macs_after
+from onnx_cp.graph.plan import CP
+from onnx_cp.lowrank import TUCKER2
+from onnx_cp.ranks.forms import form_ranks, rank_label, smallest_rank, solve_form
 from onnx_cp.ranks.grid import grid_ranks
 from onnx_cp.ranks.policy import ErrorBudget, ExplicitRanks
-from onnx_cp.ranks.solve import SolveMany, kernel_error, layer_plan, solve_layers
+from onnx_cp.ranks.solve import SolveMany, kernel_error, layer_plan, solve_layers, solver_forms
 
 # The automatic policy only takes ranks that at least halve a layer's MACs: four small convs
 # have overheads that FLOPs do not show.
@@ -39,12 +45,20 @@ def plan_ranks(
 ) -> Plan:
     """The plan for the candidate sites (eligible, not filtered out). error_of: what the error budget
     bounds (default: kernel error)."""
+    forms = solver_forms(solve_many)
+    measure = _Measure(error_of or kernel_error, "kernel error" if error_of is None else "output error")
+    unique = unique_weights(sites)
+    if CP not in forms:  # one other form, named by the user
+        return share_plans(sites, unique, _plan_form(unique, forms[0], policy, measure))
     fixed: dict[str, int] = {}
     notes: dict[str, str] = {}
     refusals: dict[str, str] = {}
     automatic: list[ConvSite] = []
-    unique = unique_weights(sites)
     for site in unique:
+        wanted = policy.rank_of(site.name) if isinstance(policy, ExplicitRanks) else None
+        if site.refusal_for(CP) and (wanted is not None or forms == (CP,)):
+            refusals[site.name] = site.refusal_for(CP)
+            continue
         wanted = policy.rank_of(site.name) if isinstance(policy, ExplicitRanks) else None
         if wanted is None:
             automatic.append(site)
@@ -60,11 +74,101 @@ def plan_ranks(
     by_name = {s.name: s for s in sites}
     solved = solve_layers([(by_name[name], rank) for name, rank in fixed.items()], solve_many)
     layers = {name: layer_plan(rank, solved[(name, rank)], notes.get(name)) for name, rank in fixed.items()}
-    measure = _Measure(error_of or kernel_error, "kernel error" if error_of is None else "output error")
-    auto_layers, auto_refusals = _search_automatic(automatic, policy.max_error, solve_many, measure)
+    cp_sites = [s for s in automatic if not s.refusal_for(CP)]
+    auto_layers, auto_refusals = _search_automatic(cp_sites, policy.max_error, solve_many, measure)
+    others = [f for f in forms if f != CP]
+    if others:
+        auto_layers, auto_refusals = _across_forms(automatic, others, policy.max_error, measure,
+                                                   auto_layers, auto_refusals)
     layers.update(auto_layers)
     refusals.update(auto_refusals)
     return share_plans(sites, unique, Plan(layers, refusals))
+
+
+def _across_forms(sites: Sequence[ConvSite], forms: Sequence[str], max_error: float, measure: _Measure,
+                  cp_layers: dict[str, LayerPlan], cp_refusals: dict[str, str]
+                  ) -> tuple[dict[str, LayerPlan], dict[str, str]]:
+    """Per layer, the form whose smallest rank within the budget costs the fewest MACs (CP's choice
+    from the CP search); the note says which forms met the budget at what cost."""
+    layers, refusals = {}, {}
+    for site in sites:
+        found = {}  # form -> (rank, results, error)
+        if site.name in cp_layers:
+            found[CP] = (cp_layers[site.name].rank, None, None)
+        for form in forms:
+            ranks = form_ranks(site, form, MIN_AUTO_FLOP_GAIN, menu=False)
+            hit = smallest_rank(site, form, ranks, max_error, measure.error_of)
+            if hit is not None:
+                found[form] = hit
+        if not found:
+            tried = "/".join(f for f in forms if not site.refusal_for(f))
+            others = (f"no {tried} grid rank with at least {MIN_AUTO_FLOP_GAIN:g}x fewer MACs meets the "
+                      f"{measure.what} budget {max_error:g}" if tried else "")
+            refusals[site.name] = "; ".join(r for r in (cp_refusals.get(site.name) or site.refusal_for(CP), others)
+                                            if r)
+            continue
+        cost = {form: macs_after(site, form, hit[0]) for form, hit in found.items()}
+        best = min(found, key=lambda form: cost[form])
+        others = ", ".join(f"{rank_label(f, found[f][0]) if f != CP else f'cp {found[f][0]}'} {cost[f]:,} MACs"
+                           for f in found if f != best)
+        if best == CP:
+            layer = cp_layers[site.name]
+            note = (layer.note or "") + (f"; fewest MACs of the forms within budget (also: {others})" if others else "")
+            layers[site.name] = LayerPlan(layer.rank, layer.factors, layer.form, note)
+            continue
+        rank, results, error = found[best]
+        note = (f"{best}: smallest grid rank with {measure.what} {error:.3f} <= {max_error:g}, the fewest MACs "
+                f"({cost[best]:,}) of the forms within budget" + (f" (also: {others})" if others else ""))
+        layers[site.name] = layer_plan(rank, results, note, best)
+    return layers, refusals
+
+
+def _plan_form(sites: Sequence[ConvSite], form: str, policy: ExplicitRanks | ErrorBudget,
+               measure: _Measure) -> Plan:
+    """The plan when the user named one form other than CP: explicit ranks of that form (Tucker-2:
+    R for both channel modes, each clipped to its channels), the error budget on its grid."""
+    layers, refusals = {}, {}
+    for site in sites:
+        if site.refusal_for(form):
+            refusals[site.name] = site.refusal_for(form)
+            continue
+        wanted = policy.rank_of(site.name) if isinstance(policy, ExplicitRanks) else None
+        if wanted is not None:
+            rank = _clipped(site, form, wanted)
+            if rank is None:
+                refusals[site.name] = f"no {form} rank saves FLOPs on this layer"
+            else:
+                results = solve_form(site, form, rank)
+                note = None if rank == (wanted if form != TUCKER2 else (wanted, wanted)) else (
+                    f"rank {wanted} clipped to {rank_label(form, rank)} (channels / FLOP break-even)")
+                layers[site.name] = layer_plan(rank, results, note, form)
+            continue
+        max_error = policy.max_error
+        hit = smallest_rank(site, form, form_ranks(site, form, MIN_AUTO_FLOP_GAIN, menu=False), max_error,
+                            measure.error_of)
+        if hit is None:
+            refusals[site.name] = (f"no {form} grid rank with at least {MIN_AUTO_FLOP_GAIN:g}x fewer MACs "
+                                   f"meets the {measure.what} budget {max_error:g}")
+        else:
+            rank, results, error = hit
+            layers[site.name] = layer_plan(rank, results, f"smallest {form} grid rank with {measure.what} "
+                                                          f"{error:.3f} <= {max_error:g}", form)
+    return Plan(layers, refusals)
+
+
+def _clipped(site: ConvSite, form: str, wanted: int):
+    """`wanted` as a rank of `form`, clipped to the layer's channels and FLOP break-even (None: none saves)."""
+    t, s, kh, kw = site.kernel.shape
+    t //= site.group
+    if form == TUCKER2:
+        rank = (min(wanted, s), min(wanted, t))
+        while rank[0] > 1 and macs_after(site, form, rank) >= site.macs_before():
+            rank = (max(1, rank[0] - 1), max(1, rank[1] - 1))
+    else:
+        rank = min(wanted, min(t, s * kh * kw) if form == "svd" else min(s * kh, t * kw))
+        while rank > 1 and macs_after(site, form, rank) >= site.macs_before():
+            rank -= 1
+    return rank if macs_after(site, form, rank) < site.macs_before() else None
 
 
 def _search_automatic(sites: Sequence[ConvSite], max_error: float, solve_many: SolveMany,

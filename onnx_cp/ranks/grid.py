@@ -12,7 +12,10 @@ MENU_MULTIPLES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 
 
 def rank_ceiling(site: ConvSite, min_gain: float) -> int:
-    """The largest rank whose chain has at least `min_gain` times fewer MACs than the Conv."""
+    """The largest rank whose CP chain has at least `min_gain` times fewer MACs than the Conv (0 for
+    Convs CP cannot serve, such as 1x1 convs)."""
+    if site.refusal_for("cp"):
+        return 0
     return int(site.macs_before() / min_gain) // max(site.macs_after(1), 1)
 
 

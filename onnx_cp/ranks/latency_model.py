@@ -1,5 +1,5 @@
-"""What a CP chain costs on this machine: onnxruntime latency of one Conv against its chain at
-several ranks, measured in isolation (interleaved, one process) and cached per shape, machine,
+"""What a low-rank chain costs on this machine: onnxruntime latency of one Conv against its chain
+(of any form) at several ranks, measured in isolation (interleaved, one process) and cached per shape, machine,
 onnxruntime version and thread count, so that rank searches do not re-measure what they know."""
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from onnx import helper, numpy_helper
 
 from onnx_cp.errors import OnnxCpError
 from onnx_cp.graph import ConvSite, CPConvPass, conv_attributes, find_conv_sites, plan_with
+from onnx_cp.graph.plan import CP
+from onnx_cp.lowrank import FORMS, TUCKER2, tucker2
 from onnx_cp.measure import benchmark_latency
 from onnx_cp.runtime.cpu import cpu_name
 from onnx_cp.runtime.files import atomic_write
@@ -56,17 +58,27 @@ class LayerShape:
 
 def chain_time_ratios(shape: LayerShape, ranks: Sequence[int], *, threads: int = 1) -> dict[int, float]:
     """Latency of the CP chain at each rank divided by the Conv's (cached)."""
+    return form_time_ratios(shape, CP, ranks, threads=threads)
+
+
+def form_time_ratios(shape: LayerShape, form: str, ranks: Sequence, *, threads: int = 1) -> dict:
+    """Latency of the chain of `form` at each rank divided by the Conv's (cached per shape, form and
+    rank; CP's entries keep their old keys, so caches stay valid)."""
     cache = _Cache.open()
     prefix = f"{_machine_key(threads)}|v{_CACHE_VERSION}|{shape.key()}"
-    missing = [r for r in ranks if f"{prefix}|{r}" not in cache.data]
+
+    def key(rank) -> str:
+        return f"{prefix}|{rank}" if form == CP else f"{prefix}|{form}|{json.dumps(rank)}"
+
+    missing = [r for r in ranks if key(r) not in cache.data]
     if missing:
         conv = single_conv_model(shape)
-        chains = [chain_model(conv, r) for r in missing]
+        chains = [chain_model(conv, r, form=form) for r in missing]
         result = benchmark_latency([conv, *chains], threads=threads, runs=_RUNS, warmup=5)
         for rank, model in zip(missing, result.models[1:]):
-            cache.data[f"{prefix}|{rank}"] = model.ratio_to_first
+            cache.data[key(rank)] = model.ratio_to_first
         cache.save()
-    return {r: cache.data[f"{prefix}|{r}"] for r in ranks}
+    return {r: cache.data[key(r)] for r in ranks}
 
 
 def single_conv_model(shape: LayerShape, seed: int = 0, kernel: np.ndarray | None = None,
@@ -92,12 +104,20 @@ def single_conv_model(shape: LayerShape, seed: int = 0, kernel: np.ndarray | Non
     return model
 
 
-def chain_model(conv: onnx.ModelProto, rank: int, seed: int = 0) -> ir.Model:
-    """The conv's chain at `rank`, with random factors (latency does not depend on values)."""
+def chain_model(conv: onnx.ModelProto, rank, seed: int = 0, form: str = CP) -> ir.Model:
+    """The conv's chain of `form` at `rank`, with random factors (latency does not depend on values)."""
     rng = np.random.default_rng(seed)
     model = ir.from_proto(conv)
     sites = find_conv_sites(model)
-    plan = plan_with(sites, lambda site: rank, lambda k, r: [rng.standard_normal((n, r)) for n in k.shape])
+    if form == CP:
+        def decomposer(k, r):
+            return [rng.standard_normal((n, r)) for n in k.shape]
+    else:
+        def decomposer(k, r):  # any factors of the right shapes: one cheap solve of a random kernel
+            if form == TUCKER2:
+                return tucker2(rng.standard_normal(k.shape), r, max_iter=1)
+            return FORMS[form].solve(rng.standard_normal(k.shape), r)
+    plan = plan_with(sites, lambda site: rank, decomposer, form=form)
     CPConvPass(plan, sites=sites)(model)
     return model
 

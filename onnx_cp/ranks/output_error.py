@@ -1,4 +1,4 @@
-"""Layer-output error: how far a CP approximation moves a layer's outputs on sample inputs.
+"""Layer-output error: how far a low-rank approximation (of any form) moves a layer's outputs on sample inputs.
 
 Kernel error is a proxy. With sample inputs the error that matters is the layer's output error on
 the activations it really sees, ||conv(X, K - K_cp)|| / ||conv(X, K) + b||, and that is often far
@@ -15,9 +15,9 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnx_cp import cp
 from onnx_cp.graph import ConvSite
 from onnx_cp.graph.sites import conv_bias
+from onnx_cp.lowrank.forms import reconstruct
 from onnx_cp.ranks.latency_model import LayerShape, single_conv_model
 from onnx_cp.runtime.tensors import single_input, tensor_values
 
@@ -46,7 +46,7 @@ class OutputError:
         self.output_norms = {s.name: self._output_norm(s) for s in eligible}
 
     def __call__(self, site: ConvSite, group_results: Sequence[object]) -> float:
-        approx = np.concatenate([cp.reconstruct(r.factors) for r in group_results])
+        approx = np.concatenate([reconstruct(r) for r in group_results])
         difference = self._conv(site, site.kernel.astype(np.float64) - approx)
         norm = self.output_norms[site.name]
         return float(np.linalg.norm(difference)) / norm if norm > 0 else 0.0

@@ -1,11 +1,13 @@
 """Ranks chosen under a budget: a measured whole-model speed-up, or an accuracy drop.
 
-Every eligible layer gets a menu of options: the original Conv, or its CP chain at ranks on
-onnxruntime's channel grid, each with its kernel error (from the solver) and its latency (the
-layer's share of the model's profiled time, scaled by the chain/Conv ratio measured in isolation,
-see latency_model). A greedy walk down the menus trades the least weighted error per millisecond
-saved until the predicted model time fits the budget; predictions are then checked by measuring
-the whole model, and the budget tightened when the model falls short.
+Every eligible layer gets a menu of options: the original Conv, or its chain of each allowed form
+(CP, Tucker-2, channel SVD, spatial SVD; see ranks/forms.py) at ranks on onnxruntime's channel
+grid, each with its kernel error (from the solver) and its latency (the layer's share of the
+model's profiled time, scaled by the chain/Conv ratio measured in isolation, see latency_model).
+The searches below choose across forms as they choose across ranks. A greedy walk down the menus
+trades the least weighted error per millisecond saved until the predicted model time fits the
+budget; predictions are then checked by measuring the whole model, and the budget tightened when
+the model falls short.
 
 With data, layer weights come from each layer's measured accuracy sensitivity, and a bisection on
 the speed-up finds the fastest model whose accuracy (after fine-tuning, when data is given) stays
@@ -23,10 +25,12 @@ import onnx_ir as ir
 
 from onnx_cp.errors import BudgetError
 from onnx_cp.graph import ConvSite, Plan
+from onnx_cp.graph.plan import CP
 from onnx_cp.measure import AccuracyResult
 from onnx_cp.ranks import latency_model
+from onnx_cp.ranks.forms import form_ranks, rank_label, solve_form
 from onnx_cp.ranks.grid import menu_ranks
-from onnx_cp.ranks.solve import SolveMany, kernel_error, layer_plan, solve_layers
+from onnx_cp.ranks.solve import SolveMany, kernel_error, layer_plan, solve_layers, solver_forms
 
 # Only ranks that cut a layer's MACs by at least this much are worth measuring.
 MIN_OPTION_GAIN = 1.5
@@ -46,10 +50,16 @@ BuildModel = Callable[[Plan], ir.Model]
 
 @dataclass(frozen=True)
 class Option:
-    rank: int | None  # None: keep the original Conv
+    rank: int | tuple[int, int] | None  # None: keep the original Conv; Tucker-2: (R_in, R_out)
     error: float
     ms: float
     results: list = field(default_factory=list)
+    form: str = CP
+
+    @property
+    def label(self) -> int | str | None:
+        """The option in search traces: CP's rank as a number, other forms named ("svd 16")."""
+        return rank_label(self.form, self.rank)
 
 
 @dataclass(frozen=True)
@@ -59,37 +69,48 @@ class LayerMenu:
     weight: float = 1.0
 
 
-def candidate_ranks(site: ConvSite) -> list[int]:
-    return menu_ranks(site, MIN_OPTION_GAIN)
+def candidate_ranks(site: ConvSite, form: str = CP) -> list:
+    return menu_ranks(site, MIN_OPTION_GAIN) if form == CP else form_ranks(site, form, MIN_OPTION_GAIN)
 
 
 def layer_menus(
     sites: Sequence[ConvSite], solve_many: SolveMany, layer_ms: dict[str, float], threads: int
 ) -> tuple[list[LayerMenu], dict[str, str]]:
-    """Options for each candidate layer with a measured time (one solver batch for all of them), and
-    why the layers without options are left alone."""
+    """Options for each candidate layer with a measured time, across the forms the solver serves
+    (CP in one solver batch for all layers), and why the layers without options are left alone."""
+    forms = solver_forms(solve_many)
     refusals = {}
     for site in sites:
-        if not candidate_ranks(site):
-            refusals[site.name] = f"no grid rank cuts its MACs by {MIN_OPTION_GAIN:g}x"
+        if not any(candidate_ranks(site, form) for form in forms):
+            refusals[site.name] = _no_option_reason(site, forms)
         elif layer_ms.get(site.name, 0) <= 0:
             refusals[site.name] = "no measurable time in the model's profile"
     kept = [s for s in sites if s.name not in refusals]
     # Quick estimates (a few ALS sweeps): a menu holds every grid rank of every layer (281 options on
     # YOLOv8n), and full solves of all of them took minutes; only the plan finally chosen is solved in
     # full (see ranks.solve.Refiner). Latency does not depend on the factors.
-    solved = solve_layers([(s, rank) for s in kept for rank in candidate_ranks(s)], solve_many, quick=True)
+    solved = solve_layers([(s, rank) for s in kept for rank in candidate_ranks(s)] if CP in forms else [],
+                          solve_many, quick=True)
     menus = []
     for site in kept:
-        ranks = candidate_ranks(site)
-        ratios = latency_model.chain_time_ratios(latency_model.LayerShape.of(site), ranks, threads=threads)
         options = [Option(None, 0.0, layer_ms[site.name])]
-        for rank in ranks:
-            group_results = solved[(site.name, rank)]
-            options.append(Option(rank, kernel_error(site, group_results), ratios[rank] * options[0].ms,
-                                  group_results))
+        shape = latency_model.LayerShape.of(site)
+        for form in forms:
+            ranks = candidate_ranks(site, form)
+            ratios = latency_model.form_time_ratios(shape, form, ranks, threads=threads) if ranks else {}
+            for rank in ranks:
+                group_results = solved[(site.name, rank)] if form == CP else solve_form(site, form, rank, quick=True)
+                options.append(Option(rank, kernel_error(site, group_results), ratios[rank] * options[0].ms,
+                                      group_results, form))
         menus.append(LayerMenu(site, options))
     return menus, refusals
+
+
+def _no_option_reason(site: ConvSite, forms: Sequence[str]) -> str:
+    refusals = [site.refusal_for(form) for form in forms]
+    if all(refusals):
+        return "; ".join(dict.fromkeys(refusals))
+    return f"no grid rank of {'/'.join(forms)} cuts its MACs by {MIN_OPTION_GAIN:g}x"
 
 
 def plan_for_time(menus: Sequence[LayerMenu], budget_ms: float, rest_ms: float) -> dict[str, Option] | None:
@@ -136,8 +157,18 @@ def fastest_time(menus: Sequence[LayerMenu], rest_ms: float) -> float:
 
 def to_plan(plan: dict[str, Option], note: str, refusal: str) -> Plan:
     """The graph plan of a menu pick; layers kept as they are get `refusal` as their reason."""
-    return Plan({name: layer_plan(o.rank, o.results, note or None) for name, o in plan.items() if o.rank is not None},
+    return Plan({name: layer_plan(o.rank, o.results, _why(o, note), o.form)
+                 for name, o in plan.items() if o.rank is not None},
                 {name: refusal for name, o in plan.items() if o.rank is None})
+
+
+def _why(option: Option, note: str) -> str | None:
+    """The note of a chosen option: what it was chosen for, and, when forms competed, that this form
+    and rank won on its predicted time and kernel error."""
+    if option.form == CP and not note:
+        return None
+    won = f"{option.form} won: estimated kernel error {option.error:.3f} at a predicted {option.ms:.3f} ms"
+    return f"{note}; {won}" if note else won
 
 
 @dataclass
@@ -172,7 +203,7 @@ def search_speedup(
         if plan is None:
             break  # nothing fits, or every plan near the aim was measured already
         goal, plan = plan
-        ranks = {n: o.rank for n, o in plan.items()}
+        ranks = {n: o.label for n, o in plan.items()}
         model = build(to_plan(plan, "", KEPT_FOR_SPEED))
         measured = measure_speedup(model)
         predicted = timing.total_ms / (rest + sum(o.ms for o in plan.values()))
@@ -209,7 +240,7 @@ def _unmeasured_plan(menus, timing: Timing, goal: float, rest: float, trace: lis
         plan = plan_for_time(menus, timing.total_ms / goal * (1 + 1e-9), rest)
         if plan is None:
             return None
-        ranks = {n: o.rank for n, o in plan.items()}
+        ranks = {n: o.label for n, o in plan.items()}
         if not any(t["ranks"] == ranks for t in trace):
             return goal, plan
         if not fast_aims:
@@ -251,7 +282,7 @@ def with_sensitivities(
     for menu in menus:
         option = menu.options[(len(menu.options)) // 2]
         if option.rank is not None and option.error > 0:
-            drop = drop_of(build(Plan({menu.site.name: layer_plan(option.rank, option.results)})))
+            drop = drop_of(build(Plan({menu.site.name: layer_plan(option.rank, option.results, form=option.form)})))
             menu = dataclasses.replace(menu, weight=max(drop, 0.05) / option.error)
         weighted.append(menu)
     return weighted
@@ -287,7 +318,7 @@ def search_quality(
             continue
         measured, model = tune_and_score(build(to_plan(plan, "", KEPT_FOR_ACCURACY)))
         trace.append({"predicted_speedup": speedup, limit.key: measured,
-                      "ranks": {n: o.rank for n, o in plan.items()}})
+                      "ranks": {n: o.label for n, o in plan.items()}})
         if measured <= limit.limit:
             best = (plan, model, speedup)
             low = speedup

@@ -13,23 +13,42 @@ import numpy as np
 from onnx_cp import cp
 from onnx_cp.errors import UsageError
 from onnx_cp.graph import ConvSite, LayerPlan, Plan
-from onnx_cp.graph.plan import as_factors
+from onnx_cp.graph.plan import CP, as_factors
+from onnx_cp.lowrank import FORM_NAMES
 
 SolveMany = Callable[..., Sequence[object]]
 QUICK_ALS_SWEEPS = 20  # ~0.02-0.04 above the converged error: enough to screen and search ranks
 
 
+AUTO = "auto"
+DECOMPOSITIONS = (AUTO, *FORM_NAMES)
+
+
 @dataclass(frozen=True)
 class SolverSettings:
     """method: "nls" (Gauss-Newton, the paper's) or "als"; workers: solver processes (None: one per
-    core); decomposer(kernel (T,S,kh,kw) float64, rank) -> factors (or a result with .factors)
-    replaces onnx-cp's solver."""
+    core); decomposer(kernel (T,S,kh,kw) float64, rank) -> CP factors (or a result with .factors)
+    replaces onnx-cp's CP solver (and restricts the choice to CP); decomposition: the low-rank forms
+    the rank policies choose from: "auto" (CP, Tucker-2, channel SVD, spatial SVD) or one of them."""
 
     method: str = "nls"
     workers: int | None = None
     decomposer: Callable[[np.ndarray, int], object] | None = None
+    decomposition: str = AUTO
+
+    @property
+    def forms(self) -> tuple[str, ...]:
+        if self.decomposer is not None:
+            return (CP,)
+        return FORM_NAMES if self.decomposition == AUTO else (self.decomposition,)
 
     def __post_init__(self) -> None:
+        if self.decomposition not in DECOMPOSITIONS:
+            raise UsageError(f"expected one of {', '.join(DECOMPOSITIONS)}, got {self.decomposition!r}",
+                             option="decomposition")
+        if self.decomposer is not None and self.decomposition not in (AUTO, CP):
+            raise UsageError("a custom decomposer gives CP factors: it cannot be combined with "
+                             f"decomposition={self.decomposition!r}", option="decomposition")
         if self.method not in cp.METHODS:
             raise UsageError(f"expected one of {', '.join(cp.METHODS)}, got {self.method!r}", option="method")
         if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
@@ -44,7 +63,19 @@ class Solved:
 
 
 def make_solver(settings: SolverSettings, seed: int) -> SolveMany:
-    """A batched solver: the user's decomposer in a loop, or onnx_cp.cp in worker processes."""
+    """A batched CP solver: the user's decomposer in a loop, or onnx_cp.cp in worker processes. It
+    carries the forms the policies may choose from as `.forms` (see solver_forms)."""
+    solver = _cp_solver(settings, seed)
+    solver.forms = settings.forms
+    return solver
+
+
+def solver_forms(solve_many: SolveMany) -> tuple[str, ...]:
+    """The forms a solver serves: CP only for a plain callable (one given in place of make_solver's)."""
+    return tuple(getattr(solve_many, "forms", (CP,)))
+
+
+def _cp_solver(settings: SolverSettings, seed: int) -> SolveMany:
     if settings.decomposer is not None:
         def solve_with_decomposer(jobs, quick: bool = False) -> list[Solved]:
             solved = []
@@ -83,22 +114,29 @@ def kernel_error(site: ConvSite, group_results: Sequence[object]) -> float:
     return cp.pooled_relative_error(site.group_kernels(), [r.rel_error for r in group_results])
 
 
-def layer_plan(rank: int, group_results: Sequence[object], note: str | None = None) -> LayerPlan:
-    return LayerPlan(rank, [list(r.factors) for r in group_results], note=note)
+def layer_plan(rank, group_results: Sequence[object], note: str | None = None, form: str = CP) -> LayerPlan:
+    return LayerPlan(rank, [list(r.factors) for r in group_results], form=form, note=note)
 
 
 class Refiner:
     """Full solves in place of quick estimates, for the layers of a plan: a search plans on quick
-    estimates and refines only the plans it builds for good. Each (layer, rank) is solved once."""
+    estimates and refines only the plans it builds for good. Each (layer, form, rank) is solved once;
+    CP in one solver batch, the other forms here (their solvers are cheap)."""
 
     def __init__(self, sites: Sequence[ConvSite], solve_many: SolveMany) -> None:
         self.sites = {s.name: s for s in sites}
         self.solve_many = solve_many
-        self.solved: dict[tuple[str, int], list] = {}
+        self.solved: dict[tuple, list] = {}
 
     def __call__(self, plan: Plan) -> Plan:
-        missing = sorted({(name, layer.rank) for name, layer in plan.layers.items()} - set(self.solved))
-        self.solved.update(solve_layers([(self.sites[name], rank) for name, rank in missing], self.solve_many))
-        layers = {name: dataclasses.replace(layer, factors=[list(r.factors) for r in self.solved[(name, layer.rank)]])
+        from onnx_cp.ranks.forms import solve_form  # forms builds on this module
+
+        wanted = {(name, layer.form, layer.rank) for name, layer in plan.layers.items()}
+        missing = sorted(wanted - set(self.solved), key=repr)
+        cp_solved = solve_layers([(self.sites[n], r) for n, f, r in missing if f == CP], self.solve_many)
+        self.solved.update({(n, CP, r): results for (n, r), results in cp_solved.items()})
+        self.solved.update({(n, f, r): solve_form(self.sites[n], f, r) for n, f, r in missing if f != CP})
+        layers = {name: dataclasses.replace(layer, factors=[list(r.factors) for r in
+                                                            self.solved[(name, layer.form, layer.rank)]])
                   for name, layer in plan.layers.items()}
         return Plan(layers, plan.refusals)

@@ -1,0 +1,110 @@
+"""Auto (CP, Tucker-2, channel SVD, spatial SVD per layer) against CP alone at the same measured
+speed-up target (not part of CI).
+
+    python benchmarks/bench_forms.py [--targets 1.5 2 3] [--samples 1000]
+        # writes benchmarks/results/forms.{md,json}
+
+For each model and --target-speedup X, `optimize` runs the speed-up search twice, with
+decomposition="cp" and "auto" (no fine-tuning, no data: the searches see only kernel errors and
+measured latency), then both results are measured again in one interleaved onnxruntime run against
+the original, and their outputs compared with the original's on real test inputs (charresnet: the
+synthetic character test set, top-1 agreement and worst channel-group output error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from onnx_cp import optimize  # noqa: E402
+from onnx_cp.data.chars import generate_chars  # noqa: E402
+from onnx_cp.errors import BudgetError  # noqa: E402
+from onnx_cp.measure import benchmark_latency, evaluate  # noqa: E402
+from onnx_cp.measure.outputs import compare_on_data  # noqa: E402
+from onnx_cp.runtime.cpu import channel_block  # noqa: E402
+from onnx_cp.settings import SolverSettings, SpeedupTarget  # noqa: E402
+
+MODELS = {"charresnet": ROOT / "models" / "charresnet.onnx", "charnet": ROOT / "models" / "charnet.onnx"}
+
+
+def run_one(path: Path, target: float, decomposition: str, workers: int) -> dict:
+    started = time.perf_counter()
+    try:
+        result = optimize(path, SpeedupTarget(target), solver=SolverSettings(workers=workers,
+                                                                           decomposition=decomposition))
+    except BudgetError as exc:
+        return {"decomposition": decomposition, "error": str(exc)}
+    rows = [r for r in result.report["layers"] if r["status"] == "decomposed"]
+    return {"decomposition": decomposition, "model": result.model, "seconds": time.perf_counter() - started,
+            "forms": dict(Counter(r["form"] for r in rows)),
+            "layers": {r["name"]: [r["form"], r["rank"], round(r["rel_error"], 3)] for r in rows},
+            "search_measured": max(t["measured"] for t in result.report["search"]),
+            "kernel_error_sum": round(sum(r["rel_error"] for r in rows), 3)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", nargs="+", default=["charresnet"], choices=sorted(MODELS))
+    parser.add_argument("--targets", nargs="+", type=float, default=[1.5, 2.0, 3.0])
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "forms"))
+    args = parser.parse_args()
+    x, y = generate_chars(args.samples, seed=0, split="test")
+    x = np.asarray(x, np.float32)
+    data = Path(tempfile.mkdtemp()) / "test.npz"
+    np.savez(data, x=x, y=y)
+    data = str(data)
+    results = []
+    for name in args.models:
+        for target in args.targets:
+            original_top1 = evaluate(str(MODELS[name]), data).top1
+            runs = [run_one(MODELS[name], target, d, args.workers) for d in ("cp", "auto")]
+            done = [r for r in runs if "model" in r]
+            if done:
+                latency = benchmark_latency([str(MODELS[name]), *[r["model"] for r in done]], runs=200)
+                for r, measured in zip(done, latency.models[1:]):
+                    model = r.pop("model")
+                    agreement = compare_on_data(model, MODELS[name], x, samples=args.samples)
+                    r["top1"] = evaluate(model, data).top1
+                    r["speedup"] = round(measured.speedup_vs_first, 3)
+                    r["worst_group_error"] = round(agreement.worst_group_error, 4)
+                    r["top1_agreement"] = agreement.outputs[0].agreement.get("top1")
+            for r in runs:
+                results.append({"model": name, "target": target, "original_top1": original_top1, **r})
+                print(json.dumps(results[-1]), flush=True)
+    meta = {"command": "python " + " ".join(sys.argv), "machine": platform.machine(), "processor": platform.processor(),
+            "channel_block": channel_block()}
+    Path(args.out + ".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    lines = [f"# Auto vs CP at the same speed-up target\n\n`{meta['command']}` (channel block {meta['channel_block']}, "
+             "no fine-tuning; output error on the character test set vs the original)\n",
+             "| model | target | forms | measured speed-up | worst group output error | top-1 agreement | top-1 (original) "
+             "| forms chosen |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['target']:g}x | {r['decomposition']} | - | - | - | - | {r['error']} |")
+            continue
+        forms = ", ".join(f"{f} x{n}" for f, n in sorted(r["forms"].items()))
+        agree = f"{100 * r['top1_agreement']:.1f}%" if r.get("top1_agreement") is not None else "-"
+        lines.append(f"| {r['model']} | {r['target']:g}x | {r['decomposition']} | {r['speedup']:.2f}x | "
+                     f"{r['worst_group_error']:.3f} | {agree} | {100 * r['top1']:.2f}% ({100 * r['original_top1']:.2f}%) "
+                     f"| {forms} |")
+    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
