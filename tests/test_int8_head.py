@@ -48,7 +48,7 @@ def head_model(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Reshape", ["head", "shape"], ["y"], name="head_reshape"),
     ]
     graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4 + CLASSES, SIZE * SIZE])], inits)
     return model_factory.make_model(graph)
 
 
@@ -140,3 +140,43 @@ def test_int8_options_without_quantize_are_a_usage_error(head, tmp_path, capsys)
     assert cli("optimize", source, tmp_path / "o.onnx", "--int8-target", "portable") == 2
     assert "--quantize int8" in capsys.readouterr().err
     assert not (tmp_path / "o.onnx").exists()
+
+
+def loud_channel_model() -> onnx.ModelProto:
+    """x -> conv_a -> Relu -> conv_b -> Relu -> conv1 -> Relu -> conv2 -> y (1x1 convs, 8 channels).
+    conv1's channel 0 is 1000x louder than the others and conv2 reads it 1000x quieter: the output
+    depends on all channels alike, but one 8-bit scale for conv1's output rounds the quiet ones away."""
+    rng = np.random.default_rng(0)
+    loud = np.ones((8, 1, 1, 1), np.float32)
+    loud[0] = 1000.0
+    weights = {"conv_a": rng.standard_normal((8, 3, 1, 1)), "conv_b": rng.standard_normal((8, 8, 1, 1)) / 3,
+               "conv1": rng.standard_normal((8, 8, 1, 1)) / 3 * loud,
+               "conv2": rng.standard_normal((4, 8, 1, 1)) / 3 / loud.reshape(1, 8, 1, 1)}
+    nodes, previous = [], "x"
+    for i, name in enumerate(weights):
+        out = "y" if name == "conv2" else f"{name}_out"
+        nodes.append(helper.make_node("Conv", [previous, f"{name}.w"], [out], name=name))
+        if name != "conv2":
+            nodes.append(helper.make_node("Relu", [out], [f"{name}_relu"], name=f"relu{i}"))
+            previous = f"{name}_relu"
+    inits = [numpy_helper.from_array(w.astype(np.float32), f"{name}.w") for name, w in weights.items()]
+    graph = helper.make_graph(nodes, "loud", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits)
+    return model_factory.make_model(graph)
+
+
+def test_the_layer_int8_hurts_most_is_kept_float_with_its_input_path():
+    model = loud_channel_model()
+    calibration = np.random.default_rng(1).standard_normal((64, 3, 8, 8)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    with pytest.raises(OnnxCpError, match="INT8 broke the model"):  # no search without the float tail
+        quantize_int8(model, calibration, keep_float_tail=False)
+    quantized = quantize_int8(model, calibration)
+    scheme = int8_scheme(quantized)
+    assert set(scheme.float_nodes) == {"conv2", "relu2", "conv1"}  # conv_a, conv_b stay INT8
+    expected = run(model, x)
+    fidelity = compare_output("y", expected, run(quantized, x))
+    assert fidelity.worst_group_error < 0.15 and scheme.check["worst_group_error"] < 0.15
+    weights = {t.name for t in ir.to_proto(quantized).graph.initializer
+               if t.data_type == TensorProto.INT8 and t.name.endswith("_quantized")}
+    assert weights == {"conv_a.w_quantized", "conv_b.w_quantized"}

@@ -42,7 +42,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnx_cp.errors import OnnxCpError, UsageError, first_line
 from onnx_cp.quantize.check import DEFAULT_MAX_OUTPUT_ERROR, Int8Check, measure_int8, raise_if_broken
 from onnx_cp.quantize.equalize import equalize_chains
-from onnx_cp.quantize.mixed import COMPUTE_OPS, float_tail, name_unnamed_nodes
+from onnx_cp.quantize.mixed import COMPUTE_OPS, float_islands, float_tail, name_unnamed_nodes
 from onnx_cp.quantize.sensitivity import rank_by_added_error
 from onnx_cp.quantize.target import DEFAULT_TARGET, check_target, weight_precision
 from onnx_cp.runtime import model_io
@@ -195,7 +195,7 @@ def _quantize_checked(source: ir.Model, input_name: str, batches, scheme: Int8Sc
             count = 0
             while check.failures() and count < limit:
                 count = min(2 * count or 1, limit)
-                kept = {**tail, **dict.fromkeys(ranking[:count], "INT8 adds the most output error here")}
+                kept = {**float_islands(prepared, ranking[:count], "INT8 adds the most output error here"), **tail}
                 quantized = _qdq(prepared, _Batches(input_name, batches()), scheme, kept, cache)
                 check = measure_int8(quantized, reference, data, max_output_error)
     raise_if_broken(check, len(kept))

@@ -61,3 +61,25 @@ def _reason(node: ir.Node) -> str:
     if node.op_type == "Concat":
         return "merges branches on the way to an output"
     return "on the way to an output"
+
+
+def float_islands(model: ir.Model, compute_nodes: list[str], reason: str) -> dict[str, str]:
+    """`compute_nodes` kept float with their input path: the nodes that feed them since the previous
+    compute nodes (activations, residual adds, concats), and those compute nodes too. onnxruntime
+    quantizes a tensor where any node reading or writing it is INT8, so a Conv excluded alone still
+    reads its input through one 8-bit scale; only its weights would turn float."""
+    nodes = {node.name: node for node in model.graph}
+    kept: dict[str, str] = {}
+    for name in compute_nodes:
+        kept[name] = reason
+        pending = [v.producer() for v in nodes[name].inputs if v is not None]
+        while pending:
+            node = pending.pop()
+            if node is None or node.name in kept or node.op_type in SHAPE_OPS or node.domain not in ("", "ai.onnx"):
+                continue
+            if node.op_type in COMPUTE_OPS:  # writes the input path: float, but its own input stays INT8
+                kept[node.name] = f"writes the input of {name}"
+                continue
+            kept[node.name] = f"feeds {name}"
+            pending.extend(v.producer() for v in node.inputs if v is not None)
+    return kept
