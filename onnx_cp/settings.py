@@ -142,7 +142,8 @@ class MeasureSettings:
 
 
 __all__ = [
-    "DEFAULT_INT8_MAX_ERROR", "DEFAULT_MAX_ERROR", "DEFAULT_RECONSTRUCT_STEPS", "AccuracyBudget", "ErrorBudget", "ExplicitRanks",
+    "DEFAULT_INT8_MAX_ERROR", "DEFAULT_MAX_ERROR",
+    "DEFAULT_RECONSTRUCT_STEPS", "AccuracyBudget", "ErrorBudget", "ExplicitRanks",
     "OutputErrorBudget", "FinetuneSettings", "LayerSelection", "MeasureSettings", "QuantizeSettings", "RankPolicy",
     "SolverSettings", "SpeedupTarget", "as_policy",
 ]

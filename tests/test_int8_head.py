@@ -47,8 +47,9 @@ def head_model(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Concat", ["boxes", "scores"], ["head"], name="head_concat", axis=1),
         helper.make_node("Reshape", ["head", "shape"], ["y"], name="head_reshape"),
     ]
-    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4 + CLASSES, SIZE * SIZE])], inits)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4 + CLASSES, SIZE * SIZE])
+    graph = helper.make_graph(nodes, "head", [x], [y], inits)
     return model_factory.make_model(graph)
 
 
@@ -89,7 +90,8 @@ def test_int8_keeps_the_scores_beside_pixel_boxes(head):
     assert scheme.check["worst_group_error"] < 0.05
     # ...and the convs are INT8 still: their weights are stored as 8-bit integers.
     graph = ir.to_proto(quantized).graph
-    int8_weights = {t.name for t in graph.initializer if t.data_type == TensorProto.INT8 and t.name.endswith("_quantized")}
+    int8_weights = {t.name for t in graph.initializer
+                    if t.data_type == TensorProto.INT8 and t.name.endswith("_quantized")}
     assert len(int8_weights) == 3
     producers = {o: n.op_type for n in graph.node for o in n.output}
     assert producers["y"] == "Reshape" and producers["head"] == "Concat" and producers["scores"] == "Sigmoid"

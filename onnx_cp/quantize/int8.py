@@ -191,7 +191,8 @@ def _quantize_checked(source: ir.Model, input_name: str, batches, scheme: Int8Sc
         kept = dict(tail)
         if check.failures() and keep_float_tail:
             ranking = rank_by_added_error(prepared, quantized, data[:_SENSITIVITY_SAMPLES])
-            limit = min(len(ranking), int(MAX_FLOAT_COMPUTE_SHARE * sum(n.op_type in COMPUTE_OPS for n in prepared.graph)))
+            computes = sum(n.op_type in COMPUTE_OPS for n in prepared.graph)
+            limit = min(len(ranking), int(MAX_FLOAT_COMPUTE_SHARE * computes))
             count = 0
             while check.failures() and count < limit:
                 count = min(2 * count or 1, limit)
