@@ -18,6 +18,8 @@ pages rendered in onnx_cp/data/fonts; seeded). For each model and each configura
     default   onnx-cp optimize IN OUT
     speed     onnx-cp optimize IN OUT --target-speedup 1.5
     speed+ft  onnx-cp optimize IN OUT --target-speedup 1.5 --finetune-data TRAIN --teacher-from-input
+    int8      onnx-cp optimize IN OUT --layers '^$' --quantize int8 --calibration-data TRAIN   (INT8 alone)
+    speed+int8 onnx-cp optimize IN OUT --target-speedup 1.5 --quantize int8 --calibration-data TRAIN (CP + INT8)
 
 (plus the model's preprocessing options and --input-shape, --workers 1), the script records the wall
 time of each stage, `onnx-cp bench IN OUT` (1 thread, batch 1), and on a held-out set the output
@@ -27,6 +29,9 @@ and, where the inputs carry a label (rendered text, page rotation), the task acc
     python benchmarks/real_models.py --cache /tmp/onnx-cp-real            # all default models
     python benchmarks/real_models.py --models crnn-ocr orinet --configs default
     python benchmarks/real_models.py --fetch-only
+    python benchmarks/real_models.py --models yolov8-nude --configs speed int8 speed+int8   # the INT8 rival
+
+The table's header names the CPU by its features: INT8 speed depends on them (VNNI or not).
 
 Writes benchmarks/results/real_models.md and .json (or --out PREFIX).
 """
@@ -112,6 +117,9 @@ CONFIGS = {
     "default": [],
     "speed": ["--target-speedup", "1.5"],
     "speed+ft": ["--target-speedup", "1.5", "--finetune-data", "{train}", "--teacher-from-input"],
+    # The rival, and both together: INT8 alone decomposes nothing (no layer name matches).
+    "int8": ["--layers", "^$", "--quantize", "int8", "--calibration-data", "{train}"],
+    "speed+int8": ["--target-speedup", "1.5", "--quantize", "int8", "--calibration-data", "{train}"],
 }
 
 
@@ -122,7 +130,7 @@ def cpu_info() -> dict:
         model = re.search(r"^model name\s*:\s*(.*)$", text, re.M)
         flags = set(re.search(r"^flags\s*:\s*(.*)$", text, re.M).group(1).split())
         info["model"] = model.group(1) if model else platform.processor()
-        info["flags"] = {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni")}
+        info["flags"] = {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")}
     except (OSError, AttributeError):
         pass
     return info
@@ -274,7 +282,7 @@ def stage_seconds(report: dict) -> dict:
     solve = [row.get("seconds") for row in layers if isinstance(row.get("seconds"), (int, float))]
     if solve:
         out["solve (sum over layers)"] = round(sum(solve), 2)
-    for key in ("search", "reconstruction", "finetune", "latency", "quantize"):
+    for key in ("search", "reconstruction", "finetune", "latency", "quantize"):  # quantize: INT8 configs
         part = report.get(key)
         if isinstance(part, dict) and isinstance(part.get("seconds"), (int, float)):
             out[key] = part["seconds"]
@@ -367,7 +375,8 @@ def run_model(cache: Path, model: Model, configs: list[str], args, results_dir: 
         for stale in (out, report_path):
             stale.unlink(missing_ok=True)
         extra = [a.format(train=train) for a in CONFIGS[config]]
-        prep = ["--size", f"{model.size[0]},{model.size[1]}", *model.prep] if "--finetune-data" in extra else []
+        reads_data = "--finetune-data" in extra or "--calibration-data" in extra
+        prep = ["--size", f"{model.size[0]},{model.size[1]}", *model.prep] if reads_data else []
         cmd = ["optimize", str(path), str(out), "--workers", "1", "--seed", str(args.seed),
                "--input-shape", f"{model.input_name}:{','.join(map(str, model.shape))}", *prep, *extra,
                "--report", str(report_path), "-q", *args.extra]

@@ -35,6 +35,7 @@ from onnx_cp.data.chars import generate_chars  # noqa: E402
 from onnx_cp.measure import LayerProfile, benchmark_latency, evaluate, layer_profile  # noqa: E402
 from onnx_cp.quantize import int8_scheme, quantize_int8  # noqa: E402
 from onnx_cp.runtime import model_io  # noqa: E402
+from onnx_cp.runtime.cpu import cpu_features, cpu_name  # noqa: E402
 from onnx_cp.settings import FinetuneSettings, MeasureSettings, SpeedupTarget  # noqa: E402
 
 PAPER = {"speedup": 8.5, "accuracy_before": 91.0, "accuracy_after": 90.0}
@@ -96,7 +97,7 @@ def main() -> None:
 
     results = {"paper": PAPER, "ranks": ranks, "accuracy_top1": accuracy, "speedup": speedups,
                "latency": latency.to_json(), "per_layer_speedup": per_layer,
-               "int8_scheme": int8_scheme(int8).describe(),
+               "int8_scheme": int8_scheme(int8).describe(), "cpu": cpu_name(), "cpu_features": cpu_features(),
                "search": tuned.report.get("search"), "optimize_report": tuned.report,
                "seconds": round(time.perf_counter() - started),
                "command": "python benchmarks/reproduce_paper.py " + " ".join(sys.argv[1:])}
@@ -123,6 +124,9 @@ def _table(r: dict) -> str:
         "# charnet: the paper's headline reproduced with onnx-cp", "",
         f"Ranks chosen for a measured {r['optimize_report']['settings']['target_speedup']:g}x speed-up: "
         + ", ".join(f"{k} {v}" for k, v in r["ranks"].items()) + ". INT8: " + r["int8_scheme"] + ".", "",
+        # INT8 speed depends on the CPU kind (VNNI or not): the table belongs to the machine it ran on.
+        f"Measured on {r.get('cpu', 'an unnamed CPU')} ({', '.join(r.get('cpu_features', [])) or 'no SIMD flags read'}).",
+        "",
         "| model | test top-1 | drop (points) | whole-net speed-up (1 thread, batch 1) |",
         "| --- | ---: | ---: | ---: |",
     ]

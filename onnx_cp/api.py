@@ -122,7 +122,7 @@ def optimize(
     if quantize is not None:
         calibration = quantize.calibration_data or (finetune.data if finetune else None) or eval_data
         final, report["quantize"] = _quantize(final, run.data.open("calibration", calibration, labels=False)
-                                              if calibration is not None else None)
+                                              if calibration is not None else None, quantize)
         stages[f"{'finetuned' if 'finetuned' in stages else 'decomposed'}+int8"] = final
     if eval_data is not None:
         report["accuracy"] = _accuracy(run.original, stages, run.data.open("evaluation", eval_data), measure.threads)
@@ -402,15 +402,18 @@ def _settings_report(policy: RankPolicy, layers: LayerSelection, solver: SolverS
     }
 
 
-def _quantize(model: ir.Model, data) -> tuple[ir.Model, dict]:
+def _quantize(model: ir.Model, data, settings: QuantizeSettings) -> tuple[ir.Model, dict]:
     if data is None:
         raise UsageError("INT8 quantization needs calibration data (calibration_data, the fine-tuning data "
                          "or eval_data)", option="quantize")
     from onnx_cp.quantize import int8_scheme, quantize_int8
 
     started = time.perf_counter()
-    quantized = quantize_int8(model, data)
-    return quantized, {"kind": "int8", "format": "QDQ", "scheme": int8_scheme(quantized).describe(),
+    quantized = quantize_int8(model, data, target=settings.target, max_output_error=settings.max_output_error)
+    scheme = int8_scheme(quantized)
+    return quantized, {"kind": "int8", "format": "QDQ", "scheme": scheme.describe(), "target": scheme.target,
+                       "weight_bits": scheme.weight_bits, "cpu_features": list(scheme.cpu_features),
+                       "float_nodes": len(scheme.float_nodes), "check": scheme.check,
                        "seconds": round(time.perf_counter() - started, 3)}
 
 

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from onnx_cp.errors import UsageError
+from onnx_cp.quantize.target import DEFAULT_TARGET, check_target
 from onnx_cp.ranks import (
     DEFAULT_MAX_ERROR,
     AccuracyBudget,
@@ -91,17 +92,34 @@ class FinetuneSettings:
         return {k: v for k, v in options.items() if v is not None}
 
 
+# The INT8 output-error budget (worst channel group on the calibration samples); the value lives
+# here, beside the other defaults, so that settings import without onnxruntime's quantizer.
+DEFAULT_INT8_MAX_ERROR = 0.15
+
+
 @dataclass(frozen=True)
 class QuantizeSettings:
     """Static INT8 quantization of the result, calibrated on `calibration_data` (default: the
-    fine-tuning data, else the evaluation data)."""
+    fine-tuning data, else the evaluation data).
+
+    target: "native" (weight bits for this CPU: 8 where onnxruntime has VNNI/AMX/dot-product
+    kernels, 7 where 8 would saturate) or "portable" (7 bits: safe on any CPU).
+    max_output_error: the largest channel-group error of any output the INT8 model may show against
+    the float model on the calibration samples; the most sensitive layers are kept float to meet it,
+    and a model that cannot is an error (onnx_cp.quantize.check)."""
 
     kind: str = "int8"
     calibration_data: object | None = None
+    target: str = DEFAULT_TARGET
+    max_output_error: float = DEFAULT_INT8_MAX_ERROR
 
     def __post_init__(self) -> None:
         if self.kind != "int8":
             raise UsageError(f"only 'int8' is supported, got {self.kind!r}", option="quantize")
+        check_target(self.target)
+        error = self.max_output_error
+        if isinstance(error, bool) or not isinstance(error, (int, float)) or not error > 0:
+            raise UsageError(f"expected a positive number, got {error!r}", option="int8_max_error")
 
 
 @dataclass(frozen=True)
@@ -126,7 +144,7 @@ class MeasureSettings:
 
 
 __all__ = [
-    "DECOMPOSITIONS", "DEFAULT_MAX_ERROR", "DEFAULT_RECONSTRUCT_STEPS", "AccuracyBudget", "ErrorBudget",
-    "ExplicitRanks", "OutputErrorBudget", "FinetuneSettings", "LayerSelection", "MeasureSettings", "QuantizeSettings",
-    "RankPolicy", "SolverSettings", "SpeedupTarget", "as_policy",
+    "DECOMPOSITIONS", "DEFAULT_INT8_MAX_ERROR", "DEFAULT_MAX_ERROR", "DEFAULT_RECONSTRUCT_STEPS", "AccuracyBudget",
+    "ErrorBudget", "ExplicitRanks", "OutputErrorBudget", "FinetuneSettings", "LayerSelection", "MeasureSettings",
+    "QuantizeSettings", "RankPolicy", "SolverSettings", "SpeedupTarget", "as_policy",
 ]

@@ -1,4 +1,4 @@
-"""INT8 quantization: 7-bit weights, CP chain equalization, the recorded scheme."""
+"""INT8 quantization: 7-bit portable weights, CP chain equalization, the recorded scheme and check."""
 
 from __future__ import annotations
 
@@ -92,10 +92,12 @@ def test_equalization_leaves_the_callers_model_alone(chain):
     assert np.array_equal(original.graph.initializers["conv/cp/in.weight"].const_value.numpy(), before)
 
 
-def test_equalized_int8_chain_stays_close_where_naive_int8_is_far_off(chain):
+def test_equalized_int8_chain_stays_close_where_naive_int8_is_far_off(chain, monkeypatch):
     calibration, x = inputs(64, seed=1), inputs(16, seed=2)
     expected = run(chain, x)
-    naive = relative_error(run(quantize_int8(chain, calibration, equalize=False), x), expected)
+    monkeypatch.setattr("onnx_cp.quantize.check.MIN_AGREEMENT", 0.0)  # let the naive model through the check
+    naive = relative_error(run(quantize_int8(chain, calibration, equalize=False, keep_float_tail=False,
+                                             max_output_error=100.0), x), expected)
     equalized = relative_error(run(quantize_int8(chain, calibration), x), expected)
     assert naive > 0.2  # the quiet channels are rounded away
     assert equalized < 0.05
@@ -103,12 +105,14 @@ def test_equalized_int8_chain_stays_close_where_naive_int8_is_far_off(chain):
 
 
 def test_scheme_is_recorded_and_survives_saving(chain, tmp_path):
-    quantized = quantize_int8(chain, inputs(32, seed=1), samples=32)
+    quantized = quantize_int8(chain, inputs(32, seed=1), samples=32, target="portable")
     scheme = int8_scheme(quantized)
     assert scheme is not None
-    assert (scheme.weights, scheme.weight_bits, scheme.samples) == ("int8", 7, 32)
+    assert (scheme.weights, scheme.weight_bits, scheme.samples, scheme.target) == ("int8", 7, 32, "portable")
     assert scheme.equalized_layers == ("conv",)
     assert "7-bit" in scheme.describe() and "1 CP chain(s) equalized" in scheme.describe()
+    assert "target portable" in scheme.describe()
+    assert scheme.check["samples"] == 32 and 0 < scheme.check["worst_group_error"] < 0.05
     model_io.save_model(quantized, tmp_path / "q.onnx")
     assert int8_scheme(tmp_path / "q.onnx") == scheme
     assert int8_scheme(chain) is None
@@ -119,11 +123,11 @@ def int8_weights(model: ir.Model) -> list[np.ndarray]:
             if v.const_value is not None and v.const_value.dtype == ir.DataType.INT8]
 
 
-def test_weights_use_seven_bits_by_default():
+def test_portable_weights_use_seven_bits():
     """8-bit weights saturate onnxruntime's int16 accumulation on AVX2 CPUs without VNNI."""
     model = model_factory.tiny_cnn()
     x = np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(np.float32)
-    seven = int8_weights(quantize_int8(model, x))
+    seven = int8_weights(quantize_int8(model, x, target="portable"))
     assert seven and max(int(np.abs(w.astype(np.int32)).max()) for w in seven) <= 64
     eight = quantize_int8(model, x, reduce_range=False)
     assert max(int(np.abs(w.astype(np.int32)).max()) for w in int8_weights(eight)) > 64
@@ -144,3 +148,7 @@ def test_unknown_options_are_refused(chain):
         quantize_int8(chain, inputs(8, seed=1), weights="int4")
     with pytest.raises(OnnxCpError, match="calibration_method"):
         quantize_int8(chain, inputs(8, seed=1), calibration_method="mse")
+    with pytest.raises(OnnxCpError, match="int8_target"):
+        quantize_int8(chain, inputs(8, seed=1), target="avx2")
+    with pytest.raises(OnnxCpError, match="int8_max_error"):
+        quantize_int8(chain, inputs(8, seed=1), max_output_error=0)

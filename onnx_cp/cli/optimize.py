@@ -85,6 +85,12 @@ def register(subparsers) -> None:
                       "after fine-tuning")
     tune.add_argument("--calibration-data", metavar="DATA", help="INT8 calibration inputs "
                       "(default: --finetune-data, else --eval-data)")
+    tune.add_argument("--int8-target", choices=["native", "portable"], help="weight bits for the CPU the "
+                      "INT8 file is for: native (default) = this one (8 bits with VNNI/AMX/ARM dot product, "
+                      "else 7), portable = 7 bits, safe on any CPU")
+    tune.add_argument("--int8-max-error", type=float, metavar="E", help="largest worst-channel-group error "
+                      "of the INT8 model against the float one on the calibration samples (default "
+                      f"{settings.DEFAULT_INT8_MAX_ERROR}); sensitive layers stay float to meet it, else exit 1")
     add_image_args(p.add_argument_group("image preprocessing, for every data option (as eval's)"))
     tune.add_argument("--bench", action="store_true", help="measure onnxruntime latency of IN and OUT "
                       "and profile them per layer (implied by --report-dir)")
@@ -116,6 +122,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace) -> settings.QuantizeSettings | None:
+    given = {"target": args.int8_target, "max_output_error": args.int8_max_error}
+    if not args.quantize:
+        if any(v is not None for v in given.values()):
+            raise UsageError("--int8-target and --int8-max-error need --quantize int8")
+        return None
+    return settings.QuantizeSettings(args.quantize, args.calibration_data,
+                                     **{k: v for k, v in given.items() if v is not None})
+
+
 def settings_from_args(args: argparse.Namespace) -> dict:
     """The API's setting groups from the options (the config file's included)."""
     rank, per_layer = parse_rank_args(args.rank)
@@ -125,7 +141,7 @@ def settings_from_args(args: argparse.Namespace) -> dict:
         "solver": settings.SolverSettings(method=args.method, workers=args.workers,
                                           decomposition=args.decomposition),
         "finetune": _finetune(args),
-        "quantize": settings.QuantizeSettings(args.quantize, args.calibration_data) if args.quantize else None,
+        "quantize": _quantize(args),
         "measure": settings.MeasureSettings(input_shapes=parse_input_shapes(args.input_shape), threads=args.threads,
                                             eval_data=args.eval_data, latency=args.bench or bool(args.report_dir)),
         "preprocessing": preprocessing(args),

@@ -1,18 +1,20 @@
 """Static INT8 quantization with onnxruntime (QDQ, per-channel weights), calibrated on user data.
 
 INT8 is the rival users already know, and CP composes with it: the four-conv chain quantizes like
-any Conv. Activations are unsigned 8-bit and weights signed 8-bit (U8S8), the combination that
+any Conv. Activations are unsigned 8-bit and weights signed (U8S8), the combination that
 onnxruntime's VNNI kernels run fastest on x86.
 
-Three things keep the result close to the float model:
-- weights use 7 bits (reduce_range). On x86 CPUs without VNNI (AVX2 only), onnxruntime multiplies
-  U8 x S8 pairs with VPMADDUBSW, which saturates the int16 sum of two products: with full 8-bit
-  weights whole layers clip and accuracy collapses (measured: a CP model fell from 94% to 15%
-  top-1). onnxruntime's own documentation recommends reduce_range on such machines; a quantized
-  file may run anywhere, so we always use it rather than guess from the CPU we happen to run on.
+Five things keep the result close to the float model:
+- weight bits follow the CPU the file is for (quantize.target): 8 where onnxruntime's kernels sum
+  into int32 (VNNI, AMX, ARM dot product), 7 where they saturate int16 pair sums (AVX2 without
+  VNNI) or the machine is not known (`target="portable"`).
 - CP chains are equalized first (see quantize.equalize): activations are quantized per tensor, and
   the R rank-one channels inside a chain have very different ranges.
 - activation ranges are calibrated by percentile, not min/max (see DEFAULT_CALIBRATION_METHOD).
+- the float tail between the last compute nodes and the outputs stays float (quantize.mixed): one
+  scale for a head that concatenates pixel boxes and probabilities rounds the probabilities to 0.
+- the result is checked against the float model on the calibration samples (quantize.check), per
+  channel group and by task agreement; a broken model raises instead of being returned.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import json
 import logging
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +40,11 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from onnx_cp.errors import OnnxCpError, UsageError, first_line
+from onnx_cp.quantize.check import DEFAULT_MAX_OUTPUT_ERROR, Int8Check, measure_int8, raise_if_broken
 from onnx_cp.quantize.equalize import equalize_chains
+from onnx_cp.quantize.mixed import COMPUTE_OPS, float_islands, float_tail, name_unnamed_nodes
+from onnx_cp.quantize.sensitivity import rank_by_added_error
+from onnx_cp.quantize.target import DEFAULT_TARGET, check_target, weight_precision
 from onnx_cp.runtime import model_io
 from onnx_cp.runtime.tensors import single_input
 
@@ -63,13 +69,20 @@ class Int8Scheme:
     calibration: str = DEFAULT_CALIBRATION_METHOD
     samples: int = DEFAULT_CALIBRATION_SAMPLES
     equalized_layers: tuple[str, ...] = field(default_factory=tuple)
+    # Files written before targets existed used 7 bits everywhere, which is what "portable" means.
+    target: str = "portable"
+    cpu_features: tuple[str, ...] = field(default_factory=tuple)  # of the machine that quantized
+    float_nodes: tuple[str, ...] = field(default_factory=tuple)  # the float tail (quantize.mixed)
+    check: dict = field(default_factory=dict)  # Int8Check.to_json() on the calibration samples
 
     def describe(self) -> str:
         chains = f", {len(self.equalized_layers)} CP chain(s) equalized" if self.equalized_layers else ""
+        tail = f", {len(self.float_nodes)} head node(s) kept float" if self.float_nodes else ""
         granularity = "per-channel" if self.per_channel else "per-tensor"
         signed = "signed" if self.weights == "int8" else "unsigned"
-        return (f"U8 activations, {self.weight_bits}-bit {signed} weights ({granularity}), "
-                f"{self.calibration} calibration on {self.samples} samples{chains}")
+        features = ", ".join(self.cpu_features) or "no SIMD flags read"
+        return (f"U8 activations, {self.weight_bits}-bit {signed} weights ({granularity}; target {self.target}, "
+                f"quantized on {features}), {self.calibration} calibration on {self.samples} samples{chains}{tail}")
 
 
 def int8_scheme(model: model_io.ModelLike) -> Int8Scheme | None:
@@ -79,20 +92,39 @@ def int8_scheme(model: model_io.ModelLike) -> Int8Scheme | None:
     if text is None:
         return None
     fields = json.loads(text)
-    fields["equalized_layers"] = tuple(fields.get("equalized_layers", ()))
+    for key in ("equalized_layers", "cpu_features", "float_nodes"):
+        fields[key] = tuple(fields.get(key, ()))
     return Int8Scheme(**fields)
 
 
 class _Batches(CalibrationDataReader):
-    """Feeds the calibration samples, a batch at a time, to onnxruntime's calibrator."""
+    """Feeds the calibration samples, a batch at a time, to onnxruntime's calibrator; set_range lets
+    it take them a few batches at a time (see _CALIBRATION_CHUNK)."""
 
     def __init__(self, input_name: str, batches: Iterator[np.ndarray]) -> None:
         self.input_name = input_name
-        self.batches = batches
+        self.all = list(batches)
+        self.batches = iter(self.all)
+
+    def __len__(self) -> int:
+        return len(self.all)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.batches = iter(self.all[start_index:end_index])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self.batches, None)
         return None if batch is None else {self.input_name: batch}
+
+
+# onnxruntime's histogram calibrators keep every intermediate tensor of every batch they are given
+# in memory (16 GB for YOLOv8n at 320 on 256 samples): give them this many batches at a time.
+_CALIBRATION_CHUNK = 4
+
+
+def _chunk(batches: int) -> int:
+    """The largest chunk up to _CALIBRATION_CHUNK that divides the batch count (onnxruntime asks it)."""
+    return max(c for c in range(1, _CALIBRATION_CHUNK + 1) if batches % c == 0) if batches else 1
 
 
 def quantize_int8(
@@ -100,53 +132,116 @@ def quantize_int8(
     calibration,
     *,
     samples: int = DEFAULT_CALIBRATION_SAMPLES,
+    target: str = DEFAULT_TARGET,
     per_channel: bool = True,
     weights: str = "int8",
-    reduce_range: bool = True,
+    reduce_range: bool | None = None,
     equalize: bool = True,
     calibration_method: str = DEFAULT_CALIBRATION_METHOD,
+    keep_float_tail: bool = True,
+    max_output_error: float = DEFAULT_MAX_OUTPUT_ERROR,
 ) -> ir.Model:
     """A QDQ INT8 copy of `model`, its activation ranges calibrated on `calibration`
-    (a dataset path, a Dataset, or an array of inputs) with at most `samples` samples.
+    (a dataset path, a Dataset, or an array of inputs) with at most `samples` samples, checked
+    against `model` on those samples (quantize.check: OnnxCpError when it broke).
 
-    weights: "int8" (U8S8, with 7-bit weights unless reduce_range=False, which is only safe where
-    onnxruntime has VNNI kernels) or "uint8" (U8U8: 8-bit weights that never saturate, but no VNNI
+    target: "native" (weight bits for this CPU: 8 with VNNI/AMX/ARM dot product, else 7) or
+    "portable" (7 bits, safe on any CPU); reduce_range overrides it (True: 7 bits, False: 8).
+    weights: "int8" (U8S8) or "uint8" (U8U8: 8-bit weights that never saturate, but no VNNI
     speed-up). equalize: rescale CP chains first (see equalize_chains). calibration_method:
-    "percentile", "minmax" or "entropy". The scheme used is recorded in the result's metadata:
-    read it with int8_scheme()."""
-    _check_options(weights, calibration_method)
+    "percentile", "minmax" or "entropy". keep_float_tail: leave the nodes between the last compute
+    nodes and the outputs in float (quantize.mixed). max_output_error: the largest channel-group
+    error the check accepts. The scheme used and the check's figures are recorded in the result's
+    metadata: read them with int8_scheme()."""
+    _check_options(weights, calibration_method, target, max_output_error)
     source = model_io.to_ir(model)
+    reference = ir.to_proto(source)  # before equalization: the check compares with the model as given
     input_name = single_input(source, "INT8 calibration")
     batches = _calibration_source(calibration, samples)
     equalized = equalize_chains(source, batches()) if equalize else []
-    scheme = Int8Scheme(weights=weights, weight_bits=7 if weights == "int8" and reduce_range else 8,
+    precision = weight_precision(target)
+    bits = precision.weight_bits if reduce_range is None or weights != "int8" else (7 if reduce_range else 8)
+    scheme = Int8Scheme(weights=weights, weight_bits=bits if weights == "int8" else 8,
                         per_channel=per_channel, calibration=calibration_method, samples=samples,
-                        equalized_layers=tuple(equalized))
-    quantized = _quantize_static(source, _Batches(input_name, batches()), scheme)
+                        equalized_layers=tuple(equalized), target=target, cpu_features=precision.cpu_features)
+    data = np.concatenate(list(batches()))
+    quantized, kept, check = _quantize_checked(source, input_name, batches, scheme, keep_float_tail,
+                                               reference, data, max_output_error)
+    scheme = replace(scheme, float_nodes=tuple(kept), check=check.to_json())
     quantized.metadata_props[SCHEME_METADATA_KEY] = json.dumps(asdict(scheme))
     return quantized
 
 
-def _check_options(weights: str, calibration_method: str) -> None:
+# The search keeps at most this share of the compute nodes float: beyond it INT8 is not INT8.
+MAX_FLOAT_COMPUTE_SHARE = 0.5
+_SENSITIVITY_SAMPLES = 8  # enough to rank layers; their tensors are held in memory
+
+
+def _quantize_checked(source: ir.Model, input_name: str, batches, scheme: Int8Scheme, keep_float_tail: bool,
+                      reference, data: np.ndarray, max_output_error: float
+                      ) -> tuple[ir.Model, dict[str, str], Int8Check]:
+    """Quantize; while the outputs miss `max_output_error` (or a task agreement), keep float the
+    compute nodes whose INT8 adds the most error, 1, 2, 4, ... of them (quantize.sensitivity)."""
+    prepared = _prepared(source)
+    tail = float_tail(prepared) if keep_float_tail else {}
+    with tempfile.TemporaryDirectory(prefix="onnx-cp-calibration-") as folder:
+        cache = Path(folder) / "ranges.json"
+        quantized = _qdq(prepared, _Batches(input_name, batches()), scheme, tail, cache)
+        check = measure_int8(quantized, reference, data, max_output_error)
+        kept = dict(tail)
+        if check.failures() and keep_float_tail:
+            ranking = rank_by_added_error(prepared, quantized, data[:_SENSITIVITY_SAMPLES])
+            computes = sum(n.op_type in COMPUTE_OPS for n in prepared.graph)
+            limit = min(len(ranking), int(MAX_FLOAT_COMPUTE_SHARE * computes))
+            count = 0
+            while check.failures() and count < limit:
+                count = min(2 * count or 1, limit)
+                kept = {**float_islands(prepared, ranking[:count], "INT8 adds the most output error here"), **tail}
+                quantized = _qdq(prepared, _Batches(input_name, batches()), scheme, kept, cache)
+                check = measure_int8(quantized, reference, data, max_output_error)
+    raise_if_broken(check, len(kept))
+    return quantized, kept, check
+
+
+def _check_options(weights: str, calibration_method: str, target: str, max_output_error: float) -> None:
     if weights not in ("int8", "uint8"):
         raise UsageError(f"expected 'int8' or 'uint8', got {weights!r}", option="weights")
     if calibration_method not in _METHODS:
         raise UsageError(f"expected one of {', '.join(_METHODS)}, got {calibration_method!r}",
                          option="calibration_method")
+    check_target(target)
+    if isinstance(max_output_error, bool) or not isinstance(max_output_error, (int, float)) or not max_output_error > 0:
+        raise UsageError(f"expected a positive number, got {max_output_error!r}", option="int8_max_error")
 
 
-def _quantize_static(source: ir.Model, reader: CalibrationDataReader, scheme: Int8Scheme) -> ir.Model:
+def _prepared(source: ir.Model) -> ir.Model:
+    """The model as onnxruntime's quantizer will see it (pre-processed), every node named: names
+    are what it excludes nodes by, and pre-processing may add unnamed ones."""
+    with tempfile.TemporaryDirectory(prefix="onnx-cp-int8-") as folder, _quiet():
+        fp32_path = Path(folder) / "fp32.onnx"
+        model_io.save_model(source, fp32_path, external_data=False)
+        prepared = model_io.load_model(_preprocessed(fp32_path, Path(folder) / "prepared.onnx"))
+        ir.external_data.load_to_model(prepared)  # the temporary folder goes away
+    name_unnamed_nodes(prepared)
+    return prepared
+
+
+def _qdq(prepared: ir.Model, reader: _Batches, scheme: Int8Scheme, exclude: dict[str, str], cache: Path) -> ir.Model:
+    """onnxruntime's static QDQ quantization of `prepared`, the nodes in `exclude` left float. The
+    activation ranges are calibrated once and kept in `cache` for the next call on the same model."""
     with tempfile.TemporaryDirectory(prefix="onnx-cp-int8-") as folder, _quiet():
         fp32_path, int8_path = Path(folder) / "fp32.onnx", Path(folder) / "int8.onnx"
-        model_io.save_model(source, fp32_path, external_data=False)
-        prepared = _preprocessed(fp32_path, Path(folder) / "prepared.onnx")
+        model_io.save_model(prepared, fp32_path, external_data=False)
         try:
             quantize_static(
-                prepared, int8_path, reader, quant_format=QuantFormat.QDQ, per_channel=scheme.per_channel,
-                reduce_range=scheme.weight_bits == 7, activation_type=QuantType.QUInt8,
+                fp32_path, int8_path, reader, quant_format=QuantFormat.QDQ,
+                per_channel=scheme.per_channel, reduce_range=scheme.weight_bits == 7,
+                activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8 if scheme.weights == "int8" else QuantType.QUInt8,
-                calibrate_method=_METHODS[scheme.calibration],
-                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+                calibrate_method=_METHODS[scheme.calibration], nodes_to_exclude=list(exclude),
+                calibration_cache_path=cache,
+                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
+                               "CalibStridedMinMax": _chunk(len(reader))},  # strides serve every method
             )
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises many kinds
             raise OnnxCpError(f"INT8 quantization failed: {first_line(exc)}") from None

@@ -27,7 +27,9 @@ def _cpuinfo() -> dict[str, str]:
 
 
 def cpu_flags() -> frozenset[str]:
-    return frozenset(_cpuinfo().get("flags", "").split())
+    """The instruction-set flags of this CPU: x86 lists them as "flags", ARM as "Features"."""
+    info = _cpuinfo()
+    return frozenset((info.get("flags") or info.get("Features") or "").split())
 
 
 def cpu_name() -> str:
@@ -53,7 +55,26 @@ RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni
                   "asimddp", "i8mm")
 
 
-def cpu_features() -> list[str]:
-    """The relevant instruction sets this CPU has, for every report and benchmark."""
-    flags = cpu_flags()
+def cpu_features(flags: frozenset[str] | None = None) -> list[str]:
+    """The relevant instruction sets this CPU (or the given flag set) has, for every report and benchmark."""
+    flags = cpu_flags() if flags is None else flags
     return [f for f in RELEVANT_FLAGS if f in flags]
+
+
+# Instructions that give onnxruntime's U8 x S8 kernels an int32 dot product: VNNI on x86 (AVX-512 or
+# AVX), AMX tiles, and ARM's dot-product (SDOT/UDOT) and int8 matrix-multiply extensions.
+INT8_DOT_PRODUCT_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni", "i8mm", "asimddp")
+_X86_MARKERS = ("sse2", "avx", "avx2")
+
+
+def int8_dot_product(flags: frozenset[str]) -> str | None:
+    """The instruction onnxruntime's INT8 kernels accumulate with on a CPU with `flags`, when it sums
+    into int32 without saturating; None when they use int16 pair sums (x86 without VNNI/AMX:
+    VPMADDUBSW saturates with full 8-bit weights) or the flags are unknown. A pure function of the
+    flag set, so that the choice is tested for CPUs other than the one running."""
+    for flag in INT8_DOT_PRODUCT_FLAGS:
+        if flag in flags:
+            return flag
+    if flags and not any(marker in flags for marker in _X86_MARKERS) and "asimd" in flags:
+        return "asimd"  # ARM without the dot-product extension widens to int32 (UMULL/SMLAL): no saturation
+    return None

@@ -1,0 +1,184 @@
+"""A detector head that concatenates boxes in pixels with sigmoid class scores: INT8 must keep the
+scores (the float tail), and a quantized model that breaks is an error, not a result."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import model_factory
+from onnx_cp.cli import main
+from onnx_cp.errors import OnnxCpError
+from onnx_cp.quantize import int8_scheme, quantize_int8
+from onnx_cp.quantize.mixed import float_tail
+from onnx_cp.runtime import model_io
+from onnx_cp.runtime.fidelity import compare_output
+
+CLASSES, SIZE = 3, 16
+
+
+def head_model(seed: int = 0) -> onnx.ModelProto:
+    """x (N, 3, 16, 16) -> Conv 3x3 + Relu -> [Conv 1x1 -> boxes: 160 + 100 * b (pixels)]
+    + [Conv 1x1 -> Sigmoid (scores in 0..1)] -> Concat -> Reshape -> y (N, 4 + 3, 256), YOLOv8's layout."""
+    rng = np.random.default_rng(seed)
+
+    def init(name, *shape, scale=0.3):
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+    inits = [init("w0", 16, 3, 3, 3), init("b0", 16), init("wb", 4, 16, 1, 1), init("wc", CLASSES, 16, 1, 1),
+             init("bc", CLASSES, scale=1.0),
+             numpy_helper.from_array(np.array(100.0, np.float32), "gain"),
+             numpy_helper.from_array(np.array(160.0, np.float32), "offset"),
+             numpy_helper.from_array(np.array([0, 4 + CLASSES, -1], np.int64), "shape")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["f0"], name="stem", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["f0"], ["f"], name="stem_relu"),
+        helper.make_node("Conv", ["f", "wb"], ["b_raw"], name="box_conv"),
+        helper.make_node("Mul", ["b_raw", "gain"], ["b_scaled"], name="box_gain"),
+        helper.make_node("Add", ["b_scaled", "offset"], ["boxes"], name="box_offset"),
+        helper.make_node("Conv", ["f", "wc", "bc"], ["logits"], name="cls_conv"),
+        helper.make_node("Sigmoid", ["logits"], ["scores"], name="cls_sigmoid"),
+        helper.make_node("Concat", ["boxes", "scores"], ["head"], name="head_concat", axis=1),
+        helper.make_node("Reshape", ["head", "shape"], ["y"], name="head_reshape"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4 + CLASSES, SIZE * SIZE])
+    graph = helper.make_graph(nodes, "head", [x], [y], inits)
+    return model_factory.make_model(graph)
+
+
+def inputs(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, SIZE, SIZE)).astype(np.float32)
+
+
+def run(model, x: np.ndarray) -> np.ndarray:
+    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+@pytest.fixture(scope="module")
+def head() -> onnx.ModelProto:
+    return head_model()
+
+
+def test_the_float_tail_is_what_lies_between_the_last_convs_and_the_output(head):
+    kept = float_tail(model_io.to_ir(head))
+    assert set(kept) == {"box_gain", "box_offset", "cls_sigmoid", "head_concat", "head_reshape"}
+    assert kept["cls_sigmoid"] == "score activation at the head"
+    assert kept["head_reshape"] == "produces a graph output"
+
+
+def test_int8_keeps_the_scores_beside_pixel_boxes(head):
+    x = inputs(32, seed=2)
+    expected = run(head, x)
+    assert expected[:, :4].max() > 100 and expected[:, 4:].max() <= 1.0  # two ranges in one tensor
+    quantized = quantize_int8(head, inputs(64, seed=1))
+    fidelity = compare_output("y", expected, run(quantized, x))
+    assert fidelity.kind == "detections"
+    assert fidelity.group_errors["class scores"] < 0.05
+    assert fidelity.agreement["top10 anchors"] >= 0.8
+    scheme = int8_scheme(quantized)
+    # onnxruntime's pre-processing folds box_gain into box_conv; the rest of the tail stays float.
+    assert set(scheme.float_nodes) == {"box_offset", "cls_sigmoid", "head_concat", "head_reshape"}
+    assert scheme.check["worst_group_error"] < 0.05
+    # ...and the convs are INT8 still: their weights are stored as 8-bit integers.
+    graph = ir.to_proto(quantized).graph
+    int8_weights = {t.name for t in graph.initializer
+                    if t.data_type == TensorProto.INT8 and t.name.endswith("_quantized")}
+    assert len(int8_weights) == 3
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    assert producers["y"] == "Reshape" and producers["head"] == "Concat" and producers["scores"] == "Sigmoid"
+
+
+def test_one_scale_for_the_head_wipes_the_scores_and_is_refused(head):
+    # Without the float tail the concatenated output gets one scale of about 1 pixel: every score
+    # rounds to 0 while the whole-tensor error stays small. The check says so, in one line.
+    with pytest.raises(OnnxCpError, match=r"class scores moved by 0\.9\d*|class scores moved by 1") as info:
+        quantize_int8(head, inputs(64, seed=1), keep_float_tail=False)
+    assert "\n" not in str(info.value) and "nothing written" in str(info.value)
+
+
+def cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def test_cli_refuses_a_broken_int8_model_and_writes_nothing(head, tmp_path, capsys):
+    source, out, data = tmp_path / "head.onnx", tmp_path / "out.onnx", tmp_path / "calib.npz"
+    onnx.save(head, source)
+    np.savez(data, x=inputs(32, seed=1))
+    code = cli("optimize", source, out, "--quantize", "int8", "--calibration-data", data, "--int8-max-error", "1e-6",
+               "--report", tmp_path / "r.json", "-q")
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert "\n" not in err and "INT8 broke the model" in err and "moved by" in err
+    assert not out.exists() and not (tmp_path / "r.json").exists()
+
+
+def test_cli_records_target_bits_and_check(head, tmp_path, capsys):
+    source, out, data, report = tmp_path / "head.onnx", tmp_path / "out.onnx", tmp_path / "c.npz", tmp_path / "r.json"
+    onnx.save(head, source)
+    np.savez(data, x=inputs(32, seed=1))
+    code = cli("optimize", source, out, "--quantize", "int8", "--calibration-data", data, "--int8-target", "portable",
+               "--report", report, "-q")
+    assert code == 0, capsys.readouterr().err
+    quantize = json.loads(report.read_text())["quantize"]
+    assert quantize["target"] == "portable" and quantize["weight_bits"] == 7
+    assert quantize["float_nodes"] == 4 and quantize["check"]["worst_group_error"] < 0.05
+    assert int8_scheme(out).weight_bits == 7
+    x = inputs(8, seed=3)
+    assert compare_output("y", run(head, x), run(onnx.load(out), x)).group_errors["class scores"] < 0.05
+
+
+def test_int8_options_without_quantize_are_a_usage_error(head, tmp_path, capsys):
+    source = tmp_path / "head.onnx"
+    onnx.save(head, source)
+    assert cli("optimize", source, tmp_path / "o.onnx", "--int8-target", "portable") == 2
+    assert "--quantize int8" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def loud_channel_model() -> onnx.ModelProto:
+    """x -> conv_a -> Relu -> conv_b -> Relu -> conv1 -> Relu -> conv2 -> y (1x1 convs, 8 channels).
+    conv1's channel 0 is 1000x louder than the others and conv2 reads it 1000x quieter: the output
+    depends on all channels alike, but one 8-bit scale for conv1's output rounds the quiet ones away."""
+    rng = np.random.default_rng(0)
+    loud = np.ones((8, 1, 1, 1), np.float32)
+    loud[0] = 1000.0
+    weights = {"conv_a": rng.standard_normal((8, 3, 1, 1)), "conv_b": rng.standard_normal((8, 8, 1, 1)) / 3,
+               "conv1": rng.standard_normal((8, 8, 1, 1)) / 3 * loud,
+               "conv2": rng.standard_normal((4, 8, 1, 1)) / 3 / loud.reshape(1, 8, 1, 1)}
+    nodes, previous = [], "x"
+    for i, name in enumerate(weights):
+        out = "y" if name == "conv2" else f"{name}_out"
+        nodes.append(helper.make_node("Conv", [previous, f"{name}.w"], [out], name=name))
+        if name != "conv2":
+            nodes.append(helper.make_node("Relu", [out], [f"{name}_relu"], name=f"relu{i}"))
+            previous = f"{name}_relu"
+    inits = [numpy_helper.from_array(w.astype(np.float32), f"{name}.w") for name, w in weights.items()]
+    graph = helper.make_graph(nodes, "loud", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits)
+    return model_factory.make_model(graph)
+
+
+def test_the_layer_int8_hurts_most_is_kept_float_with_its_input_path():
+    model = loud_channel_model()
+    calibration = np.random.default_rng(1).standard_normal((64, 3, 8, 8)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    with pytest.raises(OnnxCpError, match="INT8 broke the model"):  # no search without the float tail
+        quantize_int8(model, calibration, keep_float_tail=False)
+    quantized = quantize_int8(model, calibration)
+    scheme = int8_scheme(quantized)
+    assert set(scheme.float_nodes) == {"conv2", "relu2", "conv1"}  # conv_a, conv_b stay INT8
+    expected = run(model, x)
+    fidelity = compare_output("y", expected, run(quantized, x))
+    assert fidelity.worst_group_error < 0.15 and scheme.check["worst_group_error"] < 0.15
+    weights = {t.name for t in ir.to_proto(quantized).graph.initializer
+               if t.data_type == TensorProto.INT8 and t.name.endswith("_quantized")}
+    assert weights == {"conv_a.w_quantized", "conv_b.w_quantized"}
