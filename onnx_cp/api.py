@@ -127,7 +127,12 @@ def optimize(
     if eval_data is not None:
         report["accuracy"] = _accuracy(run.original, stages, run.data.open("evaluation", eval_data), measure.threads)
     if isinstance(policy, SpeedupTarget):
-        report["target"] = run.check_target(policy, final, eval_data)
+        try:
+            report["target"] = run.check_target(policy, final, eval_data)
+        except BudgetError as error:  # the caller may still want to see what was measured
+            report["target"] = {"target_speedup": policy.target, "failed": str(error)}
+            error.report = report
+            raise
         report.setdefault("warnings", []).extend(_speed_cost(policy, report.get("accuracy")))
     if measure.latency:
         report.update(_latency(run.original, final, run.shapes, measure.threads, seed))

@@ -35,9 +35,14 @@ class UsageError(OnnxCpError):
 
 
 class BudgetError(OnnxCpError):
-    """No model meets the requested accuracy budget: exit code 3 (the CI gate)."""
+    """No model meets the requested accuracy budget: exit code 3 (the CI gate). `report`: what the
+    run measured before it failed, when it got that far (the CLI writes it as --report asks)."""
 
     exit_code = EXIT_BUDGET
+
+    def __init__(self, message: str, report: dict | None = None) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -303,11 +305,16 @@ def test_a_speed_target_bounded_by_accuracy_fails_with_exit_3_when_the_bound_is_
     np.savez(tmp_path / "val.npz", x=x, y=y)
     onnx.save(proto, tmp_path / "in.onnx")
     code = main(["optimize", str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"), "--target-speedup", "1.2",
-                 "--max-accuracy-drop", "1", "--eval-data", str(tmp_path / "val.npz")])
+                 "--max-accuracy-drop", "1", "--eval-data", str(tmp_path / "val.npz"),
+                 "--report", str(tmp_path / "r.json")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 3, err
     assert len(err) == 1 and "accuracy drop" in err[0] and "at most 1 allowed" in err[0]
     assert not (tmp_path / "out.onnx").exists()
+    # the report of the refused run says what was chosen and measured
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["output"] is None and "at most 1 allowed" in report["target"]["failed"]
+    assert any(row["status"] == "decomposed" for row in report["layers"]) and "accuracy" in report
 
 
 def test_a_speed_target_bounded_by_accuracy_reports_both_when_met(tmp_path, monkeypatch):

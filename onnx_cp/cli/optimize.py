@@ -7,7 +7,7 @@ from pathlib import Path
 
 from onnx_cp import api, config, settings
 from onnx_cp.cli import add_image_args, preprocessing
-from onnx_cp.errors import OnnxCpError, UsageError
+from onnx_cp.errors import BudgetError, OnnxCpError, UsageError
 from onnx_cp.measure import write_json, write_report
 from onnx_cp.runtime import model_io
 from onnx_cp.runtime.files import same_file
@@ -102,7 +102,12 @@ def run(args: argparse.Namespace) -> int:
     config_source = _apply_config(args)
     source, target = Path(args.input), Path(args.output)
     _check_paths(source, target, args)
-    result = api.optimize(source, **settings_from_args(args))
+    try:
+        result = api.optimize(source, **settings_from_args(args))
+    except BudgetError as error:
+        if error.report is not None and args.report:  # no OUT, but the measurements that refused it
+            write_json({**error.report, "output": None}, Path(args.report))
+        raise
     report = result.report
     report["output"] = str(target)
     report["config"] = config_source
