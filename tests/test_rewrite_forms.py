@@ -10,7 +10,7 @@ import onnx_ir as ir
 import pytest
 from onnx import helper, numpy_helper
 from test_rewrite import CASES, assert_same_outputs, run
-from test_rewrite_onnx_suite import CONV_CASES
+from test_rewrite_onnx_suite import CONV_CASES, backend_model
 
 import model_factory
 from onnx_cp.graph import LayerPlan, LowRankPass, Plan, find_conv_sites, naming, plan_with
@@ -193,16 +193,6 @@ def test_a_plan_for_a_form_the_conv_refuses_is_an_error():
     plan = Plan({"conv": LayerPlan(2, [[np.ones((8, 2)), np.ones((4, 2)), np.ones((1, 2)), np.ones((1, 2))]])})
     with pytest.raises(Exception, match="1x1 conv: CP gains nothing"):
         LowRankPass(plan)(model)
-
-
-def backend_model(name):
-    model, (inputs, outputs) = CONV_CASES[name]
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    weight_name = model.graph.input[1].name
-    model.graph.initializer.append(numpy_helper.from_array(inputs[1], weight_name))
-    del model.graph.input[1]
-    model.ir_version = 10
-    return model, inputs, outputs
 
 
 @pytest.mark.parametrize("form", [SVD, SPATIAL_SVD])

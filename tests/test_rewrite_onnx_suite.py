@@ -52,15 +52,21 @@ def full_rank(kernel_shape) -> int:
     return s * kh * kw
 
 
-@pytest.mark.parametrize("name", sorted(CONV_CASES))
-def test_backend_conv_case(name):
+def backend_model(name):
+    """An ONNX backend Conv case with W made a weight (the backend feeds it as an input), as in a
+    trained model: (model, inputs, outputs)."""
     model, (inputs, outputs) = CONV_CASES[name]
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    # The backend feeds W as an input; make it a weight, as in a trained model.
     weight_name = model.graph.input[1].name
     model.graph.initializer.append(numpy_helper.from_array(inputs[1], weight_name))
     del model.graph.input[1]
     model.ir_version = 10
+    return model, inputs, outputs
+
+
+@pytest.mark.parametrize("name", sorted(CONV_CASES))
+def test_backend_conv_case(name):
+    model, inputs, outputs = backend_model(name)
     # These 1-channel 3x3 convs gain nothing from CP (optimize would leave them alone), so the
     # pass is run directly, with the solver, at a rank where the CP solution can be exact.
     ir_model = ir.from_proto(model)

@@ -4,7 +4,7 @@ conv/tucker2/core, conv/svd/out."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 N = TypeVar("N")
@@ -74,3 +74,20 @@ def chain_forms(nodes: Iterable[N]) -> dict[str, str]:
         if parts:
             forms.setdefault(parts[0], parts[1])
     return forms
+
+
+def name_unnamed_nodes(nodes: Iterable, name_of: Callable[[object, int], str]) -> bool:
+    """Give every unnamed node a unique name, `name_of(node, index)` (made unique by appending "_"),
+    since onnxruntime reports and excludes nodes by name; True when any node was renamed."""
+    nodes = list(nodes)
+    taken = {node.name for node in nodes if node.name}
+    renamed = False
+    for index, node in enumerate(nodes):
+        if not node.name:
+            name = name_of(node, index)
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+            renamed = True
+    return renamed

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from onnx_cp.graph import naming
 from onnx_cp.graph.naming import LAYER_METADATA_KEY, layer_of
 from onnx_cp.progress import progress
 from onnx_cp.runtime.inputs import measured_feeds, measured_shapes
@@ -230,17 +231,8 @@ def _kernels_per_run(events: list[dict]) -> list[list[tuple[str, str, float]]]:
 
 def _named_copy(loaded: LoadedModel) -> LoadedModel:
     """Give unnamed nodes a stable name (op type and index) so their time can be reported."""
-    unnamed = [node for node in loaded.ir_model.graph if not node.name]
-    if not unnamed:
+    if not naming.name_unnamed_nodes(loaded.ir_model.graph, lambda node, index: f"{node.op_type}_{index}"):
         return loaded
-    used = {node.name for node in loaded.ir_model.graph}
-    for index, node in enumerate(loaded.ir_model.graph):
-        if not node.name:
-            name = f"{node.op_type}_{index}"
-            while name in used:
-                name += "_"
-            node.name = name
-            used.add(name)
     if isinstance(loaded.source, str):  # external data: bring it into memory for serialising
         ir.external_data.load_to_model(loaded.ir_model)
     source = ir.to_proto(loaded.ir_model).SerializeToString()

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from onnx_cp.graph import naming
+
 # Nodes whose output is a fresh mix of their inputs' channels: each gets its own output scale, and the
 # walk from the outputs stops there. The rest of the tail only moves, merges or maps values.
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger"})
@@ -28,14 +30,7 @@ SHAPE_OPS = frozenset({"Shape", "Size"})
 
 def name_unnamed_nodes(model: ir.Model) -> None:
     """Give every unnamed node of the main graph a unique name: onnxruntime excludes nodes by name."""
-    taken = {node.name for node in model.graph if node.name}
-    for index, node in enumerate(model.graph):
-        if not node.name:
-            name = f"onnx_cp_node_{index}"
-            while name in taken:
-                name += "_"
-            node.name = name
-            taken.add(name)
+    naming.name_unnamed_nodes(model.graph, lambda node, index: f"onnx_cp_node_{index}")
 
 
 def float_tail(model: ir.Model) -> dict[str, str]:
