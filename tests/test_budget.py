@@ -15,7 +15,8 @@ from onnx_cp.cli import main
 from onnx_cp.errors import BudgetError
 from onnx_cp.measure.outputs import compare_on_data
 from onnx_cp.ranks.forms import rank_label
-from onnx_cp.ranks.search import LayerMenu, Option, Timing, _unmeasured_plan, plan_for_time, search_speedup
+from onnx_cp.ranks.search import (LayerMenu, Option, QualityLimit, Timing, _unmeasured_plan, plan_for_time,
+                                  quality_frontier, search_quality, search_speedup)
 from onnx_cp.ranks.solve import Solved
 from onnx_cp.settings import AccuracyBudget, MeasureSettings, OutputErrorBudget, SpeedupTarget
 
@@ -244,6 +245,47 @@ def test_output_error_budget_needs_sample_inputs(tmp_path, capsys):
     onnx.save(model_factory.tiny_cnn(), tmp_path / "in.onnx")
     assert main(["optimize", str(tmp_path / "in.onnx"), str(tmp_path / "o.onnx"), "--max-output-error", "0.1"]) == 2
     assert "--max-output-error" in capsys.readouterr().err
+
+
+def _quality_search(drop_of_error):
+    """search_quality on MENUS where a plan's accuracy drop is a function of its total error."""
+    timing = Timing(total_ms=14.0, layer_ms={"big": 10.0, "small": 2.0})
+    measured = []
+
+    errors = {(m.site.name, o.rank): o.error for m in MENUS for o in m.options}
+
+    def tune_and_score(plan):  # the "model" built is the graph plan itself
+        measured.append(tuple(sorted((n, lp.rank) for n, lp in plan.layers.items())))
+        return drop_of_error(sum(errors[(n, lp.rank)] for n, lp in plan.layers.items())), plan
+
+    limit = QualityLimit("accuracy_drop", 1.0, "points of accuracy")
+    result = search_quality(MENUS, timing, limit, build=lambda plan: plan, tune_and_score=tune_and_score)
+    return timing, result, measured
+
+
+def test_quality_search_finds_the_fastest_plan_within_the_limit_measuring_each_plan_once():
+    timing, (plan, _, trace), measured = _quality_search(lambda error: 10 * error)
+    frontier = quality_frontier(MENUS, timing, timing.rest_ms(MENUS))
+    speeds = [s for s, _ in frontier]
+    assert speeds == sorted(speeds, reverse=True) and len(frontier) > 2
+    passing = [(s, p) for s, p in frontier if 10 * sum(o.error for o in p.values()) <= 1.0]
+    assert {n: lp.rank for n, lp in plan.layers.items()} == \
+        {n: o.rank for n, o in passing[0][1].items() if o.rank is not None}
+    assert len(measured) == len(set(measured))
+
+
+def test_quality_search_reaches_the_most_accurate_plan_when_every_faster_one_fails():
+    timing, (plan, _, _), measured = _quality_search(lambda error: 0.0 if error <= 0.1 + 1e-9 else 50.0)
+    frontier = quality_frontier(MENUS, timing, timing.rest_ms(MENUS))
+    most_accurate = frontier[-1][1]
+    assert sum(o.error for o in most_accurate.values()) == pytest.approx(0.1)
+    assert measured[-1] == tuple(sorted((n, o.rank) for n, o in most_accurate.items() if o.rank is not None))
+    assert len(measured) == len(set(measured))
+
+
+def test_quality_search_refuses_when_no_plan_fits():
+    with pytest.raises(BudgetError, match="smallest seen: 5"):
+        _quality_search(lambda error: 5.0 + error)
 
 
 def test_speedup_search_moves_past_a_repeated_plan_toward_the_faster_bracket():
