@@ -326,7 +326,8 @@ def _measurement_lines(report: dict) -> list[str]:
     search = report.get("search")
     if isinstance(search, list):  # --target-speedup attempts
         for step in search:
-            lines.append(f"speed-up search: aimed at {step['aimed_at']:.2f}x, predicted {step['predicted']:.2f}x, "
+            ranks = ", ".join(f"{name}={rank}" for name, rank in step["ranks"].items() if rank is not None)
+            lines.append(f"speed-up search: {ranks}: predicted {step['predicted']:.2f}x, "
                          f"measured {step['measured']:.2f}x")
     elif search:  # --max-accuracy-drop / --max-output-error bisection
         for step in search["trace"]:
