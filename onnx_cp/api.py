@@ -41,6 +41,8 @@ from onnx_cp.settings import (
 )
 
 SENSITIVITY_SAMPLES = 512
+SENSITIVITY_MIN_SAMPLES = 32
+SENSITIVITY_SECONDS = 60.0  # of model runs that measure the layers' sensitivities, beyond the minimum
 SPEED_COST_WARNING = 1.0  # points of accuracy a speed target alone may cost before it is warned of
 
 
@@ -100,7 +102,7 @@ def optimize(
 
     tuned = None
     if isinstance(policy, SpeedupTarget):
-        plan, report["search"] = run.search_speedup(policy, eval_data)
+        plan, report["search"] = run.search_speedup(policy, _selection_data(finetune, eval_data))
     elif isinstance(policy, (AccuracyBudget, OutputErrorBudget)):
         plan, tuned, report["search"] = run.search_quality(policy, eval_data, tune)
     else:
@@ -212,14 +214,15 @@ class _Run:
                                    seed=self.seed)
         return result.models[1].speedup_vs_first
 
-    def search_speedup(self, policy: SpeedupTarget, eval_data) -> tuple[Plan, list[dict]]:
-        """The most accurate plan measured fast enough; with a quality bound, "accurate" is weighted
-        by each layer's measured sensitivity on `eval_data` (charnet: kernel error alone spent the
-        speed beyond 8.5x on conv3, and lost 1.4 points, where ranks on conv2 lose 0.4)."""
+    def search_speedup(self, policy: SpeedupTarget, data) -> tuple[Plan, list[dict]]:
+        """The most accurate plan measured fast enough. With `data`, "accurate" is kernel error
+        weighted by each layer's sensitivity measured on it, by the bound's measure, else by output
+        fidelity (charnet: kernel error alone spent the speed beyond 8.5x on conv3 and lost 1.4 points)."""
         timing = self.timing()
         menus, refusals = self.menus(timing)
-        if policy.within is not None:
-            menus = self._with_sensitivities(menus, policy.within, eval_data)
+        if data is not None:
+            meter = self._meter(policy.within) if policy.within is not None else self._output_error_meter
+            menus = self._with_sensitivities(menus, meter, data, timing)
         plan, _, trace = search.search_speedup(menus, timing, policy.target, self.build_model, self.speedup_of)
         return _with_refusals(self.refine(plan), refusals), trace
 
@@ -248,7 +251,7 @@ class _Run:
         within the policy's limit."""
         timing = self.timing()
         menus, refusals = self.menus(timing)
-        menus = self._with_sensitivities(menus, policy, eval_data)
+        menus = self._with_sensitivities(menus, self._meter(policy), eval_data, timing)
         measure_on_full = self._meter(policy)(self.data.open("evaluation", eval_data))
         tuning_reports: list[dict] = []
 
@@ -267,10 +270,13 @@ class _Run:
         return (_with_refusals(self.refine(plan), refusals), tuned,
                 {"trace": trace, "sensitivity": {m.site.name: m.weight for m in menus}})
 
-    def _with_sensitivities(self, menus: list[search.LayerMenu], quality: QualityBudget,
-                            eval_data) -> list[search.LayerMenu]:
-        sample = self.data.open("sensitivity", eval_data, limit=SENSITIVITY_SAMPLES)
-        return search.with_sensitivities(menus, self.build_model, self._meter(quality)(sample))
+    def _with_sensitivities(self, menus: list[search.LayerMenu], meter: Callable, data,
+                            timing: search.Timing) -> list[search.LayerMenu]:
+        # one model per layer over the sample: on YOLOv8n (64 layers, 20 ms) 512 samples took 11 minutes
+        affordable = SENSITIVITY_SECONDS / max(len(menus) * timing.total_ms / 1e3, 1e-9)
+        samples = int(min(SENSITIVITY_SAMPLES, max(SENSITIVITY_MIN_SAMPLES, affordable)))
+        sample = self.data.open("sensitivity", data, limit=samples)
+        return search.with_sensitivities(menus, self.build_model, meter(sample))
 
     def _meter(self, quality: QualityBudget) -> Callable:
         return self._accuracy_meter if isinstance(quality, AccuracyBudget) else self._output_error_meter
@@ -289,6 +295,14 @@ class _Run:
 
         reference = ReferenceOutputs(self.original, dataset, threads=self.threads)  # run once per search
         return lambda model: reference.compare(model).worst_group_error
+
+
+def _selection_data(finetune: FinetuneSettings | None, eval_data):
+    """What a speed search weighs layers on: the validation data, else the sample inputs, else the
+    evaluation data (which otherwise only judges the result)."""
+    if finetune is not None:
+        return finetune.val if finetune.val is not None else finetune.data
+    return eval_data
 
 
 def _with_refusals(plan: Plan, refusals: dict[str, str]) -> Plan:

@@ -17,7 +17,7 @@ from onnx_cp.errors import BudgetError
 from onnx_cp.measure.outputs import compare_on_data
 from onnx_cp.ranks.forms import rank_label
 from onnx_cp.ranks.search import (SPEEDUP_MARGIN, LayerMenu, Option, QualityLimit, Timing, plan_for_time,
-                                  plan_frontier, search_quality, search_speedup)
+                                  plan_frontier, search_quality, search_speedup, with_sensitivities)
 from onnx_cp.ranks.solve import Solved
 from onnx_cp.settings import AccuracyBudget, MeasureSettings, OutputErrorBudget, SpeedupTarget
 
@@ -406,3 +406,24 @@ def test_a_bounded_speed_target_fails_when_the_final_model_is_measured_short(tmp
     with pytest.raises(BudgetError, match="final model measured 1.12x, short of the 1.2x target"):
         optimize(proto, SpeedupTarget(1.2, within=AccuracyBudget(100.0)),
                  measure=MeasureSettings(eval_data=str(tmp_path / "val.npz")))
+
+
+def test_sensitivities_weigh_layers_by_measured_loss_per_kernel_error_with_a_relative_floor():
+    menus = [menu("big", 10.0, (16, 0.5, 2.0), (32, 0.4, 4.0), (64, 0.1, 7.0)),
+             menu("small", 2.0, (16, 0.2, 1.0), (32, 0.1, 1.5))]
+    losses = {"big": 0.3, "small": 0.0}  # the small layer costs nothing measurable
+
+    weighted = with_sensitivities(menus, build=lambda plan: next(iter(plan.layers)), drop_of=losses.get)
+    big, small = weighted
+    assert big.weight == pytest.approx(0.3 / 0.4)  # the middle option of the big layer: rank 32
+    assert small.weight == pytest.approx(0.3 * 0.01 / 0.2)  # rank 16, its loss floored at 1% of the largest
+
+
+def test_a_speed_target_with_sample_data_weighs_layers_on_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
+    proto = model_factory.tiny_cnn()
+    x, y = labelled_by_model(proto)
+    np.savez(tmp_path / "val.npz", x=x, y=y)
+    result = optimize(proto, SpeedupTarget(1.05), measure=MeasureSettings(eval_data=str(tmp_path / "val.npz")))
+    assert result.report["data"]["sensitivity"]["samples"] == len(x)
+    assert result.report["search"] and result.report["target"]["measured_speedup"] >= 1.0

@@ -285,16 +285,18 @@ def accuracy_drop(baseline: AccuracyResult, candidate: AccuracyResult) -> float:
 def with_sensitivities(
     menus: Sequence[LayerMenu], build: BuildModel, drop_of: Callable[[ir.Model], float]
 ) -> list[LayerMenu]:
-    """The menus, each layer weighted by the accuracy it loses per unit of kernel error, measured by
-    decomposing that layer alone at a middle option (no fine-tuning)."""
-    weighted = []
+    """The menus, each layer weighted by the quality it loses (accuracy points or output error) per
+    unit of kernel error, measured by decomposing that layer alone at a middle option (no
+    fine-tuning). A loss is floored at 1% of the largest, so that no layer is free."""
+    probes = {}
     for menu in menus:
         option = menu.options[(len(menu.options)) // 2]
         if option.rank is not None and option.error > 0:
-            drop = drop_of(build(Plan({menu.site.name: layer_plan(option.rank, option.results, form=option.form)})))
-            menu = dataclasses.replace(menu, weight=max(drop, 0.05) / option.error)
-        weighted.append(menu)
-    return weighted
+            probes[menu.site.name] = (drop_of(build(Plan({menu.site.name: layer_plan(
+                option.rank, option.results, form=option.form)}))), option.error)
+    floor = max([drop for drop, _ in probes.values()] + [1e-6]) * 0.01
+    return [dataclasses.replace(m, weight=max(probes[m.site.name][0], floor) / probes[m.site.name][1])
+            if m.site.name in probes else m for m in menus]
 
 
 @dataclass(frozen=True)
