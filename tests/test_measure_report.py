@@ -138,3 +138,23 @@ def test_unwritable_folder(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(OnnxCpError, match="report folder"):
         write_report(_optimize_report(), tmp_path / "file", kind="optimize")
+
+
+def test_labels_of_points_at_one_speedup_are_moved_apart():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from onnx_cp.measure.plots import LABEL_GAP_POINTS, _label_offsets
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    xs, ys = [1.0, 9.0, 9.0, 9.0], [96.4, 81.2, 94.5, 95.4]
+    ax.set_xlim(0, 12)
+    ax.set_ylim(75, 100)
+    offsets = _label_offsets(ax, xs, ys, x_span=8.0)
+    per_unit = ax.get_window_extent().height * 72 / fig.dpi / 25
+    centres = [y * per_unit + o for y, o in zip(ys, offsets)]
+    assert centres[3] - centres[2] >= LABEL_GAP_POINTS - 1e-6  # fine-tuned above reconstructed
+    assert offsets[0] == 0 and offsets[3] == 0 and offsets[1] == 0  # far apart: left where they are
+    plt.close(fig)

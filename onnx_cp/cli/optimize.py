@@ -334,6 +334,12 @@ def _measurement_lines(report: dict) -> list[str]:
             measured = (f"accuracy drop {step['accuracy_drop']:.2f} points" if "accuracy_drop" in step
                         else f"output error {step['output_error']:.3f}")
             lines.append(f"quality search: predicted {step['predicted_speedup']:.2f}x -> {measured}")
+    target = report.get("target") or {}
+    if "limit" in target:  # a bounded speed target, measured again on the final model
+        key = "accuracy_drop" if "accuracy_drop" in target else "output_error"
+        lines.append(f"target met: the final model measured {target['measured_speedup']:.2f}x "
+                     f"(at least {target['target_speedup']:g}x), {key.replace('_', ' ')} {target[key]:.3g} "
+                     f"(at most {target['limit']:g})")
     if report.get("quantize"):
         lines.append(f"quantized to INT8 (onnxruntime static quantization, QDQ): {report['quantize']['scheme']}")
     fitted = [f for f in (report.get("reconstruction") or {}).get("layers", []) if f["status"] == "fitted"]

@@ -46,6 +46,26 @@ def grouped_hbars(
     return _save(fig, path)
 
 
+LABEL_GAP_POINTS = 24  # two lines of 8-point text
+
+
+def _label_offsets(ax, xs: Sequence[float], ys: Sequence[float], x_span: float) -> list[float]:
+    """Vertical offsets (points) that keep the labels of points at about the same speed-up (a
+    reconstructed and a fine-tuned model, say) LABEL_GAP_POINTS apart, top to bottom."""
+    low, high = ax.get_ylim()
+    height = ax.get_window_extent().height * 72 / ax.figure.dpi
+    per_unit = height / (high - low)
+    offsets = [0.0] * len(ys)
+    for i in sorted(range(len(ys)), key=lambda k: -ys[k]):
+        above = [k for k in range(len(ys)) if abs(xs[k] - xs[i]) < 0.1 * x_span and
+                 (ys[k] > ys[i] or (ys[k] == ys[i] and k < i))]
+        for k in above:
+            centre_k, centre_i = ys[k] * per_unit + offsets[k], ys[i] * per_unit + offsets[i]
+            if centre_k - centre_i < LABEL_GAP_POINTS:
+                offsets[i] -= LABEL_GAP_POINTS - (centre_k - centre_i)
+    return offsets
+
+
 def accuracy_vs_speedup(
     points: Sequence[tuple[str, float, float]],
     path: Path,
@@ -62,15 +82,17 @@ def accuracy_vs_speedup(
         ax.annotate("", xy=(xs[i], ys[i]), xytext=(xs[i - 1], ys[i - 1]),
                     arrowprops={"arrowstyle": "->", "color": "#999999", "lw": 1,
                                     "shrinkA": 6, "shrinkB": 6})
-    for i, (label, x, y) in enumerate(points):
-        ax.scatter([x], [y], s=70, color=COLORS[i % len(COLORS)], zorder=3, label=label)
-        # right of the point, vertically centred: never runs into the title or a neighbour above
-        ax.annotate(f"{label}\n{y:.1f}% @ {x:.2f}x", (x, y), textcoords="offset points",
-                    xytext=(10, 0), va="center", fontsize=8)
     x_span = max(xs) - min(xs) or max(xs) * 0.5 or 1
     y_span = max(ys) - min(ys) or 5
     ax.set_xlim(min(xs) - 0.15 * x_span, max(xs) + 0.45 * x_span)
     ax.set_ylim(max(0, min(ys) - 0.4 * y_span), min(100.5, max(ys) + 0.4 * y_span))
+    fig.tight_layout()
+    offsets = _label_offsets(ax, xs, ys, x_span)
+    for i, (label, x, y) in enumerate(points):
+        ax.scatter([x], [y], s=70, color=COLORS[i % len(COLORS)], zorder=3, label=label)
+        # right of the point, vertically centred, moved apart from the labels of nearby points
+        ax.annotate(f"{label}\n{y:.1f}% @ {x:.2f}x", (x, y), textcoords="offset points",
+                    xytext=(10, offsets[i]), va="center", fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
