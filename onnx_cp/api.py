@@ -281,7 +281,7 @@ class _Run:
         for step, tuning in zip(trace, tuning_reports):
             step.update(tuning)
         return (_with_refusals(self.refine(plan), refusals), tuned,
-                {"trace": trace, "sensitivity": {m.site.name: m.weight for m in menus}})
+                {"trace": trace, "sensitivity": {m.site.name: m.form_weights or m.weight for m in menus}})
 
     def _with_sensitivities(self, menus: list[search.LayerMenu], meter: Callable, data,
                             timing: search.Timing) -> list[search.LayerMenu]:

@@ -15,6 +15,7 @@ from onnx_cp import api, optimize
 from onnx_cp.cli import main
 from onnx_cp.errors import BudgetError
 from onnx_cp.measure.outputs import compare_on_data
+from onnx_cp.lowrank.forms import SVD
 from onnx_cp.ranks.forms import rank_label
 from onnx_cp.ranks.search import (SPEEDUP_MARGIN, LayerMenu, Option, QualityLimit, Timing, plan_for_time,
                                   plan_frontier, search_quality, search_speedup, with_sensitivities)
@@ -427,3 +428,23 @@ def test_a_speed_target_with_sample_data_weighs_layers_on_it(tmp_path, monkeypat
     result = optimize(proto, SpeedupTarget(1.05), measure=MeasureSettings(eval_data=str(tmp_path / "val.npz")))
     assert result.report["data"]["sensitivity"]["samples"] == len(x)
     assert result.report["search"] and result.report["target"]["measured_speedup"] >= 1.0
+
+
+def test_sensitivities_are_measured_per_form_and_steer_the_plan_away_from_a_damaging_one():
+    """SVD options here have the smaller kernel error, but each unit of it costs ten times more in
+    the outputs: the weighted plan takes CP."""
+    options = [Option(16, 0.50, 2.0), Option(32, 0.40, 3.0),
+               Option(16, 0.45, 2.0, form=SVD), Option(32, 0.35, 3.0, form=SVD)]
+    menus = [LayerMenu(_Site("big"), [Option(None, 0.0, 10.0)] + options)]
+    loss_per_error = {"cp": 1.0, SVD: 10.0}
+    errors = {(o.form, o.rank): o.error for o in options}
+
+    def drop_of(plan):
+        (layer,) = plan.layers.values()
+        return loss_per_error[layer.form] * errors[(layer.form, layer.rank)]
+
+    (weighted,) = with_sensitivities(menus, build=lambda plan: plan, drop_of=drop_of)
+    assert weighted.form_weights == pytest.approx(loss_per_error)
+    plan = plan_for_time([weighted], budget_ms=5.0, rest_ms=2.0)
+    assert plan["big"].form == "cp" and plan["big"].rank == 32
+    assert plan_for_time(menus, budget_ms=5.0, rest_ms=2.0)["big"].form == SVD  # unweighted: kernel error
