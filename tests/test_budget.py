@@ -346,7 +346,7 @@ def test_a_speed_target_bounded_by_accuracy_fails_with_exit_3_when_the_bound_is_
     onnx.save(proto, tmp_path / "in.onnx")
     code = main(["optimize", str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"), "--target-speedup", "1.2",
                  "--max-accuracy-drop", "1", "--eval-data", str(tmp_path / "val.npz"),
-                 "--report", str(tmp_path / "r.json")])
+                 "--report", str(tmp_path / "r.json"), "--report-dir", str(tmp_path / "rd")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 3, err
     assert len(err) == 1 and "accuracy drop" in err[0] and "at most 1 allowed" in err[0]
@@ -355,6 +355,8 @@ def test_a_speed_target_bounded_by_accuracy_fails_with_exit_3_when_the_bound_is_
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["output"] is None and "at most 1 allowed" in report["target"]["failed"]
     assert any(row["status"] == "decomposed" for row in report["layers"]) and "accuracy" in report
+    assert json.loads((tmp_path / "rd" / "report.json").read_text()) == report  # the folder too
+    assert "accuracy" in (tmp_path / "rd" / "report.md").read_text().lower()
 
 
 def test_a_speed_target_bounded_by_accuracy_reports_both_when_met(tmp_path, monkeypatch):

@@ -105,8 +105,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = api.optimize(source, **settings_from_args(args))
     except BudgetError as error:
-        if error.report is not None and args.report:  # no OUT, but the measurements that refused it
-            write_json({**error.report, "output": None}, Path(args.report))
+        if error.report is not None:  # no OUT, but the measurements that refused it
+            refused = {**error.report, "output": None}
+            if args.report:
+                write_json(refused, Path(args.report))
+            if args.report_dir:
+                write_report(refused, Path(args.report_dir), kind="optimize")
         raise
     report = result.report
     report["output"] = str(target)
