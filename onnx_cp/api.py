@@ -285,8 +285,9 @@ class _Run:
 
     def _with_sensitivities(self, menus: list[search.LayerMenu], meter: Callable, data,
                             timing: search.Timing) -> list[search.LayerMenu]:
-        # one model per layer over the sample: on YOLOv8n (64 layers, 20 ms) 512 samples took 11 minutes
-        affordable = SENSITIVITY_SECONDS / max(len(menus) * timing.total_ms / 1e3, 1e-9)
+        # one model per layer and form (see search.with_sensitivities), each run over the whole sample
+        probes = sum(len({o.form for o in m.options[1:]}) for m in menus)
+        affordable = SENSITIVITY_SECONDS / max(probes * timing.total_ms / 1e3, 1e-9)
         samples = int(min(SENSITIVITY_SAMPLES, max(SENSITIVITY_MIN_SAMPLES, affordable)))
         sample = self.data.open("sensitivity", data, limit=samples)
         return search.with_sensitivities(menus, self.build_model, meter(sample))
