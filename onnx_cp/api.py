@@ -251,9 +251,11 @@ class _Run:
             raise BudgetError(f"the final model measured {speedup:.2f}x, short of the {policy.target:g}x target; "
                               "nothing written")
         key, limit = _bound_of(policy.within)
-        if measured_drop is None or not isinstance(policy.within, AccuracyBudget):
-            measured_drop = self._meter(policy.within)(self.data.open("evaluation", eval_data))(final)
-        result.update({key: round(measured_drop, 4), "limit": limit})
+        if isinstance(policy.within, AccuracyBudget) and measured_drop is not None:
+            measured = measured_drop
+        else:
+            measured = self._meter(policy.within)(self.data.open("evaluation", eval_data))(final)
+        result.update({key: round(measured, 4), "limit": limit})
         if result[key] > limit:
             raise BudgetError(f"the model measured {speedup:.2f}x but its {key.replace('_', ' ')} is "
                               f"{result[key]:.3g} (at most {limit:g} allowed); nothing written")
@@ -285,12 +287,12 @@ class _Run:
 
     def _with_sensitivities(self, menus: list[search.LayerMenu], meter: Callable, data,
                             timing: search.Timing) -> list[search.LayerMenu]:
-        # one model per layer and form (see search.with_sensitivities), each run over the whole sample
-        probes = sum(len({o.form for o in m.options[1:]}) for m in menus)
-        affordable = SENSITIVITY_SECONDS / max(probes * timing.total_ms / 1e3, 1e-9)
+        # one model per layer over the whole sample, then per other form while time allows
+        affordable = SENSITIVITY_SECONDS / max(len(menus) * timing.total_ms / 1e3, 1e-9)
         samples = int(min(SENSITIVITY_SAMPLES, max(SENSITIVITY_MIN_SAMPLES, affordable)))
         sample = self.data.open("sensitivity", data, limit=samples)
-        return search.with_sensitivities(menus, self.build_model, meter(sample))
+        return search.with_sensitivities(menus, self.build_model, meter(sample),
+                                         more_forms_seconds=SENSITIVITY_SECONDS)
 
     def _meter(self, quality: QualityBudget) -> Callable:
         return self._accuracy_meter if isinstance(quality, AccuracyBudget) else self._output_error_meter

@@ -450,3 +450,6 @@ def test_sensitivities_are_measured_per_form_and_steer_the_plan_away_from_a_dama
     plan = plan_for_time([weighted], budget_ms=5.0, rest_ms=2.0)
     assert plan["big"].form == "cp" and plan["big"].rank == 32
     assert plan_for_time(menus, budget_ms=5.0, rest_ms=2.0)["big"].form == SVD  # unweighted: kernel error
+    (first_only,) = with_sensitivities(menus, build=lambda plan: plan, drop_of=drop_of, more_forms_seconds=0)
+    assert first_only.form_weights == pytest.approx({"cp": 1.0})  # no time for the other forms
+    assert first_only.cost(options[2]) == pytest.approx(1.0 * 0.45)  # SVD at CP's weight
