@@ -20,7 +20,8 @@ from onnx_cp.ranks.forms import rank_label
 from onnx_cp.ranks.search import (SPEEDUP_MARGIN, LayerMenu, Option, QualityLimit, Timing, plan_for_time,
                                   plan_frontier, search_quality, search_speedup, with_sensitivities)
 from onnx_cp.ranks.solve import Solved
-from onnx_cp.settings import AccuracyBudget, MeasureSettings, OutputErrorBudget, SpeedupTarget
+from onnx_cp.data.datasets import Preprocessing
+from onnx_cp.settings import AccuracyBudget, LayerSelection, MeasureSettings, OutputErrorBudget, SpeedupTarget
 
 
 class _Site:
@@ -453,3 +454,21 @@ def test_sensitivities_are_measured_per_form_and_steer_the_plan_away_from_a_dama
     (first_only,) = with_sensitivities(menus, build=lambda plan: plan, drop_of=drop_of, more_forms_seconds=0)
     assert first_only.form_weights == pytest.approx({"cp": 1.0})  # no time for the other forms
     assert first_only.cost(options[2]) == pytest.approx(1.0 * 0.45)  # SVD at CP's weight
+
+
+def test_symbolic_height_and_width_are_taken_from_the_run_data(tmp_path):
+    """A detector exported with symbolic H and W is timed, and its ranks chosen, at the data's size."""
+    kernel = model_factory.low_rank_kernel(16, 4, 3, 3, rank=16)
+    proto = model_factory.conv_model(kernel, input_shape=("N", 4, "H", "W"))
+    np.savez(tmp_path / "x.npz", x=np.zeros((8, 4, 20, 28), np.float32))
+    data = api._Data(Preprocessing())
+    shape = data.sample_shape(str(tmp_path / "x.npz"))
+    assert shape == (4, 20, 28) and data.used == {}  # peeking at one sample is not a stage's use
+
+    def shapes(sample_shape, **measure):
+        run = api._Run(proto, LayerSelection(), MeasureSettings(**measure), None, 0, data, sample_shape=sample_shape)
+        return run.shapes["x"]
+
+    assert shapes(shape) == [1, 4, 20, 28]
+    assert shapes(shape, input_shapes={"x": [1, 4, 12, 12]}) == [1, 4, 12, 12]  # a given shape wins
+    assert shapes(None)[2:] != [20, 28]  # no data: the defaults
