@@ -100,7 +100,7 @@ def optimize(
     if finetune is not None:
         import onnx_cp.finetune  # noqa: F401 - without torch this fails now, naming the extra, not after the solve
     data = _Data(preprocessing or Preprocessing())
-    sample = (finetune.data if finetune is not None else None) or eval_data
+    sample = finetune.data if finetune is not None else eval_data  # a path, a Dataset or arrays
     run = _Run(model, layers, measure, make_solver(solver, seed), seed, data,
                sample_shape=data.sample_shape(sample) if sample is not None else None)
     tune = _Tuner(run, finetune)
