@@ -255,7 +255,8 @@ class _Run:
         if speedup < policy.target * (1 - search.SPEEDUP_MARGIN):
             raise BudgetError(f"the final model measured {speedup:.2f}x, short of the {policy.target:g}x target; "
                               "nothing written")
-        key, limit = _bound_of(policy.within)
+        bound = _quality_limit(policy.within)
+        key, limit = bound.key, bound.limit
         if isinstance(policy.within, AccuracyBudget) and measured_drop is not None:
             measured = measured_drop
         else:
@@ -281,9 +282,7 @@ class _Run:
             tuned = model if tuned is None else tuned
             return measure_on_full(tuned), tuned
 
-        limit = (search.QualityLimit("accuracy_drop", policy.max_drop, "points of accuracy")
-                 if isinstance(policy, AccuracyBudget) else
-                 search.QualityLimit("output_error", policy.max_error, "output error"))
+        limit = _quality_limit(policy)
         plan, tuned, trace = search.search_quality(menus, timing, limit, self.build_refined, tune_and_score)
         for step, tuning in zip(trace, tuning_reports):
             step.update(tuning)
@@ -321,7 +320,7 @@ class _Run:
 def _shapes_of_sample(model: ir.Model, given: dict, sample_shape: tuple[int, ...] | None) -> dict:
     """The shape of a one-input model whose non-batch dims are symbolic, taken from a sample of the
     run's data: latency is measured, and ranks chosen, at the size the model will see (YOLOv8n's
-    height and width default to 32 otherwise, and the search timed 0.6 ms where 320x320 takes 18)."""
+    height and width default to 32 otherwise, and the search timed 0.6 ms where 320x320 takes 17)."""
     inputs = real_inputs(model)
     if sample_shape is None or len(inputs) != 1 or inputs[0].name in given or inputs[0].shape is None:
         return {}
@@ -433,10 +432,11 @@ def _unbounded_cost(policy: RankPolicy, finetune: FinetuneSettings | None, eval_
             "random inputs); measure it with --eval-data, or bound it with --max-output-error / --max-accuracy-drop"]
 
 
-def _bound_of(budget: QualityBudget) -> tuple[str, float]:
+def _quality_limit(budget: QualityBudget) -> search.QualityLimit:
+    """What a quality budget bounds, as the searches and the final check read it."""
     if isinstance(budget, AccuracyBudget):
-        return "accuracy_drop", budget.max_drop
-    return "output_error", budget.max_error
+        return search.QualityLimit("accuracy_drop", budget.max_drop, "points of accuracy")
+    return search.QualityLimit("output_error", budget.max_error, "output error")
 
 
 def _speed_cost(policy: SpeedupTarget, accuracy: dict | None) -> list[str]:

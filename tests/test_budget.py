@@ -155,6 +155,14 @@ def labelled_by_model(proto: onnx.ModelProto, n: int = 96, seed: int = 0):
     return x, logits.argmax(1).astype(np.int64)
 
 
+def tiny_with_val(tmp_path):
+    """The tiny classifier and tmp_path/val.npz, labelled by the model itself."""
+    proto = model_factory.tiny_cnn()
+    x, y = labelled_by_model(proto)
+    np.savez(tmp_path / "val.npz", x=x, y=y)
+    return proto, x, y
+
+
 def test_target_speedup_end_to_end_meets_its_own_measurement(tmp_path, monkeypatch):
     monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
     result = optimize(model_factory.tiny_cnn(), SpeedupTarget(1.2))
@@ -170,9 +178,7 @@ def test_target_speedup_end_to_end_meets_its_own_measurement(tmp_path, monkeypat
 
 def test_max_accuracy_drop_stays_within_budget(tmp_path, monkeypatch):
     monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
-    proto = model_factory.tiny_cnn()
-    x, y = labelled_by_model(proto)
-    np.savez(tmp_path / "val.npz", x=x, y=y)
+    proto, x, y = tiny_with_val(tmp_path)
     result = optimize(proto, AccuracyBudget(20.0), measure=MeasureSettings(eval_data=str(tmp_path / "val.npz")))
     accuracy = result.report["accuracy"]
     assert accuracy["original"]["top1"] == 1.0
@@ -189,9 +195,7 @@ def zero_solver(*args, **kwargs):
 def test_gate_exit_code_3_and_no_output(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(api, "make_solver", zero_solver)
-    proto = model_factory.tiny_cnn()
-    x, y = labelled_by_model(proto)
-    np.savez(tmp_path / "val.npz", x=x, y=y)
+    proto, x, y = tiny_with_val(tmp_path)
     onnx.save(proto, tmp_path / "in.onnx")
     code = main(["optimize", str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"),
                  "--max-accuracy-drop", "1", "--eval-data", str(tmp_path / "val.npz")])
@@ -341,9 +345,7 @@ def test_a_speed_target_bounded_by_accuracy_fails_with_exit_3_when_the_bound_is_
     monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(api, "make_solver", zero_solver)  # every decomposed model is wrong
     monkeypatch.setattr(api._Run, "speedup_of", lambda self, model: 1.25)
-    proto = model_factory.tiny_cnn()
-    x, y = labelled_by_model(proto)
-    np.savez(tmp_path / "val.npz", x=x, y=y)
+    proto, x, y = tiny_with_val(tmp_path)
     onnx.save(proto, tmp_path / "in.onnx")
     code = main(["optimize", str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"), "--target-speedup", "1.2",
                  "--max-accuracy-drop", "1", "--eval-data", str(tmp_path / "val.npz"),
@@ -363,9 +365,7 @@ def test_a_speed_target_bounded_by_accuracy_fails_with_exit_3_when_the_bound_is_
 def test_a_speed_target_bounded_by_accuracy_reports_both_when_met(tmp_path, monkeypatch):
     monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(api._Run, "speedup_of", lambda self, model: 1.25)  # speed is a benchmark's business
-    proto = model_factory.tiny_cnn()
-    x, y = labelled_by_model(proto)
-    np.savez(tmp_path / "val.npz", x=x, y=y)
+    proto, x, y = tiny_with_val(tmp_path)
     result = optimize(proto, SpeedupTarget(1.2, within=AccuracyBudget(100.0)),
                       measure=MeasureSettings(eval_data=str(tmp_path / "val.npz")))
     target = result.report["target"]
@@ -404,9 +404,7 @@ def test_a_bounded_speed_target_fails_when_the_final_model_is_measured_short(tmp
                                                                             lambda model: 1.25))
     speeds = iter([1.1, 1.12])  # the final model, measured twice
     monkeypatch.setattr(api._Run, "speedup_of", lambda self, model: next(speeds))
-    proto = model_factory.tiny_cnn()
-    x, y = labelled_by_model(proto)
-    np.savez(tmp_path / "val.npz", x=x, y=y)
+    proto, x, y = tiny_with_val(tmp_path)
     with pytest.raises(BudgetError, match="final model measured 1.12x, short of the 1.2x target"):
         optimize(proto, SpeedupTarget(1.2, within=AccuracyBudget(100.0)),
                  measure=MeasureSettings(eval_data=str(tmp_path / "val.npz")))
@@ -425,9 +423,7 @@ def test_sensitivities_weigh_layers_by_measured_loss_per_kernel_error_with_a_rel
 
 def test_a_speed_target_with_sample_data_weighs_layers_on_it(tmp_path, monkeypatch):
     monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
-    proto = model_factory.tiny_cnn()
-    x, y = labelled_by_model(proto)
-    np.savez(tmp_path / "val.npz", x=x, y=y)
+    proto, x, y = tiny_with_val(tmp_path)
     result = optimize(proto, SpeedupTarget(1.05), measure=MeasureSettings(eval_data=str(tmp_path / "val.npz")))
     assert result.report["data"]["sensitivity"]["samples"] == len(x)
     assert result.report["search"] and result.report["target"]["measured_speedup"] >= 1.0

@@ -137,8 +137,8 @@ def finetune(
     lr: the peak learning rate (None: chosen by a probe of LR_PROBE_SHARE of the steps, at least
     LR_PROBE_MIN_STEPS, at each of the optimizer's DEFAULT_LR (0.003 AdamW, 0.001 SGD) times
     LR_PROBE_FACTORS, judged on the validation data, else on the first training samples; runs under
-    LR_PROBE_MIN_TOTAL steps take the default); warmup: the share of the steps over which the learning rate rises linearly before the
-    schedule (default 5%).
+    LR_PROBE_MIN_TOTAL steps take the default); warmup: the share of the steps over which the
+    learning rate rises linearly before the schedule (default 5%).
     epochs / steps: training length (steps wins if both are given; default 5 epochs).
     keep: "best" (best validation epoch, when validation data is given) or "last".
     clip_grad_norm: scale gradients down to this global norm when above it (a guard against the
