@@ -107,9 +107,15 @@ def optimize(
     report: dict = {"input": run.source, "input_shapes": run.shapes,
                     "settings": _settings_report(policy, layers, solver, quantize, seed)}
 
-    tuned = None
+    calibration = quantize and (quantize.calibration_data or (finetune.data if finetune else None) or eval_data)
+    if quantize is not None and calibration is None:
+        raise UsageError("INT8 quantization needs calibration data (calibration_data, the fine-tuning data "
+                         "or eval_data)", option="quantize")
+    tuned, precision = None, "int8" if quantize is not None else None
     if isinstance(policy, SpeedupTarget):
-        plan, report["search"] = run.search_speedup(policy, _selection_data(finetune, eval_data))
+        int8_timing = _Int8Timing(run, calibration, quantize.target) if quantize is not None else None
+        plan, report["search"], chosen = run.search_speedup(policy, _selection_data(finetune, eval_data), int8_timing)
+        precision = chosen or precision
     elif isinstance(policy, (AccuracyBudget, OutputErrorBudget)):
         plan, tuned, report["search"] = run.search_quality(policy, eval_data, tune)
     else:
@@ -128,11 +134,13 @@ def optimize(
     final = rewritten if tuned is None else tuned
     if final is not rewritten:
         stages["finetuned"] = final
-    if quantize is not None:
-        calibration = quantize.calibration_data or (finetune.data if finetune else None) or eval_data
-        final, report["quantize"] = _quantize(final, run.data.open("calibration", calibration, labels=False)
-                                              if calibration is not None else None, quantize)
+    if precision == "int8":
+        final, report["quantize"] = _quantize(final, run.data.open("calibration", calibration, labels=False),
+                                              quantize)
         stages[f"{'finetuned' if 'finetuned' in stages else 'decomposed'}+int8"] = final
+    elif quantize is not None:
+        report["quantize"] = {"kind": "int8", "skipped": _INT8_SLOWER}
+        report.setdefault("warnings", []).append(f"not quantized: {_INT8_SLOWER}")
     accuracy = None
     if eval_data is not None:
         accuracy = _accuracy(run.original, stages, run.data.open("evaluation", eval_data), measure.threads)
@@ -228,17 +236,22 @@ class _Run:
                                    seed=self.seed)
         return result.models[1].speedup_vs_first
 
-    def search_speedup(self, policy: SpeedupTarget, data) -> tuple[Plan, list[dict]]:
-        """The most accurate plan measured fast enough. With `data`, "accurate" is kernel error
-        weighted by each layer's sensitivity measured on it, by the bound's measure, else by output
-        fidelity (charnet: kernel error alone spent the speed beyond 8.5x on conv3 and lost 1.4 points)."""
+    def search_speedup(self, policy: SpeedupTarget, data, int8: _Int8Timing | None = None
+                       ) -> tuple[Plan, list[dict], str | None]:
+        """The most accurate plan measured fast enough, and with `int8` the precision it was fastest
+        in ("int8" or "float"). With `data`, "accurate" is kernel error weighted by each layer's
+        sensitivity measured on it, by the bound's measure, else by output fidelity (charnet: kernel
+        error alone spent the speed beyond 8.5x on conv3 and lost 1.4 points)."""
         timing = self.timing()
         menus, refusals = self.menus(timing)
         if data is not None:
             meter = self._meter(policy.within) if policy.within is not None else self._output_error_meter
             menus = self._with_sensitivities(menus, meter, data, timing)
-        plan, _, trace = search.search_speedup(menus, timing, policy.target, self.build_model, self.speedup_of)
-        return _with_refusals(self.refine(plan), refusals), trace
+        measure = self.speedup_of if int8 is None else int8.speedup_of
+        plan, model, trace = search.search_speedup(menus, timing, policy.target, self.build_model, measure,
+                                                   with_original=int8 is not None)
+        precision = int8.annotate(trace, model) if int8 is not None else None
+        return _with_refusals(self.refine(plan), refusals), trace, precision
 
     def check_target(self, policy: SpeedupTarget, final: ir.Model, eval_data,
                      measured_drop: float | None = None) -> dict:
@@ -315,6 +328,44 @@ class _Run:
 
         reference = ReferenceOutputs(self.original, dataset, threads=self.threads)  # run once per search
         return lambda model: reference.compare(model).worst_group_error
+
+
+# INT8 costs accuracy, so a speed target quantizes only when the quantized model measures faster.
+_INT8_SLOWER = ("the chosen plan measured faster in float than in INT8 on this CPU, so it was written in float "
+                "(the search measured both for every plan: see its trace)")
+INT8_TIMING_SAMPLES = 8  # min/max ranges for timing: the kernels do not depend on them
+
+
+class _Int8Timing:
+    """Measures each speed-search candidate in float and in INT8, interleaved in one benchmark, and
+    answers with the faster: with --quantize, the ranks are chosen for the model that is written,
+    and a CPU on which INT8 is slower (charnet's CP chains on AVX-512 VNNI: 0.95x) keeps float."""
+
+    def __init__(self, run: _Run, calibration, target: str):
+        from onnx_cp.data import first_inputs
+
+        self.run, self.target = run, target
+        self.samples = first_inputs(run.data.open("INT8 timing", calibration, labels=False,
+                                                  limit=INT8_TIMING_SAMPLES), INT8_TIMING_SAMPLES)
+        self.measured: list[tuple[ir.Model, float, float]] = []  # (model, float speed-up, INT8 speed-up)
+
+    def speedup_of(self, model: ir.Model) -> float:
+        from onnx_cp.measure import benchmark_latency
+        from onnx_cp.quantize import quantize_for_timing
+
+        quantized = quantize_for_timing(model, self.samples, target=self.target)
+        result = benchmark_latency([self.run.original, model, quantized], threads=self.run.threads,
+                                   input_shapes=self.run.shapes, seed=self.run.seed)
+        self.measured.append((model, result.models[1].speedup_vs_first, result.models[2].speedup_vs_first))
+        return max(self.measured[-1][1:])
+
+    def annotate(self, trace: list[dict], chosen: ir.Model) -> str:
+        """Each trace step's float and INT8 speed-ups; the precision the chosen model was faster in."""
+        for step, (_, float_speedup, int8_speedup) in zip(trace, self.measured):
+            step.update(measured_float=float_speedup, measured_int8=int8_speedup,
+                        precision="int8" if int8_speedup > float_speedup else "float")
+        _, float_speedup, int8_speedup = next(m for m in self.measured if m[0] is chosen)
+        return "int8" if int8_speedup > float_speedup else "float"
 
 
 def _shapes_of_sample(model: ir.Model, given: dict, sample_shape: tuple[int, ...] | None) -> dict:
@@ -474,9 +525,6 @@ def _settings_report(policy: RankPolicy, layers: LayerSelection, solver: SolverS
 
 
 def _quantize(model: ir.Model, data, settings: QuantizeSettings) -> tuple[ir.Model, dict]:
-    if data is None:
-        raise UsageError("INT8 quantization needs calibration data (calibration_data, the fine-tuning data "
-                         "or eval_data)", option="quantize")
     from onnx_cp.quantize import int8_scheme, quantize_int8
 
     started = time.perf_counter()

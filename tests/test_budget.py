@@ -400,8 +400,8 @@ def test_a_bounded_speed_target_fails_when_the_final_model_is_measured_short(tmp
     monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
     real_search = api.search.search_speedup
     monkeypatch.setattr(api.search, "search_speedup",  # every plan the search measures is fast enough
-                        lambda menus, timing, target, build, _: real_search(menus, timing, target, build,
-                                                                            lambda model: 1.25))
+                        lambda menus, timing, target, build, _, **kw: real_search(menus, timing, target, build,
+                                                                                  lambda model: 1.25, **kw))
     speeds = iter([1.1, 1.12])  # the final model, measured twice
     monkeypatch.setattr(api._Run, "speedup_of", lambda self, model: next(speeds))
     proto, x, y = tiny_with_val(tmp_path)

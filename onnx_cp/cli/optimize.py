@@ -331,8 +331,10 @@ def _measurement_lines(report: dict) -> list[str]:
     if isinstance(search, list):  # --target-speedup attempts
         for step in search:
             ranks = ", ".join(f"{name}={rank}" for name, rank in step["ranks"].items() if rank is not None)
-            lines.append(f"speed-up search: {ranks}: predicted {step['predicted']:.2f}x, "
-                         f"measured {step['measured']:.2f}x")
+            precisions = (f" (float {step['measured_float']:.2f}x, INT8 {step['measured_int8']:.2f}x)"
+                          if "precision" in step else "")
+            lines.append(f"speed-up search: {ranks or 'nothing decomposed'}: predicted {step['predicted']:.2f}x, "
+                         f"measured {step['measured']:.2f}x{precisions}")
     elif search:  # --max-accuracy-drop / --max-output-error bisection
         for step in search["trace"]:
             measured = (f"accuracy drop {step['accuracy_drop']:.2f} points" if "accuracy_drop" in step
@@ -344,7 +346,9 @@ def _measurement_lines(report: dict) -> list[str]:
         lines.append(f"target met: the final model measured {target['measured_speedup']:.2f}x "
                      f"(at least {target['target_speedup']:g}x), {key.replace('_', ' ')} {target[key]:.3g} "
                      f"(at most {target['limit']:g})")
-    if report.get("quantize"):
+    if (report.get("quantize") or {}).get("skipped"):
+        lines.append(f"not quantized: {report['quantize']['skipped']}")
+    elif report.get("quantize"):
         lines.append(f"quantized to INT8 (onnxruntime static quantization, QDQ): {report['quantize']['scheme']}")
     fitted = [f for f in (report.get("reconstruction") or {}).get("layers", []) if f["status"] == "fitted"]
     if fitted:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import importlib
 
-_EXPORTS = {"Int8Scheme": "int8", "int8_scheme": "int8", "quantize_int8": "int8", "equalize_chains": "equalize",
+_EXPORTS = {"Int8Scheme": "int8", "int8_scheme": "int8", "quantize_int8": "int8", "quantize_for_timing": "int8",
+            "equalize_chains": "equalize",
             "Int8Check": "check", "weight_precision": "target", "WeightPrecision": "target"}
 
 __all__ = sorted(_EXPORTS)

@@ -192,6 +192,8 @@ def search_speedup(
     target: float,
     build: BuildModel,
     measure_speedup: Callable[[ir.Model], float],
+    *,
+    with_original: bool = False,
 ) -> tuple[Plan, ir.Model, list[dict]]:
     """The most accurate plan found whose model is measured at least `target` times faster than the
     original (> 1, checked by SpeedupTarget). First a bisection over the predicted frontier's
@@ -200,9 +202,14 @@ def search_speedup(
     swap measured. Predictions only order the plans: a whole model adds or hides time that no
     layer's isolated timing sees (charnet on AVX-512: predicted 6.5x, measured 16x; conv3 as an
     SVD pair is 0.035 ms slower in the model than alone, which put it on every frontier plan and
-    left the search at a 12.9x plan losing 3.5 points where a 9x one loses 0.4)."""
+    left the search at a 12.9x plan losing 3.5 points where a 9x one loses 0.4).
+
+    with_original: the plan that decomposes nothing ends the frontier, for a `measure_speedup` that
+    adds speed of its own (INT8: the input model quantized may meet the target alone)."""
     rest = timing.rest_ms(menus)
     frontier = plan_frontier(menus, timing, rest)
+    if with_original:
+        frontier.append((1.0, {m.site.name: m.options[0] for m in menus}))
     by_name = {m.site.name: m for m in menus}
     required = target * (1 + SPEEDUP_MARGIN)
     trace: list[dict] = []
