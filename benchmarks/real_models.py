@@ -214,10 +214,16 @@ def model_facts(path: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------- inputs
 
+def inputs_folder(cache: Path, model: Model) -> Path:
+    """Where the model's train/ and heldout/ input folders are made."""
+    h, w = model.size
+    return cache / "inputs" / f"{model.inputs}-{h}x{w}{'-gray' if model.grayscale else ''}"
+
+
 def make_inputs(cache: Path, model: Model, train: int, held_out: int, seed: int) -> tuple[Path, Path]:
     photos = fetch_photos(cache)
     h, w = model.size
-    base = cache / "inputs" / f"{model.inputs}-{h}x{w}{'-gray' if model.grayscale else ''}"
+    base = inputs_folder(cache, model)
     kw = dict(skimage_data=photos, grayscale=model.grayscale)
     people = fetch_people(cache, photos) if model.inputs == "people" else None
     tr = real_inputs.generate(model.inputs, (h, w), base / "train", train, seed, **kw,

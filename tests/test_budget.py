@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
@@ -21,7 +22,8 @@ from onnx_cp.ranks.search import (SPEEDUP_MARGIN, LayerMenu, Option, QualityLimi
                                   plan_frontier, search_quality, search_speedup, with_sensitivities)
 from onnx_cp.ranks.solve import Solved
 from onnx_cp.data.datasets import Preprocessing
-from onnx_cp.settings import AccuracyBudget, LayerSelection, MeasureSettings, OutputErrorBudget, SpeedupTarget
+from onnx_cp.settings import (AccuracyBudget, LayerSelection, MeasureSettings, OutputErrorBudget, QuantizeSettings,
+                              SpeedupTarget)
 
 
 class _Site:
@@ -59,7 +61,7 @@ def test_plan_is_none_when_even_the_fastest_options_do_not_fit():
     assert plan_for_time(MENUS, 4.0, rest_ms=2.0) is None
 
 
-def _speed_search(target, speedup_of_error, menus=MENUS):
+def _speed_search(target, speedup_of_error, menus=MENUS, with_original=False):
     """search_speedup where a plan's measured speed-up is a function of its total kernel error."""
     timing = Timing(total_ms=14.0, layer_ms={"big": 10.0, "small": 2.0})
     errors = {(m.site.name, o.rank): o.error for m in menus for o in m.options}
@@ -67,7 +69,7 @@ def _speed_search(target, speedup_of_error, menus=MENUS):
     def build(plan):  # the "model" is the plan's total error
         return sum(errors[(n, lp.rank)] for n, lp in plan.layers.items())
 
-    plan, model, trace = search_speedup(menus, timing, target, build, speedup_of_error)
+    plan, model, trace = search_speedup(menus, timing, target, build, speedup_of_error, with_original=with_original)
     frontier = plan_frontier(menus, timing, timing.rest_ms(menus))
     return frontier, plan, model, trace
 
@@ -134,6 +136,15 @@ def test_speedup_search_prefers_a_plan_with_the_margin_over_one_just_at_the_targ
 def test_speedup_search_falls_back_to_a_plan_below_the_margin():
     _, _, model, trace = _speed_search(2.0, lambda error: 2.01)
     assert all(t["measured"] == 2.01 for t in trace) and model is not None
+
+
+def test_speedup_search_with_the_original_keeps_it_when_it_measures_fast_enough():
+    # INT8 makes every plan 3x faster: the model decomposing nothing is the most accurate that qualifies
+    _, plan, model, trace = _speed_search(2.0, lambda error: 3.0, with_original=True)
+    assert model == 0 and not plan.layers and set(plan.refusals) == {"big", "small"}
+    assert all(rank is None for rank in trace[-1]["ranks"].values()) and _never_twice(trace)
+    _, _, without, _ = _speed_search(2.0, lambda error: 3.0)
+    assert without > 0  # the frontier alone holds only plans that decompose something
 
 
 def test_speedup_search_raises_budget_error_when_out_of_reach():
@@ -234,6 +245,49 @@ def test_int8_after_cp(tmp_path):
     # both steps are reported: the CP model, then its INT8 version
     assert list(report["accuracy"]) == ["original", "decomposed", "decomposed+int8"]
     assert report["accuracy"]["decomposed+int8"]["n"] == 64
+
+
+def _fake_int8_timing(monkeypatch, speedups):
+    """_Int8Timing.speedup_of answering (float, INT8) speed-ups from `speedups(decomposed)`."""
+    def speedup_of(self, model):
+        decomposed = any(node.op_type == "Conv" and "/" in node.name for node in model.graph)
+        self.measured.append((model, *speedups(decomposed)))
+        return max(self.measured[-1][1:])
+    monkeypatch.setattr(api._Int8Timing, "speedup_of", speedup_of)
+
+
+@pytest.mark.parametrize("faster", ["float", "int8"])
+def test_a_speed_target_with_int8_writes_the_precision_measured_faster(tmp_path, monkeypatch, faster):
+    monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
+    proto, x, _ = tiny_with_val(tmp_path)
+    if faster == "float":  # INT8 slows every plan down, as on charnet's CP chains
+        _fake_int8_timing(monkeypatch, lambda decomposed: (1.5, 1.3) if decomposed else (1.0, 0.9))
+    else:  # INT8 alone meets the target: nothing need be decomposed
+        _fake_int8_timing(monkeypatch, lambda decomposed: (1.5, 3.0) if decomposed else (1.0, 2.0))
+    result = optimize(proto, SpeedupTarget(1.2), quantize=QuantizeSettings(calibration_data=x))
+    ops = {node.op_type for node in ir.to_proto(result.model).graph.node}
+    trace = result.report["search"]
+    assert all(step["precision"] == ("int8" if step["measured_int8"] > step["measured_float"] else "float")
+               for step in trace)
+    if faster == "float":
+        assert "QuantizeLinear" not in ops and "skipped" in result.report["quantize"]
+        assert result.report["totals"]["decomposed"] >= 1
+        assert any("not quantized" in warning for warning in result.report["warnings"])
+    else:
+        assert "QuantizeLinear" in ops and result.report["quantize"]["weight_bits"] in (7, 8)
+        assert result.report["totals"]["decomposed"] == 0
+        assert all(rank is None for rank in trace[-1]["ranks"].values())
+
+
+def test_int8_timing_quantizes_what_quantize_int8_does():
+    from onnx_cp.quantize import quantize_for_timing, quantize_int8
+
+    proto = model_factory.tiny_cnn()
+    x, _ = labelled_by_model(proto, n=16)
+    timed, written = quantize_for_timing(proto, x[:8]), quantize_int8(proto, x)
+    def quantized_ops(model):
+        return sorted(n.op_type for n in model.graph if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
+    assert quantized_ops(timed) == quantized_ops(written) and quantized_ops(timed)
 
 
 def test_max_output_error_stays_within_budget(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ unrecorded run, so every model is measured as it runs in service, warm."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import platform
 import time
@@ -37,6 +38,7 @@ from onnx_cp.runtime.session import (
 DEFAULT_RUNS = 100
 DEFAULT_WARMUP = 10
 DEFAULT_BLOCK = 10  # recorded runs of one model in a row
+MAX_RUNS = 100_000  # of min_seconds
 NOISY_SPREAD = 1.5  # p90 / p10 above this: the table says the numbers are noisy
 
 
@@ -93,12 +95,15 @@ def benchmark_latency(
     names: Sequence[str] | None = None,
     seed: int = 0,
     block: int = DEFAULT_BLOCK,
+    min_seconds: float = 0.0,
 ) -> LatencyResult:
     """Median / p10 / p90 latency (ms) of each model and its ratio to the first model.
 
     threads: onnxruntime intra-op threads (inter-op is 1, execution sequential); 0 or "all" =
     every core. optimization: "all" (ORT_ENABLE_ALL), "extended", "basic" or "none".
-    block: recorded runs of one model in a row, after one unrecorded run (see the module docstring)."""
+    block: recorded runs of one model in a row, after one unrecorded run (see the module docstring).
+    min_seconds: more runs than `runs` when the recorded runs of all models would take less (the
+    warm-up's times tell): a 0.07 ms model's 100 runs are 7 ms, which one preemption skews by 10%."""
     models = _as_list(models)
     if not models:
         raise UsageError("no model to benchmark")
@@ -113,7 +118,7 @@ def benchmark_latency(
     sessions = [make_session(m, options) for m in loaded]
     feeds = [measured_feeds(m.ir_model, input_shapes, batch, seed) for m in loaded]
     times = _interleaved_times(sessions, feeds, [m.path or m.label for m in loaded],
-                               runs=runs, warmup=warmup, block=block)
+                               runs=runs, warmup=warmup, block=block, min_seconds=min_seconds)
     first = float(np.median(times[0]))
     return LatencyResult(
         models=[_model_latency(m, samples, first, input_shapes, batch) for m, samples in zip(loaded, times)],
@@ -121,7 +126,7 @@ def benchmark_latency(
         batch=batch,
         optimization=optimization,
         optimization_level=str(options.graph_optimization_level).split(".")[-1],
-        runs=runs,
+        runs=len(times[0]),
         warmup=warmup,
         block=block,
         machine=_machine(),
@@ -129,27 +134,34 @@ def benchmark_latency(
 
 
 def _interleaved_times(sessions: list[ort.InferenceSession], feeds: list[dict], names: list[str], *,
-                       runs: int, warmup: int, block: int) -> list[list[float]]:
+                       runs: int, warmup: int, block: int, min_seconds: float = 0.0) -> list[list[float]]:
     """Milliseconds of each recorded run, per model (see the module docstring); names are for
     error messages."""
     models = list(zip(sessions, feeds, names))
     progress = bar(warmup + runs, desc="benchmarking")
+    warm_ms = []  # the median warm-up run of each model (the first runs of a session are slow)
     for session, feed, name in models:
-        for _ in range(warmup):
-            run(session, feed, name)
+        warm = [_timed(session, feed, name) for _ in range(warmup or int(min_seconds > 0))]
+        warm_ms.append(float(np.median(warm)) if warm else 0.0)
     progress.update(warmup)
+    if min_seconds > 0:
+        runs = min(max(runs, math.ceil(min_seconds * 1e3 / max(sum(warm_ms), 1e-6))), MAX_RUNS)
+        progress.total = warmup + runs
     times: list[list[float]] = [[] for _ in models]
     while len(times[0]) < runs:
         count = min(block, runs - len(times[0]))
         for (session, feed, name), samples in zip(models, times):
             run(session, feed, name)  # back in the caches after the other models
-            for _ in range(count):
-                start = time.perf_counter()
-                run(session, feed, name)
-                samples.append((time.perf_counter() - start) * 1e3)
+            samples.extend(_timed(session, feed, name) for _ in range(count))
         progress.update(count)
     progress.close()
     return times
+
+
+def _timed(session: ort.InferenceSession, feed: dict, name: str) -> float:
+    start = time.perf_counter()
+    run(session, feed, name)
+    return (time.perf_counter() - start) * 1e3
 
 
 def _model_latency(model: LoadedModel, samples: list[float], first_median: float,
