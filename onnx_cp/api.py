@@ -112,7 +112,7 @@ def optimize(
     report: dict = {"input": run.source, "input_shapes": run.shapes,
                     "settings": _settings_report(policy, layers, solver, quantize, seed)}
 
-    calibration = quantize and (quantize.calibration_data or (finetune.data if finetune else None) or eval_data)
+    calibration = _calibration_data(quantize, finetune, eval_data)
     if quantize is not None and calibration is None:
         raise UsageError("INT8 quantization needs calibration data (calibration_data, the fine-tuning data "
                          "or eval_data)", option="quantize")
@@ -369,7 +369,7 @@ class _Int8Timing:
         for step, (_, float_speedup, int8_speedup) in zip(trace, self.measured):
             step.update(measured_float=float_speedup, measured_int8=int8_speedup,
                         precision="int8" if int8_speedup > float_speedup else "float")
-        _, float_speedup, int8_speedup = next(m for m in self.measured if m[0] is chosen)
+        _, float_speedup, int8_speedup = next(m for m in reversed(self.measured) if m[0] is chosen)
         return "int8" if int8_speedup > float_speedup else "float"
 
 
@@ -385,6 +385,15 @@ def _shapes_of_sample(model: ir.Model, given: dict, sample_shape: tuple[int, ...
         return {}
     batch = dims[0] if isinstance(dims[0], int) else 1
     return {inputs[0].name: [batch] + [d if isinstance(d, int) else s for d, s in zip(dims[1:], sample_shape)]}
+
+
+def _calibration_data(quantize: QuantizeSettings | None, finetune: FinetuneSettings | None, eval_data):
+    """What INT8 is calibrated on: the given calibration data, else the sample inputs, else the
+    evaluation data (arrays have no truth value: each is tested against None)."""
+    if quantize is None:
+        return None
+    sources = (quantize.calibration_data, finetune.data if finetune is not None else None, eval_data)
+    return next((source for source in sources if source is not None), None)
 
 
 def _selection_data(finetune: FinetuneSettings | None, eval_data):
