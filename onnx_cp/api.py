@@ -105,17 +105,18 @@ def optimize(
     if finetune is not None:
         import onnx_cp.finetune  # noqa: F401 - without torch this fails now, naming the extra, not after the solve
     data = _Data(preprocessing or Preprocessing())
-    sample = finetune.data if finetune is not None else eval_data  # a path, a Dataset or arrays
+    calibration = _calibration_data(quantize, finetune, eval_data)
+    if quantize is not None and calibration is None:
+        raise UsageError("INT8 quantization needs calibration data (calibration_data, the fine-tuning data "
+                         "or eval_data)", option="quantize")
+    sample = next((source for source in (finetune.data if finetune is not None else None, eval_data, calibration)
+                   if source is not None), None)  # a path, a Dataset or arrays: any gives the input's size
     run = _Run(model, layers, measure, make_solver(solver, seed), seed, data,
                sample_shape=data.sample_shape(sample) if sample is not None else None)
     tune = _Tuner(run, finetune)
     report: dict = {"input": run.source, "input_shapes": run.shapes,
                     "settings": _settings_report(policy, layers, solver, quantize, seed)}
 
-    calibration = _calibration_data(quantize, finetune, eval_data)
-    if quantize is not None and calibration is None:
-        raise UsageError("INT8 quantization needs calibration data (calibration_data, the fine-tuning data "
-                         "or eval_data)", option="quantize")
     tuned, precision = None, "int8" if quantize is not None else None
     if isinstance(policy, SpeedupTarget):
         int8_timing = _Int8Timing(run, calibration, quantize.target) if quantize is not None else None

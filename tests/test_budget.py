@@ -552,3 +552,13 @@ def test_symbolic_height_and_width_are_taken_from_the_run_data(tmp_path):
     assert shapes(shape) == [1, 4, 20, 28]
     assert shapes(shape, input_shapes={"x": [1, 4, 12, 12]}) == [1, 4, 12, 12]  # a given shape wins
     assert shapes(None)[2:] != [20, 28]  # no data: the defaults
+
+
+def test_int8_alone_takes_symbolic_dims_from_its_calibration_data():
+    kernel = model_factory.low_rank_kernel(16, 4, 3, 3, rank=16)
+    proto = model_factory.conv_model(kernel, input_shape=("N", 4, "H", "W"))
+    x = np.random.default_rng(0).standard_normal((16, 4, 20, 28)).astype(np.float32)
+    result = optimize(proto, layers=LayerSelection(include="^$"), quantize=QuantizeSettings(calibration_data=x),
+                      measure=MeasureSettings(latency=False))
+    assert result.report["input_shapes"]["x"] == [1, 4, 20, 28]
+    assert result.report["quantize"]["kind"] == "int8" and "skipped" not in result.report["quantize"]

@@ -182,3 +182,46 @@ def test_the_layer_int8_hurts_most_is_kept_float_with_its_input_path():
     weights = {t.name for t in ir.to_proto(quantized).graph.initializer
                if t.data_type == TensorProto.INT8 and t.name.endswith("_quantized")}
     assert weights == {"conv_a.w_quantized", "conv_b.w_quantized"}
+
+
+def conv_chain_model(convs: int = 8) -> onnx.ModelProto:
+    """x -> (Conv 1x1 -> Relu) x convs -> y, 8 channels."""
+    rng = np.random.default_rng(0)
+    nodes, inits, previous = [], [], "x"
+    for i in range(convs):
+        inits.append(numpy_helper.from_array((rng.standard_normal((8, 8 if i else 3, 1, 1)) / 3).astype(np.float32),
+                                             f"w{i}"))
+        nodes += [helper.make_node("Conv", [previous, f"w{i}"], [f"c{i}"], name=f"conv{i}"),
+                  helper.make_node("Relu", [f"c{i}"], ["y" if i == convs - 1 else f"r{i}"], name=f"relu{i}")]
+        previous = f"r{i}"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8, 8])], inits)
+    return model_factory.make_model(graph)
+
+
+def test_mixed_precision_keeps_as_few_layers_float_as_the_check_allows(monkeypatch):
+    """The check passes once the 3 layers INT8 hurts most are float: doubling finds 4, a bisection 3
+    (each kept float with the Conv that writes its input, see float_islands)."""
+    from onnx_cp.quantize import check, int8
+
+    ranking = [f"conv{i}" for i in (5, 2, 6, 1, 0, 3, 4, 7)]
+    monkeypatch.setattr(int8, "rank_by_added_error", lambda *args, **kw: ranking)
+
+    def float_convs(model) -> set[str]:
+        dequantized = {n.outputs[0].name for n in model.graph if n.op_type == "DequantizeLinear"}
+        return {n.name for n in model.graph if n.op_type == "Conv" and n.inputs[1].name not in dequantized}
+
+    tried = []
+
+    def fake_check(quantized, reference, inputs, max_output_error):
+        floats = float_convs(model_io.to_ir(quantized))
+        tried.append(len(floats))
+        error = 0.01 if set(ranking[:3]) <= floats else 0.5
+        return check.Int8Check(len(inputs), error, "y: mean channel", {}, max_output_error)
+
+    monkeypatch.setattr(int8, "measure_int8", fake_check)
+    calibration = np.random.default_rng(1).standard_normal((32, 3, 8, 8)).astype(np.float32)
+    scheme = int8_scheme(quantize_int8(conv_chain_model(), calibration))
+    kept = {name for name in scheme.float_nodes if name.startswith("conv")}
+    # counts 1, 2, 4 (each with the convs writing their inputs), then 3: fewer float convs than 4's
+    assert len(tried) == 5 and tried[-1] < tried[-2] and len(kept) == tried[-1] and set(ranking[:3]) <= kept
