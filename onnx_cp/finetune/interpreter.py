@@ -31,6 +31,8 @@ _FROZEN_SLOTS = {
     "Clip": {1, 2},
     "Pad": {1, 2, 3},
     "Dropout": {1, 2},
+    "QuantizeLinear": {1, 2},  # scales and zero points stay as calibrated
+    "DequantizeLinear": {1, 2},
 }
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 

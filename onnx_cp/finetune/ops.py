@@ -990,6 +990,45 @@ def gru(node, inputs, ctx):
     return _rnn_outputs(layout, ys, finals)
 
 
+# ------------------------------------------------------------------ quantization (QDQ)
+# Integer ranges by zero-point dtype; a missing zero point means uint8. int32 is the bias of a QDQ
+# Conv as quantization-aware training holds it (onnx_cp.quantize.qat), never a valid ONNX output.
+_INT_RANGES = {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.int32: (-2 ** 31, 2 ** 31 - 1)}
+
+
+def _along(param: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+    """A per-tensor (0-D) or per-axis (1-D) scale or zero point, shaped to broadcast against x."""
+    if param.dim() == 0:
+        return param
+    shape = [1] * x.dim()
+    shape[axis % x.dim()] = -1
+    return param.reshape(shape)
+
+
+@op("QuantizeLinear")
+def quantize_linear(node, inputs, ctx):
+    """Fake quantization: the integers as a float tensor, rounded (half to even, as ONNX) with a
+    straight-through gradient and clamped to the zero point's range; DequantizeLinear reads them."""
+    x, scale = inputs[0], inputs[1]
+    zero = inputs[2] if len(inputs) > 2 and inputs[2] is not None else torch.zeros((), dtype=torch.uint8)
+    axis = node.attrs.get("axis", 1)
+    low, high = _INT_RANGES[zero.dtype]
+    q = x / _along(scale, x, axis) + _along(zero.to(x.dtype), x, axis)
+    q = q + (torch.round(q) - q).detach()
+    return torch.clamp(q, low, high)
+
+
+@op("DequantizeLinear")
+def dequantize_linear(node, inputs, ctx):
+    x, scale = inputs[0], inputs[1]
+    zero = inputs[2] if len(inputs) > 2 and inputs[2] is not None else None
+    axis = node.attrs.get("axis", 1)
+    x = x.to(scale.dtype)
+    if zero is not None:
+        x = x - _along(zero.to(scale.dtype), x, axis)
+    return x * _along(scale, x, axis)
+
+
 def supported_ops() -> list[str]:
     return sorted(OPS) + ["Constant"]
 

@@ -40,6 +40,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from onnx_cp.errors import OnnxCpError, UsageError, first_line
+from onnx_cp.graph import naming
 from onnx_cp.quantize.check import DEFAULT_MAX_OUTPUT_ERROR, Int8Check, measure_int8, raise_if_broken
 from onnx_cp.quantize.equalize import equalize_chains
 from onnx_cp.quantize.mixed import COMPUTE_OPS, float_islands, float_tail, name_unnamed_nodes
@@ -172,19 +173,25 @@ def quantize_int8(
     return quantized
 
 
-def quantize_for_timing(model: model_io.ModelLike, samples: np.ndarray, *, target: str = DEFAULT_TARGET) -> ir.Model:
+def quantize_for_timing(model: model_io.ModelLike, samples: np.ndarray, *, target: str = DEFAULT_TARGET,
+                        keep_float: frozenset[str] = frozenset()) -> ir.Model:
     """A QDQ INT8 copy of `model` for measuring its speed only: the nodes quantize_int8 quantizes
     (the float tail kept), with min/max ranges from `samples` and no equalization or check. The
     ranges do not change which kernels onnxruntime runs, so a speed search can time candidates at
-    a fraction of a calibrated quantization's cost (YOLOv8n: a few seconds, not a minute)."""
+    a fraction of a calibrated quantization's cost (YOLOv8n: a few seconds, not a minute).
+
+    keep_float: node names that stay float too, with the chains that replaced them ("conv2" keeps
+    "conv2/cp/in" ...): the float islands a calibrated quantization of the input model kept."""
     check_target(target)
     prepared = _prepared(model_io.to_ir(model))
+    kept = {node.name: "kept float by the input model's INT8 check" for node in prepared.graph
+            if node.name in keep_float or (naming.split_name(node.name) or ("",))[0] in keep_float}
     scheme = Int8Scheme(weight_bits=weight_precision(target).weight_bits, calibration="minmax",
                         samples=len(samples), target=target)
     batches = [samples[i:i + _CALIBRATION_BATCH] for i in range(0, len(samples), _CALIBRATION_BATCH)]
     with tempfile.TemporaryDirectory(prefix="onnx-cp-calibration-") as folder:
         return _qdq(prepared, _Batches(single_input(prepared, "INT8 timing"), iter(batches)), scheme,
-                    float_tail(prepared), Path(folder) / "ranges.json")
+                    {**kept, **float_tail(prepared)}, Path(folder) / "ranges.json")
 
 
 # The search keeps at most this share of the compute nodes float: beyond it INT8 is not INT8.

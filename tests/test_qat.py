@@ -1,0 +1,102 @@
+"""Quantization-aware fine-tuning: the interpreter's QDQ operators against onnxruntime, the trainable
+form and its way back, and QAT as the last stage of optimize."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+
+import model_factory
+from onnx_cp import optimize
+from onnx_cp.finetune.interpreter import to_torch
+from onnx_cp.quantize import quantize_for_timing, quantize_int8
+from onnx_cp.quantize.qat import quantized, trainable
+from onnx_cp.settings import FinetuneSettings, MeasureSettings, QuantizeSettings
+
+
+def run_ort(model, x: np.ndarray) -> np.ndarray:
+    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+@pytest.fixture(scope="module")
+def int8_model():
+    x = model_factory.smooth_inputs(32, seed=0)
+    return quantize_int8(model_factory.tiny_cnn(), x), x
+
+
+def initializers(model: ir.Model) -> dict[str, np.ndarray]:
+    return {name: value.const_value.numpy() for name, value in model.graph.initializers.items()}
+
+
+def test_the_interpreter_runs_a_qdq_model_as_onnxruntime_does(int8_model):
+    model, x = int8_model
+    with torch.no_grad():
+        ours = to_torch(model).eval()(torch.from_numpy(x)).numpy()
+    expected = run_ort(model, x)
+    # onnxruntime fuses the QDQ pattern into integer kernels; the values agree to rounding
+    assert np.abs(ours - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_the_trainable_form_computes_the_same_and_folds_back_exactly(int8_model):
+    model, x = int8_model
+    form, weights = trainable(model)
+    assert len(weights) == 3  # conv1, conv2, fc: every int8 weight, not the int32 biases
+    assert np.array_equal(run_ort(form, x), run_ort(model, x))
+    module = to_torch(form)
+    assert {name.split("/")[0] for name in module.onnx_parameters()} == {w.integer_name for w in weights}
+    back = quantized(form, weights)
+    expected, folded = initializers(model), initializers(back)
+    assert set(folded) == set(expected) and all(np.array_equal(folded[k], expected[k]) for k in expected)
+    assert [n.op_type for n in back.graph] == [n.op_type for n in model.graph]
+
+
+def test_trained_weights_fold_to_their_rounded_integers_within_range(int8_model):
+    model, _ = int8_model
+    form, weights = trainable(model)
+    weight = weights[0]
+    fake = next(n for n in form.graph if n.name == weight.quantize_node)
+    floats = fake.inputs[0].const_value.numpy()
+    scale = fake.inputs[1].const_value.numpy().reshape(-1, *[1] * (floats.ndim - 1))
+    moved = floats + scale * np.where(np.arange(floats.size).reshape(floats.shape) % 2, 0.6, -1e6)
+    fake.inputs[0].const_value = ir.tensor(moved.astype(np.float32))
+    folded = quantized(form, weights).graph.initializers[weight.integer_name].const_value.numpy()
+    original = model.graph.initializers[weight.integer_name].const_value.numpy().astype(int)
+    odd = np.arange(floats.size).reshape(floats.shape) % 2 == 1
+    assert np.all(folded[~odd] == weight.low)  # pushed far below: clamped to the range
+    up = odd & (original < weight.high)
+    assert np.all(folded[up].astype(int) - original[up] == 1)  # +0.6 of a step rounds up by one
+    assert np.all(folded[odd & ~up] == weight.high)
+
+
+def test_timing_quantization_keeps_the_named_layers_and_their_chains_float():
+    x = model_factory.smooth_inputs(16, seed=0)
+    decomposed = optimize(model_factory.tiny_cnn(), 4, measure=MeasureSettings(verify=False)).model
+    timed = quantize_for_timing(decomposed, x[:8], keep_float=frozenset({"conv1"}))
+    dequantized = {n.outputs[0].name for n in timed.graph if n.op_type == "DequantizeLinear"}
+    float_weights = {n.name for n in timed.graph if n.op_type == "Conv" and n.inputs[1].name not in dequantized}
+    assert float_weights and all(name.startswith("conv1/") for name in float_weights)
+    assert any(n.name.startswith("conv2/") for n in timed.graph if n.op_type == "Conv")  # the rest is INT8
+
+
+def test_optimize_ends_with_quantization_aware_fine_tuning_kept_only_when_better(tmp_path):
+    proto = model_factory.tiny_cnn()
+    x = model_factory.smooth_inputs(64, seed=1)
+    np.savez(tmp_path / "val.npz", x=x, y=run_ort(proto, x).argmax(1))
+    result = optimize(proto, 4, finetune=FinetuneSettings(x, teacher_from_input=True, epochs=1, lr=0.01,
+                                                          reconstruct_steps=0),
+                      quantize=QuantizeSettings(), measure=MeasureSettings(eval_data=str(tmp_path / "val.npz")))
+    qat = result.report["qat"]
+    assert qat["weights"] >= 3 and qat["kept"] in ("qat", "ptq") and qat["judged_by"].startswith("output fidelity")
+    errors = qat["output_error"]
+    assert (qat["kept"] == "qat") == (errors["qat"] < errors["ptq"])
+    ops = {n.op_type for n in result.model.graph.node}
+    assert "QuantizeLinear" in ops  # a valid QDQ model either way, weights as int8 initializers
+    int8_weights = [t for t in result.model.graph.initializer if t.data_type == 3]
+    assert len(int8_weights) >= 3
+    stages = list(result.report["accuracy"])
+    assert stages[:3] == ["original", "decomposed", "finetuned"] and "finetuned+int8" in stages
