@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import model_factory
 from onnx_cp.finetune import finetune
-from onnx_cp.runtime.fidelity import compare_output
+from onnx_cp.runtime.fidelity import DETECTIONS, compare_output
 
 torch.set_num_threads(1)
 K = 4
@@ -169,6 +169,22 @@ def test_detector_class_scores_are_not_drowned_by_boxes(images):
     assert new["boxes"] < before["boxes"]
     # plain MSE: the pixels rule the loss, the scores stay where they were
     assert old["class scores"] > 0.6 * before["class scores"]
+
+
+def test_a_detectors_sparse_scores_are_weighed_by_their_own_mean_square():
+    """Boxes in pixels and scores mostly near 0 (NudeNet's YOLOv8n: mean squares 2e4 and 7e-5): each
+    group is normalised by its own, or the scores weigh next to nothing in the loss."""
+    from onnx_cp.finetune import distributed
+    from onnx_cp.finetune.train import _mean_squares
+
+    rng = np.random.default_rng(0)
+    out = np.zeros((8, 4 + K, 100))
+    out[:, :4] = rng.uniform(0, 320, (8, 4, 100))
+    out[:, 4:] = np.where(rng.random((8, K, 100)) < 0.01, 0.8, 1e-4)
+    scale = _mean_squares(out, DETECTIONS, 1, distributed.World()).numpy()
+    np.testing.assert_allclose(scale, [np.mean(out[:, :4] ** 2), np.mean(out[:, 4:] ** 2)], rtol=1e-5)
+    maps = _mean_squares(out, "map", 1, distributed.World()).numpy()  # one unit: a floor for silent channels
+    assert maps.min() >= 1e-6 * maps.mean() * 0.999
 
 
 def test_fixed_batch_of_one_trains_sample_by_sample_as_one_batch(images):

@@ -21,6 +21,10 @@ from onnx_cp.runtime.inputs import random_inputs
 from onnx_cp.runtime.session import run_model
 
 RTOL = 1e-4
+# A QDQ model rounds every activation: where float noise (1e-6) meets a rounding boundary one step
+# flips, and the flips add up layer by layer (NudeNet's YOLOv8n: 2.9% of the largest output on random
+# inputs, with or without onnxruntime's integer kernels). A wrong write-back moves outputs by O(1).
+QDQ_RTOL = 0.1
 
 
 def write_back(
@@ -53,7 +57,9 @@ def write_back(
             raise OnnxCpError(f"trained tensor {name!r} is neither an initializer nor a Constant "
                               "of the model")
     if check:
-        check_parity(ir.serde.deserialize_model(written), input_shapes=input_shapes, seed=seed)
+        quantized = any(n.op_type == "QuantizeLinear" for n in written.graph.node)
+        check_parity(ir.serde.deserialize_model(written), input_shapes=input_shapes, seed=seed,
+                     rtol=QDQ_RTOL if quantized else RTOL)
     return written
 
 
