@@ -350,6 +350,11 @@ def _measurement_lines(report: dict) -> list[str]:
         lines.append(f"not quantized: {report['quantize']['skipped']}")
     elif report.get("quantize"):
         lines.append(f"quantized to INT8 (onnxruntime static quantization, QDQ): {report['quantize']['scheme']}")
+    qat = report.get("qat")
+    if qat:
+        verdict = "kept" if qat["kept"] == "qat" else "not kept: the calibrated INT8 model measured better"
+        lines.append(f"quantization-aware fine-tuning: {qat['epochs']} epoch(s) of {qat['weights']} INT8 weights at "
+                     f"lr {qat['lr']:.0e}, {verdict} (judged by {qat['judged_by']})")
     fitted = [f for f in (report.get("reconstruction") or {}).get("layers", []) if f["status"] == "fitted"]
     if fitted:
         lines.append("layer-wise reconstruction (relative output error on the training data): " + ", ".join(
