@@ -202,10 +202,11 @@ def search_speedup(
     original (> 1, checked by SpeedupTarget). First a bisection over the predicted frontier's
     distinct plans on measured speed, starting at the plan predicted to meet the target; then the
     speed measured beyond the target is spent one layer at a time on more accurate options, each
-    swap measured; the plan chosen must measure fast enough a second time. Predictions only order the plans: a whole model adds or hides time that no
-    layer's isolated timing sees (charnet on AVX-512: predicted 6.5x, measured 16x; conv3 as an
-    SVD pair is 0.035 ms slower in the model than alone, which put it on every frontier plan and
-    left the search at a 12.9x plan losing 3.5 points where a 9x one loses 0.4).
+    swap measured; the plan chosen must measure fast enough a second time. Predictions only order
+    the plans: a whole model adds or hides time that no layer's isolated timing sees (charnet on
+    AVX-512: predicted 6.5x, measured 16x; conv3 as an SVD pair is 0.035 ms slower in the model
+    than alone, which put it on every frontier plan and left the search at a 12.9x plan losing 3.5
+    points where a 9x one loses 0.4).
 
     with_original: the plan that decomposes nothing ends the frontier, for a `measure_speedup` that
     adds speed of its own (INT8: the input model quantized may meet the target alone)."""
