@@ -150,6 +150,9 @@ def optimize(
             final, report["qat"] = tune.quantization_aware(final, report.get("finetune"))
             if report["qat"]["kept"] == "qat":
                 stages[f"{int8_stage}+qat"] = final
+            elif report["qat"].get("failed"):
+                report.setdefault("warnings", []).append(f"quantization-aware fine-tuning failed, the calibrated "
+                                                         f"INT8 model is written: {report['qat']['failed']}")
     elif quantize is not None:
         why = f"INT8 broke the input model ({int8_timing.broken})" if int8_timing and int8_timing.broken else _INT8_SLOWER
         report["quantize"] = {"kind": "int8", "skipped": why}
@@ -508,7 +511,11 @@ class _Tuner:
         val = self.run.data.open("validation", settings.val) if settings.val is not None else None
         lr = float_tuning["lr"] / 10 if float_tuning and float_tuning.get("lr") else None
         schedule = {**settings.schedule(), "epochs": QAT_EPOCHS, "steps": None, "lr": lr}
-        tuned = finetune(form, train, val=val, teacher=teacher, seed=self.run.seed, **schedule)
+        try:
+            tuned = finetune(form, train, val=val, teacher=teacher, seed=self.run.seed, **schedule)
+        except OnnxCpError as error:  # an optional last stage: the calibrated model stands
+            return ptq, {"epochs": QAT_EPOCHS, "weights": len(weights), "kept": "ptq", "failed": str(error),
+                         "seconds": round(time.perf_counter() - started, 3)}
         qat = quantized(ir.from_proto(tuned.model), weights)
         report = {"epochs": QAT_EPOCHS, "lr": tuned.lr, "history": tuned.history, "best_epoch": tuned.best_epoch,
                   "weights": len(weights)}

@@ -100,3 +100,26 @@ def test_optimize_ends_with_quantization_aware_fine_tuning_kept_only_when_better
     assert len(int8_weights) >= 3
     stages = list(result.report["accuracy"])
     assert stages[:3] == ["original", "decomposed", "finetuned"] and "finetuned+int8" in stages
+
+
+def test_a_failed_quantization_aware_run_leaves_the_calibrated_model(monkeypatch):
+    import onnx_cp.finetune
+    from onnx_cp.errors import OnnxCpError
+
+    real = onnx_cp.finetune.finetune
+    calls = []
+
+    def failing_second(*args, **kwargs):  # the float fine-tuning runs, the QAT one fails
+        calls.append(1)
+        if len(calls) > 1:
+            raise OnnxCpError("write-back check failed: for the test")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_cp.finetune, "finetune", failing_second)
+    x = model_factory.smooth_inputs(32, seed=1)
+    result = optimize(model_factory.tiny_cnn(), 4,
+                      finetune=FinetuneSettings(x, teacher_from_input=True, epochs=1, lr=0.01, reconstruct_steps=0),
+                      quantize=QuantizeSettings())
+    assert result.report["qat"]["kept"] == "ptq" and "for the test" in result.report["qat"]["failed"]
+    assert any("quantization-aware fine-tuning failed" in w for w in result.report["warnings"])
+    assert "QuantizeLinear" in {n.op_type for n in result.model.graph.node}

@@ -351,7 +351,7 @@ def _measurement_lines(report: dict) -> list[str]:
     elif report.get("quantize"):
         lines.append(f"quantized to INT8 (onnxruntime static quantization, QDQ): {report['quantize']['scheme']}")
     qat = report.get("qat")
-    if qat:
+    if qat and not qat.get("failed"):
         verdict = "kept" if qat["kept"] == "qat" else "not kept: the calibrated INT8 model measured better"
         lines.append(f"quantization-aware fine-tuning: {qat['epochs']} epoch(s) of {qat['weights']} INT8 weights at "
                      f"lr {qat['lr']:.0e}, {verdict} (judged by {qat['judged_by']})")
