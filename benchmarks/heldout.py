@@ -15,29 +15,16 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_models  # noqa: E402
 
 
 def held_out_report(model: real_models.Model, original: Path, optimised: Path, folder: Path) -> dict:
-    from onnx_cp.runtime.fidelity import compare_output
-
     xs, _ = real_models.load_folder(model, folder)
+    names = [o.name for o in real_models.session(original).get_outputs()]
     reference = real_models.run_all(real_models.session(original), model.input_name, xs)
     candidate = real_models.run_all(real_models.session(optimised), model.input_name, xs)
-    out: dict = {"samples": len(xs)}
-    names = [o.name for o in real_models.session(original).get_outputs()]
-    for k, name in enumerate(names):
-        rows = [compare_output(name, e[k], a[k]) for e, a in zip(reference, candidate)]
-        groups = {g: round(float(np.median([r.group_errors[g] for r in rows if g in r.group_errors])), 4)
-                  for g in rows[0].group_errors}
-        agreement = {key: round(float(np.mean([r.agreement.get(key, np.nan) for r in rows])), 4)
-                     for key in rows[0].agreement}
-        out[name] = {"kind": rows[0].kind, "group_error_median": groups, "agreement": agreement,
-                     "rel_error_median": round(float(np.median([r.rel_error for r in rows])), 4)}
-    return out
+    return {"samples": len(xs), **real_models.fidelity(reference, candidate, names)}
 
 
 def main() -> None:

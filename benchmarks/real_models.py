@@ -319,8 +319,10 @@ def fidelity(expected: list[list[np.ndarray]], actual: list[list[np.ndarray]], n
         agreement = {}
         for key in rows[0].agreement:
             agreement[key] = round(float(np.mean([r.agreement.get(key, np.nan) for r in rows])), 4)
+        groups = {g: round(float(np.median([r.group_errors[g] for r in rows if g in r.group_errors])), 4)
+                  for g in rows[0].group_errors}  # a detector's boxes and class scores apart
         out[name] = {"kind": rows[0].kind, "worst_group_error_median": round(float(np.median(worst)), 4),
-                     "worst_group_error_max": round(float(np.max(worst)), 4),
+                     "worst_group_error_max": round(float(np.max(worst)), 4), "group_error_median": groups,
                      "rel_error_median": round(float(np.median([r.rel_error for r in rows])), 4),
                      "agreement": agreement}
     return out

@@ -109,8 +109,7 @@ def optimize(
     if quantize is not None and calibration is None:
         raise UsageError("INT8 quantization needs calibration data (calibration_data, the fine-tuning data "
                          "or eval_data)", option="quantize")
-    sample = next((source for source in (finetune.data if finetune is not None else None, eval_data, calibration)
-                   if source is not None), None)  # a path, a Dataset or arrays: any gives the input's size
+    sample = _first_given(finetune.data if finetune is not None else None, eval_data, calibration)  # input's size
     run = _Run(model, layers, measure, make_solver(solver, seed), seed, data,
                sample_shape=data.sample_shape(sample) if sample is not None else None)
     tune = _Tuner(run, finetune)
@@ -418,10 +417,14 @@ def _shapes_of_sample(model: ir.Model, given: dict, sample_shape: tuple[int, ...
 
 def _calibration_data(quantize: QuantizeSettings | None, finetune: FinetuneSettings | None, eval_data):
     """What INT8 is calibrated on: the given calibration data, else the sample inputs, else the
-    evaluation data (arrays have no truth value: each is tested against None)."""
+    evaluation data."""
     if quantize is None:
         return None
-    sources = (quantize.calibration_data, finetune.data if finetune is not None else None, eval_data)
+    return _first_given(quantize.calibration_data, finetune.data if finetune is not None else None, eval_data)
+
+
+def _first_given(*sources):
+    """The first data source that is not None (a path, a Dataset or arrays, which have no truth value)."""
     return next((source for source in sources if source is not None), None)
 
 

@@ -991,9 +991,8 @@ def gru(node, inputs, ctx):
 
 
 # ------------------------------------------------------------------ quantization (QDQ)
-# Integer ranges by zero-point dtype; a missing zero point means uint8. int32 is the bias of a QDQ
-# Conv as quantization-aware training holds it (onnx_cp.quantize.qat), never a valid ONNX output.
-_INT_RANGES = {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.int32: (-2 ** 31, 2 ** 31 - 1)}
+# Integer ranges by zero-point dtype (a missing zero point means uint8).
+_INT_RANGES = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
 
 
 def _along(param: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:

@@ -188,9 +188,9 @@ def quantize_for_timing(model: model_io.ModelLike, samples: np.ndarray, *, targe
             if node.name in keep_float or (naming.split_name(node.name) or ("",))[0] in keep_float}
     scheme = Int8Scheme(weight_bits=weight_precision(target).weight_bits, calibration="minmax",
                         samples=len(samples), target=target)
-    batches = [samples[i:i + _CALIBRATION_BATCH] for i in range(0, len(samples), _CALIBRATION_BATCH)]
+    batches = _calibration_source(samples, len(samples))
     with tempfile.TemporaryDirectory(prefix="onnx-cp-calibration-") as folder:
-        return _qdq(prepared, _Batches(single_input(prepared, "INT8 timing"), iter(batches)), scheme,
+        return _qdq(prepared, _Batches(single_input(prepared, "INT8 timing"), batches()), scheme,
                     {**kept, **float_tail(prepared)}, Path(folder) / "ranges.json")
 
 
