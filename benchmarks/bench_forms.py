@@ -1,12 +1,14 @@
 """Auto (CP, Tucker-2, channel SVD, spatial SVD per layer) against CP alone at the same measured
 speed-up target (not part of CI).
 
-    python benchmarks/bench_forms.py [--targets 1.5 2 3] [--samples 1000]
+    python benchmarks/bench_forms.py [--targets 1.5 2 3] [--samples 1000] [--sample 256]
         # writes benchmarks/results/forms.{md,json}
 
-For each model and --target-speedup X, `optimize` runs the speed-up search twice, with
-decomposition="cp" and "auto" (no fine-tuning, no data: the searches see only kernel errors and
-measured latency), then both results are measured again in one interleaved onnxruntime run against
+For each model and --target-speedup X, `optimize` runs the speed-up search with
+decomposition="cp" and "auto", no fine-tuning, each twice: without data (the searches see only
+kernel errors and measured latency; other forms stay only for 1x1 convs or near exact) and with
+`--sample` unlabelled validation images (each layer and form weighed by the output error it
+causes on them). Then the results results are measured again in one interleaved onnxruntime run against
 the original, and their outputs compared with the original's on real test inputs (charresnet: the
 synthetic character test set, top-1 agreement and worst channel-group output error).
 """
@@ -33,20 +35,23 @@ from onnx_cp.errors import BudgetError  # noqa: E402
 from onnx_cp.measure import benchmark_latency, evaluate  # noqa: E402
 from onnx_cp.measure.outputs import compare_on_data  # noqa: E402
 from onnx_cp.runtime.cpu import channel_block  # noqa: E402
-from onnx_cp.settings import SolverSettings, SpeedupTarget  # noqa: E402
+from onnx_cp.settings import MeasureSettings, SolverSettings, SpeedupTarget  # noqa: E402
 
 MODELS = {"charresnet": ROOT / "models" / "charresnet.onnx", "charnet": ROOT / "models" / "charnet.onnx"}
 
 
-def run_one(path: Path, target: float, decomposition: str, workers: int) -> dict:
+def run_one(path: Path, target: float, decomposition: str, workers: int, sample: str | None) -> dict:
+    """One speed-up search; with `sample` (unlabelled inputs), layers and forms are weighed by the
+    output error each causes on them, else by kernel error alone."""
     started = time.perf_counter()
     try:
-        result = optimize(path, SpeedupTarget(target), solver=SolverSettings(workers=workers,
-                                                                           decomposition=decomposition))
+        result = optimize(path, SpeedupTarget(target),
+                          solver=SolverSettings(workers=workers, decomposition=decomposition),
+                          measure=MeasureSettings(eval_data=sample))
     except BudgetError as exc:
-        return {"decomposition": decomposition, "error": str(exc)}
+        return {"decomposition": decomposition, "data": "sample" if sample else "none", "error": str(exc)}
     rows = [r for r in result.report["layers"] if r["status"] == "decomposed"]
-    return {"decomposition": decomposition, "model": result.model, "seconds": time.perf_counter() - started,
+    return {"decomposition": decomposition, "data": "sample" if sample else "none", "model": result.model, "seconds": time.perf_counter() - started,
             "forms": dict(Counter(r["form"] for r in rows)),
             "layers": {r["name"]: [r["form"], r["rank"], round(r["rel_error"], 3)] for r in rows},
             "search_measured": max(t["measured"] for t in result.report["search"]),
@@ -59,6 +64,7 @@ def main() -> int:
     parser.add_argument("--targets", nargs="+", type=float, default=[1.5, 2.0, 3.0])
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--sample", type=int, default=256, help="unlabelled validation inputs for the data runs (0: none)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "forms"))
     args = parser.parse_args()
     x, y = generate_chars(args.samples, seed=0, split="test")
@@ -66,11 +72,17 @@ def main() -> int:
     data = Path(tempfile.mkdtemp()) / "test.npz"
     np.savez(data, x=x, y=y)
     data = str(data)
+    samples = [None]
+    if args.sample:
+        sample = Path(tempfile.mkdtemp()) / "sample.npz"
+        np.savez(sample, x=np.asarray(generate_chars(args.sample, seed=0, split="val")[0], np.float32))
+        samples.append(str(sample))
     results = []
     for name in args.models:
         for target in args.targets:
             original_top1 = evaluate(str(MODELS[name]), data).top1
-            runs = [run_one(MODELS[name], target, d, args.workers) for d in ("cp", "auto")]
+            runs = [run_one(MODELS[name], target, d, args.workers, sample) for sample in samples
+                    for d in ("cp", "auto")]
             done = [r for r in runs if "model" in r]
             if done:
                 latency = benchmark_latency([str(MODELS[name]), *[r["model"] for r in done]], runs=200)
@@ -88,17 +100,18 @@ def main() -> int:
             "channel_block": channel_block()}
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     lines = [f"# Auto vs CP at the same speed-up target\n\n`{meta['command']}` (channel block {meta['channel_block']}, "
-             "no fine-tuning; output error on the character test set vs the original)\n",
-             "| model | target | forms | measured speed-up | worst group output error | top-1 agreement | top-1 (original) "
+             "no fine-tuning; output error on the character test set vs the original; data: none, or "
+             "unlabelled validation images that weigh each layer and form by the output error it causes)\n",
+             "| model | target | data | forms | measured speed-up | worst group output error | top-1 agreement | top-1 (original) "
              "| forms chosen |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
+             "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['target']:g}x | {r['decomposition']} | - | - | - | - | {r['error']} |")
+            lines.append(f"| {r['model']} | {r['target']:g}x | {r['data']} | {r['decomposition']} | - | - | - | - | {r['error']} |")
             continue
         forms = ", ".join(f"{f} x{n}" for f, n in sorted(r["forms"].items()))
         agree = f"{100 * r['top1_agreement']:.1f}%" if r.get("top1_agreement") is not None else "-"
-        lines.append(f"| {r['model']} | {r['target']:g}x | {r['decomposition']} | {r['speedup']:.2f}x | "
+        lines.append(f"| {r['model']} | {r['target']:g}x | {r['data']} | {r['decomposition']} | {r['speedup']:.2f}x | "
                      f"{r['worst_group_error']:.3f} | {agree} | {100 * r['top1']:.2f}% ({100 * r['original_top1']:.2f}%) "
                      f"| {forms} |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")

@@ -263,6 +263,8 @@ class _Run:
         if data is not None:
             meter = self._meter(policy.within) if policy.within is not None else self._output_error_meter
             menus = self._with_sensitivities(menus, meter, data, timing)
+        else:
+            menus = search.data_free_forms(menus)
         measure = self.speedup_of if int8 is None else int8.speedup_of
         plan, model, trace = search.search_speedup(menus, timing, policy.target, self.build_model, measure,
                                                    with_original=int8 is not None)

@@ -116,12 +116,16 @@ def test_decomposition_is_checked():
     assert SolverSettings(decomposer=lambda k, r: None).forms == ("cp",)
 
 
-def test_menus_offer_every_form_that_applies(tmp_path, monkeypatch):
-    monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
+def three_form_sites() -> list:
     model = ir.from_proto(three_form_model())
     shapes = {"x": [1, C, 8, 8], "t": [1, C, 8, 8], "rt": [1, C, 8, 8], "s": [1, C, 8, 8], "rs": [1, C, 8, 8],
               "y": [1, C, 4, 8]}
-    sites = find_conv_sites(model, shapes)
+    return find_conv_sites(model, shapes)
+
+
+def test_menus_offer_every_form_that_applies(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
+    sites = three_form_sites()
     layer_ms = {s.name: 1.0 for s in sites}
     menus, refusals = search.layer_menus(sites, make_solver(SolverSettings(workers=1), 0), layer_ms, threads=1)
     assert refusals == {}
@@ -143,6 +147,26 @@ def test_menus_offer_every_form_that_applies(tmp_path, monkeypatch):
     assert all(o.form == "cp" for m in only_cp for o in m.options[1:])
     plan = search.to_plan({m.site.name: m.options[-1] for m in menus}, "chosen", "kept")
     assert all(layer.form == m.options[-1].form for m, layer in zip(menus, plan.layers.values()))
+
+
+def test_without_data_other_forms_stay_only_near_exact_where_cp_applies(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
+    sites = three_form_sites()
+    menus, _ = search.layer_menus(sites, make_solver(SolverSettings(workers=1), 0), {s.name: 1.0 for s in sites},
+                                  threads=1)
+    trimmed = {m.site.name: m for m in search.data_free_forms(menus)}
+    for menu in menus:
+        kept = trimmed[menu.site.name].options
+        assert kept[0].rank is None
+        has_cp = any(o.form == "cp" for o in menu.options[1:])
+        expected = [o for o in menu.options[1:] if not has_cp or o.form == "cp" or o.error <= search.NEAR_EXACT]
+        assert kept[1:] == expected
+    b = channel_block()
+    conv_t = {(o.form, o.rank) for o in trimmed["conv_t"].options[1:]}
+    assert (TUCKER2, (b, b)) in conv_t  # exact, so it stays beside CP
+    before = {m.site.name: len(m.options) for m in menus}
+    assert len(trimmed["conv_t"].options) < before["conv_t"]  # its inexact non-CP options are gone
+    assert len(trimmed["conv_s"].options) == before["conv_s"]  # 1x1: CP has no options, every form stays
 
 
 def test_cli_decomposition_flag_and_config(tmp_path):

@@ -43,6 +43,10 @@ SURPLUS_SWAPS = 10  # measured swaps that spend speed beyond the target on accur
 # measurements the one kept is the luckiest (charnet: a plan read 12.6x in the search, 10.4x after).
 CONFIRMATIONS = 3
 FRONTIER_AIMS = 96  # speed-ups between the fastest plan and 1x whose plans the searches bisect
+# Without data, a form other than CP stays on a menu where CP has options only when it is this close
+# to exact: kernel errors of different forms do not measure the same damage (charresnet at 3x: the
+# mixed plan with less summed kernel error than CP's moved the outputs 1.6x as much).
+NEAR_EXACT = 0.01
 KEPT_FOR_SPEED = "kept: the speed-up target was met without decomposing it"
 KEPT_FOR_ACCURACY = "kept: decomposing it cost more accuracy than it saved time"
 
@@ -111,6 +115,19 @@ def layer_menus(
                                       group_results, form))
         menus.append(LayerMenu(site, options))
     return menus, refusals
+
+
+def data_free_forms(menus: Sequence[LayerMenu]) -> list[LayerMenu]:
+    """The menus for a search without data: where a layer has CP options, its other forms only when
+    near exact; elsewhere (1x1 convs, which CP leaves alone) every form. With data, each form's
+    damage is measured instead (with_sensitivities)."""
+    trimmed = []
+    for menu in menus:
+        if any(o.form == CP for o in menu.options[1:]):
+            kept = [o for i, o in enumerate(menu.options) if i == 0 or o.form == CP or o.error <= NEAR_EXACT]
+            menu = dataclasses.replace(menu, options=kept)
+        trimmed.append(menu)
+    return trimmed
 
 
 def _no_option_reason(site: ConvSite, forms: Sequence[str]) -> str:
