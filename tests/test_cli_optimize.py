@@ -99,12 +99,12 @@ def test_everything_else_is_preserved(tmp_path):
 def test_layers_and_exclude_select_by_regex():
     proto = model_factory.tiny_cnn()
     only2 = optimize(proto, 4, layers=LayerSelection("conv2")).report["layers"]
-    assert [r["status"] for r in only2] == ["skipped", "decomposed"]
+    assert [r["status"] for r in only2] == ["skipped", "decomposed", "skipped"]
     assert "not matched by the layer filter" in only2[0]["reason"]
     not2 = optimize(proto, 4, layers=LayerSelection(exclude="2$")).report["layers"]
-    assert [r["status"] for r in not2] == ["decomposed", "skipped"]
+    assert [r["status"] for r in not2] == ["decomposed", "skipped", "skipped"]
     per_layer = optimize(proto, ExplicitRanks(5, {"conv2": 3})).report["layers"]
-    assert [r["rank"] for r in per_layer] == [5, 3]
+    assert [r["rank"] for r in per_layer] == [5, 3, None]  # a rank means CP: the Gemm is left alone
 
 
 def test_default_policy_respects_error_budget_and_gain():
@@ -114,8 +114,9 @@ def test_default_policy_respects_error_budget_and_gain():
         if init.name == "conv2.weight":
             init.CopyFrom(numpy_helper.from_array(kernel, init.name))
     rows = optimize(proto).report["layers"]
-    conv1, conv2 = rows
+    conv1, conv2, fc = rows
     assert conv1["status"] == "skipped" and "budget" in conv1["reason"]  # random 3x3: no rank pays
+    assert fc["status"] == "skipped" and "svd" in fc["reason"]  # a 10x32 Gemm: no SVD rank halves it
     assert conv2["status"] == "decomposed" and conv2["rel_error"] <= 0.15
     assert conv2["macs_after"] * 2 <= conv2["macs_before"]
 

@@ -30,27 +30,27 @@ def optimize(*extra) -> int:
 def test_onnx_cp_toml_in_the_working_directory(workdir):
     (workdir / "onnx-cp.toml").write_text('rank = 4\nlayers = "conv2"\n')
     assert optimize() == 0
-    assert ranks_written(workdir) == {"conv1": None, "conv2": 4}
+    assert ranks_written(workdir) == {"conv1": None, "conv2": 4, "fc": None}
     assert json.loads((workdir / "r.json").read_text())["config"] == "onnx-cp.toml"
 
 
 def test_command_line_wins_over_the_file(workdir):
     (workdir / "onnx-cp.toml").write_text('rank = 4\nlayers = "conv2"\n')
     assert optimize("--rank", "6", "--layers", ".") == 0
-    assert ranks_written(workdir) == {"conv1": 6, "conv2": 6}
+    assert ranks_written(workdir) == {"conv1": 6, "conv2": 6, "fc": None}
 
 
 def test_pyproject_table_and_per_layer_ranks(workdir):
     table = '[project]\nname = "x"\n\n[tool.onnx-cp]\nrank = { conv1 = 3, conv2 = 5 }\n'
     (workdir / "pyproject.toml").write_text(table)
     assert optimize() == 0
-    assert ranks_written(workdir) == {"conv1": 3, "conv2": 5}
+    assert ranks_written(workdir) == {"conv1": 3, "conv2": 5, "fc": None}
 
 
 def test_explicit_config_file(workdir):
     (workdir / "ci.toml").write_text('[tool.onnx-cp]\nrank = 7\nexclude = "conv1"\n')
     assert optimize("--config", "ci.toml") == 0
-    assert ranks_written(workdir) == {"conv1": None, "conv2": 7}
+    assert ranks_written(workdir) == {"conv1": None, "conv2": 7, "fc": None}
 
 
 @pytest.mark.parametrize("content, message", [

@@ -197,3 +197,12 @@ def test_a_last_stage_that_is_the_only_difference_is_solved_exactly(rewritten):
     assert conv2.error_before > 0.3 and conv2.error_after < 1e-3
     held_out = model_factory.smooth_inputs(64, seed=1)
     assert relative_error(layer_output(model, "c2", held_out), layer_output(teacher, "c2", held_out)) < 1e-3
+
+
+def test_a_gemm_chain_is_left_to_fine_tuning_with_its_reason(original):
+    rewritten = onnx_cp.optimize(original, RANK, solver=SolverSettings(workers=1, decomposition="svd")).model
+    assert [n.op_type for n in rewritten.graph.node][-3:] == ["MatMul", "MatMul", "Add"]  # fc as two thin ones
+    model, fits = reconstruct_layers(rewritten, original, model_factory.smooth_inputs(64, seed=0), steps=20)
+    by_layer = {f.layer: f for f in fits}
+    assert by_layer["fc"].status == "skipped: not a chain of Convs (a Gemm's SVD is left to fine-tuning)"
+    assert by_layer["conv1"].status == by_layer["conv2"].status == "fitted"

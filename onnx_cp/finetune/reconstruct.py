@@ -181,6 +181,8 @@ def _chains(model: onnx.ModelProto) -> list[_Chain]:
 
 
 def _unfit_reason(model: onnx.ModelProto, chain: _Chain) -> str | None:
+    if any(node.op_type != "Conv" for node in chain.nodes):
+        return "skipped: not a chain of Convs (a Gemm's SVD is left to fine-tuning)"
     weights = {name for node in chain.nodes for name in node.input[1:] if name}
     inside = {node.name for node in chain.nodes}
     if any(name in weights for node in model.graph.node if node.name not in inside for name in node.input):

@@ -13,10 +13,11 @@ STAGES = ("in", "vertical", "horizontal", "out")  # the CP chain's
 FORM_STAGES = {
     "cp": STAGES,
     "tucker2": ("in", "core", "out"),
-    "svd": ("in", "out"),
+    "svd": ("in", "out", "bias"),
     "spatial_svd": ("vertical", "horizontal"),
 }
-OPTIONAL_STAGES = {"cp": {"in"}}  # a one-input-channel CP chain folds its input stage
+# a one-input-channel CP chain folds its input stage; a Gemm's SVD chain adds its bias last (an Add)
+OPTIONAL_STAGES = {"cp": {"in"}, "svd": {"bias"}}
 SEPARATOR = "/cp/"
 LAYER_METADATA_KEY = "onnx_cp.layer"
 

@@ -120,7 +120,7 @@ def _chain_weights(graph: ir.Graph, site: ConvSite, layer: LayerPlan) -> tuple[l
     splice = SPLICES[layer.form]
     arrays, max_norm = splice.weights(site, per_group)
     weights = stages.register_weights(graph, site.name, layer.form, splice.layout(site, layer.rank), arrays,
-                                      site.kernel.dtype)
+                                      site.kernel.dtype, matrices=site.is_gemm)
     return weights, _decomposed(site, layer, rel_error, max_norm)
 
 

@@ -1,5 +1,9 @@
 """The Convs of a model as the planner sees them: each one's constant kernel, group, spatial sizes
-and, when it cannot be decomposed, the reason, found once and never changed afterwards."""
+and, when it cannot be decomposed, the reason, found once and never changed afterwards.
+
+A Gemm with a constant weight is a site too: y = alpha A B + beta C is the 1x1 conv of A's rows with
+the kernel alpha B^T (N, K, 1, 1), so it plans, solves and reports as one, and only the SVD form
+(two thin MatMuls) applies (a CRNN recogniser's 8210-class output layer is a third of its time)."""
 
 from __future__ import annotations
 
@@ -26,12 +30,18 @@ class ConvSite:
     refusal: str | None = None  # why the Conv cannot be decomposed; None if it can
 
     @property
+    def is_gemm(self) -> bool:
+        return self.node.op_type == "Gemm"
+
+    @property
     def eligible(self) -> bool:
         """Some low-rank form may replace it (see refusal_for for each form)."""
         return self.refusal is None
 
     def refusal_for(self, form: str) -> str | None:
         """Why this Conv cannot be replaced by a chain of `form` (None if it can)."""
+        if self.refusal is None and self.is_gemm and form != "svd":
+            return "Gemm: a matrix has one low-rank form, SVD"
         return self.refusal or form_refusal(self.kernel.shape, self.group, form)
 
     @property
@@ -110,14 +120,17 @@ def find_conv_sites(
     model: ir.Model,
     shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> list[ConvSite]:
-    """Every Conv of the model (subgraphs included, for the report), with refusal reasons.
+    """Every Conv and Gemm of the model (subgraphs included, for the report), with refusal reasons.
 
     `shapes` maps value names to concrete shapes (from shape inference) for FLOP counts.
     """
     shapes = shapes or {}
     sites = []
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in ("Conv", "Gemm") or node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "Gemm":
+            sites.append(_gemm_site(node, model, shapes))
             continue
         kernel, group, refusal = _inspect(node, model.graph, model.ir_version)
         input_hw = output_hw = None
@@ -165,7 +178,8 @@ def conv_attributes(conv: ir.Node) -> dict:
 def conv_bias(site: ConvSite) -> np.ndarray | None:
     if len(site.node.inputs) < 3 or site.node.inputs[2] is None:
         return None
-    return constant_array(site.node.inputs[2])
+    bias = constant_array(site.node.inputs[2])
+    return bias.reshape(-1) if site.is_gemm and bias is not None else bias
 
 
 def _inspect(node: ir.Node, main_graph: ir.Graph, ir_version: int | None) -> tuple[np.ndarray | None, int, str | None]:
@@ -200,6 +214,45 @@ def _inspect(node: ir.Node, main_graph: ir.Graph, ir_version: int | None) -> tup
     if malformed:
         return kernel, group, malformed
     return kernel, group, None
+
+
+def _gemm_site(node: ir.Node, model: ir.Model, shapes: Mapping[str, Sequence[int]]) -> ConvSite:
+    """A Gemm as the 1x1 conv of its rows: kernel alpha B^T as (N, K, 1, 1), rows as the height."""
+    kernel, refusal = _gemm_kernel(node, model.graph, model.ir_version)
+    rows = shapes.get(node.inputs[0].name) if node.inputs and node.inputs[0] is not None else None
+    hw = (int(rows[0]), 1) if rows is not None and len(rows) == 2 and isinstance(rows[0], int) and rows[0] > 0 \
+        else None
+    return ConvSite(node, layer_name(node), kernel, 1, hw, hw, refusal)
+
+
+def _gemm_kernel(node: ir.Node, main_graph: ir.Graph, ir_version: int | None) -> tuple[np.ndarray | None, str | None]:
+    def attr(name: str, default):
+        value = node.attributes.get(name)
+        return value.value if value is not None else default
+
+    if node.graph is not main_graph:
+        return None, "inside a subgraph (If/Loop/Scan body): left unchanged"
+    if len(node.inputs) < 2 or node.inputs[1] is None:
+        return None, "Gemm without a weight input"
+    weight = constant_array(node.inputs[1])
+    if weight is None:
+        return None, "weight is not a constant (computed at run time)"
+    if weight.ndim != 2 or not np.issubdtype(weight.dtype, np.floating):
+        return None, f"{weight.dtype} weight of shape {list(weight.shape)}: not decomposed"
+    matrix = weight if attr("transB", 0) else weight.T  # (N, K)
+    kernel = (matrix * np.asarray(attr("alpha", 1.0), matrix.dtype))[:, :, None, None]
+    if node.inputs[1] in main_graph.inputs and (ir_version or 4) >= 4:
+        return kernel, "weight is also a graph input (can be overridden at run time)"
+    if attr("transA", 0):
+        return kernel, "Gemm with transA=1: not decomposed"
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is not None:
+        array = constant_array(bias)
+        if array is None or array.shape not in ((matrix.shape[0],), (1, matrix.shape[0])) or attr("beta", 1.0) != 1.0:
+            return kernel, "Gemm bias is not a constant row of N values with beta 1: not decomposed"
+    if not np.all(np.isfinite(kernel)):
+        return kernel, "weight holds NaN or infinity"
+    return kernel, None
 
 
 def _malformed_attributes(node: ir.Node, spatial: Sequence[int]) -> str | None:

@@ -7,6 +7,10 @@ spatial extent (a 1x1 stage before the spatial ones maps zeros to zeros), and a 
 axis only (kernel 1 and stride 1 on the other) pads and strides exactly as the original along its
 own axis; SAME_* auto_pad adds no padding along an axis of kernel 1 and stride 1, so it is kept on
 the spatial stages as is, which stays exact with symbolic spatial sizes.
+
+A Gemm site's chain (channel SVD, its one form) is spliced as MatMuls with (in, out) weights and
+the bias added at the end instead: valid at every opset (Gemm needs its C input before opset 11),
+and onnxruntime fuses the last MatMul and the Add back into a Gemm.
 """
 
 from __future__ import annotations
@@ -57,13 +61,16 @@ def _padding(attrs: dict, explicit_pads: list[int]) -> dict:
 
 
 def register_weights(graph: ir.Graph, layer: str, form: str, shapes: Sequence[StageShape],
-                     arrays: Sequence[np.ndarray], dtype: np.dtype) -> list[ir.Value]:
-    """The stages' weights as initializers of `graph` (in the kernel's dtype), uniquely named."""
+                     arrays: Sequence[np.ndarray], dtype: np.dtype, *, matrices: bool = False) -> list[ir.Value]:
+    """The stages' weights as initializers of `graph` (in the kernel's dtype), uniquely named;
+    `matrices`: as (in, out) MatMul weights."""
     values = []
     for shape, array in zip(shapes, arrays):
         expected = (shape.out_channels, shape.in_per_group, *shape.kernel)
         if tuple(array.shape) != expected:
             raise ValueError(f"{layer}: {form} stage {shape.name} weight {array.shape}, expected {expected}")
+        if matrices:
+            array = array.reshape(shape.out_channels, shape.in_per_group).T
         name = _unique_initializer_name(graph, naming.weight_name(layer, shape.name, form))
         tensor = ir.tensor(np.ascontiguousarray(array.astype(dtype)), name=name)
         value = ir.Value(name=name, const_value=tensor, shape=tensor.shape, type=ir.TensorType(tensor.dtype))
@@ -77,22 +84,35 @@ def splice(graph: ir.Graph, site: ConvSite, form: str, shapes: Sequence[StageSha
     """Replace the site's Conv by the chain of stages; the bias goes to the last stage and the
     Conv's output value (and so its name) is kept."""
     conv = site.node
-    attrs = conv_attributes(conv)
     x = conv.inputs[0]
     bias = conv.inputs[2] if len(conv.inputs) > 2 else None
-    nodes: list[ir.Node] = []
-    for index, (shape, weight) in enumerate(zip(shapes, weights)):
+    nodes = _matmul_stages(site, form, shapes, weights, x, bias) if site.is_gemm else []
+    for index, (shape, weight) in enumerate(zip(shapes, weights) if not site.is_gemm else ()):
         inputs = [nodes[-1].outputs[0] if nodes else x, weight]
         if index == len(shapes) - 1 and bias is not None:
             inputs.append(bias)
-        name = naming.node_name(site.name, shape.name, form)
-        node = ir.node("Conv", inputs,
-                       {"kernel_shape": list(shape.kernel), "group": shape.group,
-                        **stage_attributes(attrs, shape.axes)},
-                       name=name, metadata_props={naming.LAYER_METADATA_KEY: site.name})
-        node.outputs[0].name = name + ".output"
-        nodes.append(node)
+        nodes.append(_stage_node(site, form, shape.name, "Conv", inputs,
+                                 {"kernel_shape": list(shape.kernel), "group": shape.group,
+                                  **stage_attributes(conv_attributes(conv), shape.axes)}))
     ir.convenience.replace_nodes_and_values(graph, conv, [conv], nodes, [conv.outputs[0]], [nodes[-1].outputs[0]])
+
+
+def _matmul_stages(site: ConvSite, form: str, shapes: Sequence[StageShape], weights: Sequence[ir.Value],
+                   x: ir.Value, bias: ir.Value | None) -> list[ir.Node]:
+    nodes: list[ir.Node] = []
+    for shape, weight in zip(shapes, weights):
+        nodes.append(_stage_node(site, form, shape.name, "MatMul", [nodes[-1].outputs[0] if nodes else x, weight]))
+    if bias is not None:
+        nodes.append(_stage_node(site, form, "bias", "Add", [nodes[-1].outputs[0], bias]))
+    return nodes
+
+
+def _stage_node(site: ConvSite, form: str, stage: str, op: str, inputs: list, attributes: dict | None = None
+                ) -> ir.Node:
+    name = naming.node_name(site.name, stage, form)
+    node = ir.node(op, inputs, attributes or {}, name=name, metadata_props={naming.LAYER_METADATA_KEY: site.name})
+    node.outputs[0].name = name + ".output"
+    return node
 
 
 def chain_macs(site: ConvSite, shapes: Sequence[StageShape]) -> int:

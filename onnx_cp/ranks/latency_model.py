@@ -43,17 +43,18 @@ class LayerShape:
     dilations: tuple[int, ...]
     pads: tuple[int, ...]
     auto_pad: str
+    op: str = "Conv"  # or "Gemm": input_hw is then (rows, 1)
 
     @classmethod
     def of(cls, site: ConvSite) -> LayerShape:
         attrs = conv_attributes(site.node)
-        return cls(tuple(site.kernel.shape), site.group, site.input_hw or (32, 32),
+        return cls(tuple(site.kernel.shape), site.group, site.input_hw or ((32, 1) if site.is_gemm else (32, 32)),
                    tuple(attrs["strides"]), tuple(attrs["dilations"]), tuple(attrs["pads"]),
-                   attrs["auto_pad"])
+                   attrs["auto_pad"], site.node.op_type)
 
     def key(self) -> str:
-        return json.dumps([self.kernel, self.group, self.input_hw, self.strides, self.dilations,
-                           self.pads, self.auto_pad])
+        fields = [self.kernel, self.group, self.input_hw, self.strides, self.dilations, self.pads, self.auto_pad]
+        return json.dumps(fields if self.op == "Conv" else [*fields, self.op])  # Conv keys as before
 
 
 def chain_time_ratios(shape: LayerShape, ranks: Sequence[int], *, threads: int = 1) -> dict[int, float]:
@@ -83,12 +84,17 @@ def form_time_ratios(shape: LayerShape, form: str, ranks: Sequence, *, threads: 
 
 def single_conv_model(shape: LayerShape, seed: int = 0, kernel: np.ndarray | None = None,
                       batch: int | str = 1) -> onnx.ModelProto:
-    """One Conv of this shape, with `kernel` (random when None) and a zero bias."""
+    """One Conv of this shape (a Gemm of shape.input_hw[0] rows for a Gemm shape), with `kernel`
+    (random when None) and a zero bias."""
     t, s, kh, kw = shape.kernel
     if kernel is None:
         kernel = np.random.default_rng(seed).standard_normal(shape.kernel)
-    weight = numpy_helper.from_array(np.asarray(kernel, dtype=np.float32), "W")
     bias = numpy_helper.from_array(np.zeros(t, np.float32), "B")
+    if shape.op == "Gemm":
+        return _model(helper.make_node("Gemm", ["x", "W", "B"], ["y"], name="gemm", transB=1),
+                      [shape.input_hw[0], s], numpy_helper.from_array(np.asarray(kernel, np.float32).reshape(t, s), "W"),
+                      bias)
+    weight = numpy_helper.from_array(np.asarray(kernel, dtype=np.float32), "W")
     attrs = {"kernel_shape": [kh, kw], "group": shape.group, "strides": list(shape.strides),
              "dilations": list(shape.dilations)}
     if shape.auto_pad in ("NOTSET", ""):
@@ -96,9 +102,13 @@ def single_conv_model(shape: LayerShape, seed: int = 0, kernel: np.ndarray | Non
     else:
         attrs["auto_pad"] = shape.auto_pad
     node = helper.make_node("Conv", ["x", "W", "B"], ["y"], name="conv", **attrs)
-    graph = helper.make_graph(
-        [node], "layer", [helper.make_tensor_value_info("x", 1, [batch, s * shape.group, *shape.input_hw])],
-        [helper.make_tensor_value_info("y", 1, None)], [weight, bias])
+    return _model(node, [batch, s * shape.group, *shape.input_hw], weight, bias)
+
+
+def _model(node: onnx.NodeProto, input_shape: list, weight: onnx.TensorProto, bias: onnx.TensorProto
+           ) -> onnx.ModelProto:
+    graph = helper.make_graph([node], "layer", [helper.make_tensor_value_info("x", 1, input_shape)],
+                              [helper.make_tensor_value_info("y", 1, None)], [weight, bias])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 10
     return model

@@ -60,6 +60,8 @@ class OutputError:
 
     def _conv(self, site: ConvSite, kernel: np.ndarray) -> np.ndarray:
         x = self.activations[site.name]
+        if site.is_gemm:
+            return x.astype(np.float64) @ np.asarray(kernel, np.float64).reshape(kernel.shape[0], -1).T
         shape = dataclasses.replace(LayerShape.of(site), input_hw=tuple(x.shape[2:]))
         model = single_conv_model(shape, kernel=kernel, batch="N")
         (output,) = tensor_values(model, ["y"], "x", x)
