@@ -645,9 +645,33 @@ def _inferred_shapes(model: ir.Model, input_shapes: dict[str, list[int]]) -> dic
     shapes = {}
     for value in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
         dims = value.type.tensor_type.shape.dim
-        if all(d.HasField("dim_value") for d in dims):
+        if value.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
             shapes[value.name] = [d.dim_value for d in dims]
-    return shapes
+    return {**shapes, **_run_shapes(model, proto, input_shapes, shapes)}
+
+
+def _run_shapes(model: ir.Model, proto: onnx.ModelProto, input_shapes: dict[str, list[int]],
+                known: dict[str, list[int]]) -> dict[str, list[int]]:
+    """The shapes of layer inputs and outputs that inference left open, from one onnxruntime run on
+    random inputs (a CRNN's Gemm behind a Reshape computed from Shape ops: without its row count, its
+    MACs and isolated timing would be guesses)."""
+    from onnx_cp.runtime.inputs import measured_feeds
+    from onnx_cp.runtime.session import run_source
+
+    layers = [node for node in proto.graph.node if node.op_type in ("Conv", "Gemm") and node.input and node.output]
+    wanted = [n for node in layers for n in (node.input[0], node.output[0]) if n and n not in known]
+    if not wanted:
+        return {}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    outputs = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(wanted) if n not in outputs)
+    names = [o.name for o in probe.graph.output]
+    try:
+        values = run_source(probe.SerializeToString(), measured_feeds(model, input_shapes), "model")
+    except OnnxCpError:
+        return {}  # shapes are a nicety: MACs are then counted per output pixel
+    return {n: list(v.shape) for n, v in zip(names, values) if n in wanted}
 
 
 def _accuracy(original: ir.Model, stages: dict[str, ir.Model], dataset, threads: int) -> dict[str, AccuracyResult]:

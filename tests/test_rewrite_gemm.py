@@ -21,7 +21,7 @@ from onnx_cp.measure import count_flops
 from onnx_cp.ranks import search
 from onnx_cp.ranks.solve import make_solver
 from onnx_cp.runtime.cpu import channel_block
-from onnx_cp.settings import ErrorBudget, SolverSettings
+from onnx_cp.settings import ErrorBudget, MeasureSettings, SolverSettings
 
 N, K, RANK = 40, 24, 5
 
@@ -167,3 +167,35 @@ def test_an_error_budget_decomposes_a_gemm_and_verifies():
     assert result.report["verification"]["checker"] == "passed"
     assert result.report["verification"]["max_rel_error"] < 1e-4
     assert_same(model, result.model, 7, k=6 * rank)
+
+
+def test_rows_that_shape_inference_cannot_see_come_from_a_run():
+    """A Gemm behind a Reshape whose shape is computed at run time (a CRNN's classifier): its MACs
+    count every row, measured by one onnxruntime run at the given input shape."""
+    rank = channel_block()
+    n, k = 8 * rank, 6 * rank
+    weight = (np.random.default_rng(0).standard_normal((n, rank))
+              @ np.random.default_rng(1).standard_normal((rank, k))).astype(np.float32)
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+             helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "i2"], ["w"]),
+             helper.make_node("Cast", ["w"], ["wf"], to=onnx.TensorProto.FLOAT),
+             helper.make_node("Ceil", ["wf"], ["wc"]),  # opaque to onnx's data propagation
+             helper.make_node("Cast", ["wc"], ["wi"], to=onnx.TensorProto.INT64),
+             helper.make_node("Concat", ["wi", "k"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["xt", "shape"], ["rows"]),
+             helper.make_node("Gemm", ["rows", "B"], ["y"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, k, "W"])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.array([2], np.int64), "i2"),
+                               numpy_helper.from_array(np.array([k], np.int64), "k"),
+                               numpy_helper.from_array(weight, "B")])
+    model = model_factory.make_model(graph)
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    assert not any(v.name == "rows" and v.type.tensor_type.shape.dim[0].HasField("dim_value")
+                   for v in inferred.graph.value_info)
+    result = optimize(model, ErrorBudget(0.01), solver=SolverSettings(workers=1),
+                      measure=MeasureSettings(input_shapes={"x": [1, k, 24]}))
+    row, = result.report["layers"]
+    assert row["macs_before"] == 24 * n * k
+    assert row["status"] == "decomposed" and row["macs_after"] == 24 * rank * (n + k)
