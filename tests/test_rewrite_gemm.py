@@ -163,7 +163,7 @@ def test_an_error_budget_decomposes_a_gemm_and_verifies():
     model = gemm_model(rows=7, rank=rank, n=8 * rank, k=6 * rank)
     result = optimize(model, ErrorBudget(0.01), solver=SolverSettings(workers=1))
     row, = result.report["layers"]
-    assert (row["status"], row["form"], row["rank"]) == ("decomposed", SVD, rank)
+    assert (row["op"], row["status"], row["form"], row["rank"]) == ("Gemm", "decomposed", SVD, rank)
     assert result.report["verification"]["checker"] == "passed"
     assert result.report["verification"]["max_rel_error"] < 1e-4
     assert_same(model, result.model, 7, k=6 * rank)

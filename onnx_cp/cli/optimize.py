@@ -301,8 +301,10 @@ def format_report(report: dict) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
     totals = report["totals"]
     before, after = totals["conv_macs_before"], totals["conv_macs_after"]
+    gemms = sum(row.get("op") == "Gemm" for row in report["layers"])
+    kinds = f"layers ({totals['convs'] - gemms} Conv, {gemms} Gemm)" if gemms else "Conv layers"
     lines.append(
-        f"\n{totals['decomposed']} of {totals['convs']} Conv layers decomposed; conv MACs "
+        f"\n{totals['decomposed']} of {totals['convs']} {kinds} decomposed; {'their' if gemms else 'conv'} MACs "
         f"{_count(before)} -> {_count(after)}" + (f" ({before / after:.2f}x fewer)" if after else "")
         + f"; parameters {_count(totals['params_before'])} -> {_count(totals['params_after'])}"
     )

@@ -40,6 +40,7 @@ class LayerOutcome:
     params_before: int | None = None
     params_after: int | None = None
     max_component_norm: float | None = None
+    op: str = "Conv"  # or "Gemm"
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -151,7 +152,7 @@ def _remove_dead_values(graph: ir.Graph, values: Sequence[ir.Value]) -> None:
 
 def _skipped(site: ConvSite, reason: str) -> LayerOutcome:
     outcome = LayerOutcome(name=site.name, kernel_shape=site.kernel_shape, group=site.group,
-                           status="skipped", reason=reason)
+                           status="skipped", reason=reason, op=site.node.op_type)
     if site.kernel is not None and site.kernel.ndim == 4:
         outcome.macs_before = outcome.macs_after = site.macs_before()
         outcome.params_before = outcome.params_after = site.params_before()
@@ -165,4 +166,5 @@ def _decomposed(site: ConvSite, layer: LayerPlan, rel_error: float, max_norm: fl
         form=layer.form, note=layer.note, rank=rank, rel_error=rel_error, macs_before=site.macs_before(),
         macs_after=macs_after(site, layer.form, layer.rank), params_before=site.params_before(),
         params_after=params_after(site, layer.form, layer.rank), max_component_norm=max_norm,
+        op=site.node.op_type,
     )
