@@ -353,6 +353,10 @@ _INT8_SLOWER = ("the chosen plan measured faster in float than in INT8 on this C
                 "(the search measured both for every plan: see its trace)")
 QAT_EPOCHS = 2  # quantization-aware fine-tuning starts near its optimum: the calibrated INT8 model
 QAT_CHECK_SAMPLES = 64  # without validation data, QAT and PTQ are compared on this many samples
+# Distillation without validation data holds out this share of the samples (within the bounds) to
+# choose the epoch, epoch 0 included: on 400 text lines, 5 epochs of a CRNN took the decoded strings
+# kept on unseen lines from 89% (after reconstruction) to 78%, and the last epoch was kept.
+HELD_OUT_SHARE, HELD_OUT_MIN, HELD_OUT_MAX = 0.1, 16, 256
 INT8_TIMING_SAMPLES = 8  # min/max ranges for timing: the kernels do not depend on them
 INT8_CHECK_SAMPLES = 64  # the input model's checked quantization, which finds the layers kept float
 
@@ -471,6 +475,19 @@ class _Tuning:
     stages: dict[str, ir.Model] = field(default_factory=dict)  # intermediate models ("reconstructed")
 
 
+def _held_out(dataset) -> tuple:
+    """(train, validation, what was held out): the last HELD_OUT_SHARE of the samples (in the data's
+    own order, so deterministic) judge the epochs of a distillation that has no validation data; all
+    of them train when there are too few to spare any."""
+    from onnx_cp.finetune.train import load_samples
+
+    x, _ = load_samples(dataset, "fine-tuning data")
+    count = int(np.clip(round(len(x) * HELD_OUT_SHARE), HELD_OUT_MIN, HELD_OUT_MAX))
+    if len(x) < 2 * count:
+        return x, None, None
+    return x[:-count], x[-count:], f"the last {count} of the {len(x)} fine-tuning samples"
+
+
 class _Tuner:
     """Reconstructs and fine-tunes a rewritten model when fine-tuning is set."""
 
@@ -489,9 +506,13 @@ class _Tuner:
         teacher = self.run.original if settings.teacher_from_input else None
         train = self.run.data.open("fine-tuning", settings.data, labels=not settings.teacher_from_input)
         val = self.run.data.open("validation", settings.val) if settings.val is not None else None
+        held_out = None
+        if val is None and teacher is not None:
+            train, val, held_out = _held_out(train)
         tuned = finetune(start, train, val=val, teacher=teacher, seed=self.run.seed,
                          **settings.schedule())
-        tuning.report["finetune"] = {
+        tuning.report["finetune"] = {"validation": held_out} if held_out else {}
+        tuning.report["finetune"] |= {
             "history": tuned.history, "best_epoch": tuned.best_epoch, "metric": tuned.metric,
             "seconds": tuned.seconds, "samples_per_second": tuned.samples_per_second,
             "lr": tuned.lr, "lr_probe": tuned.lr_probe,

@@ -215,3 +215,28 @@ def test_sequence_probabilities_with_batch_one_are_distilled_by_kl(images):
     assert before > 0.3 and after < 0.5 * before
     assert result.metric == "val_worst_group_error"
     assert result.metric_at(result.best_epoch) == pytest.approx(after, rel=1e-3)
+
+
+def test_distillation_without_validation_data_judges_epochs_on_held_out_samples():
+    """A slice of the sample inputs is held out to choose the epoch, epoch 0 included: a run whose
+    training only hurts (a learning rate far too high) keeps the model it started from."""
+    import onnx_cp
+    from onnx_cp.settings import FinetuneSettings, MeasureSettings, SolverSettings
+
+    original = model_factory.tiny_cnn(seed=3)
+    x = model_factory.smooth_inputs(200, seed=0)
+    decomposed = onnx_cp.optimize(original, 4, solver=SolverSettings(workers=1),
+                                  measure=MeasureSettings(verify=False)).model
+    result = onnx_cp.optimize(original, 4, solver=SolverSettings(workers=1),
+                              finetune=FinetuneSettings(x, teacher_from_input=True, epochs=2, lr=50.0,
+                                                        reconstruct_steps=0),
+                              measure=MeasureSettings(verify=False))
+    tuned = result.report["finetune"]
+    assert tuned["validation"] == "the last 20 of the 200 fine-tuning samples"
+    errors = [h["val_worst_group_error"] for h in tuned["history"]]
+    assert len(errors) == 3 and errors[0] < min(errors[1:])  # the training only hurt, on held-out samples
+    assert tuned["best_epoch"] == 0 and tuned["metric"] == "val_worst_group_error"
+    probe = model_factory.smooth_inputs(8, seed=5)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": probe})[0]
+    np.testing.assert_allclose(run(result.model), run(decomposed), rtol=0, atol=1e-5)

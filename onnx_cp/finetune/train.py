@@ -763,14 +763,14 @@ class _Data:
 
 def _prepare_data(source: ir.Model, input_name: str, train, val, teacher,
                   world: distributed.World) -> _Data:
-    x_train, y_train = _arrays(train, "training data")
+    x_train, y_train = load_samples(train, "training data")
     _check_sample_shape(source, input_name, x_train.shape[1:])
     if teacher is None and y_train is None:
         raise UsageError("the training data has no labels: give a teacher model to distil "
                          "from (--teacher ORIGINAL.onnx)")
     data = _Data(x_train, y_train, distributed.shard(len(x_train), world))
     if val is not None:
-        data.x_val, data.y_val = _arrays(val, "validation data")
+        data.x_val, data.y_val = load_samples(val, "validation data")
         _check_sample_shape(source, input_name, data.x_val.shape[1:])
         data.val_idx = distributed.shard(len(data.x_val), world)
     if teacher is not None:
@@ -787,7 +787,7 @@ def _prepare_data(source: ir.Model, input_name: str, train, val, teacher,
     return data
 
 
-def _arrays(data: DataLike, what: str) -> tuple[np.ndarray, np.ndarray | None]:
+def load_samples(data: DataLike, what: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Training needs shuffled mini-batches: load the samples into memory."""
     if isinstance(data, tuple):
         if len(data) != 2:
