@@ -86,15 +86,23 @@ def splice(graph: ir.Graph, site: ConvSite, form: str, shapes: Sequence[StageSha
     conv = site.node
     x = conv.inputs[0]
     bias = conv.inputs[2] if len(conv.inputs) > 2 else None
-    nodes = _matmul_stages(site, form, shapes, weights, x, bias) if site.is_gemm else []
-    for index, (shape, weight) in enumerate(zip(shapes, weights) if not site.is_gemm else ()):
+    stages = _matmul_stages if site.is_gemm else _conv_stages
+    nodes = stages(site, form, shapes, weights, x, bias)
+    ir.convenience.replace_nodes_and_values(graph, conv, [conv], nodes, [conv.outputs[0]], [nodes[-1].outputs[0]])
+
+
+def _conv_stages(site: ConvSite, form: str, shapes: Sequence[StageShape], weights: Sequence[ir.Value],
+                 x: ir.Value, bias: ir.Value | None) -> list[ir.Node]:
+    attrs = conv_attributes(site.node)
+    nodes: list[ir.Node] = []
+    for index, (shape, weight) in enumerate(zip(shapes, weights)):
         inputs = [nodes[-1].outputs[0] if nodes else x, weight]
         if index == len(shapes) - 1 and bias is not None:
             inputs.append(bias)
         nodes.append(_stage_node(site, form, shape.name, "Conv", inputs,
                                  {"kernel_shape": list(shape.kernel), "group": shape.group,
-                                  **stage_attributes(conv_attributes(conv), shape.axes)}))
-    ir.convenience.replace_nodes_and_values(graph, conv, [conv], nodes, [conv.outputs[0]], [nodes[-1].outputs[0]])
+                                  **stage_attributes(attrs, shape.axes)}))
+    return nodes
 
 
 def _matmul_stages(site: ConvSite, form: str, shapes: Sequence[StageShape], weights: Sequence[ir.Value],
