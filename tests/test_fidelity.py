@@ -77,3 +77,21 @@ def test_small_map_channels_count_as_much_as_large_ones():
     result = compare_output("maps", maps, broken)
     assert result.rel_error < 0.01
     assert result.group_errors["channel 1"] == pytest.approx(1.0) and result.worst_group_error == pytest.approx(1.0)
+
+
+def test_a_ctc_sequence_with_many_classes_is_not_read_as_a_detector_head():
+    """(N, T, C) with few time steps and many classes has a detector head's shape; its values (logits,
+    or probabilities everywhere) are not a head's (pixel boxes beside scores in [0, 1])."""
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((3, 8, 400)) * 4
+    assert output_kind(logits.shape) == (DETECTIONS, 1)  # the shape alone is ambiguous
+    assert output_kind(logits.shape, logits) == (SEQUENCE, 2)
+    probabilities = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    assert output_kind(probabilities.shape, probabilities) == (SEQUENCE, 2)
+    stacked = np.moveaxis(logits, 0, 1).repeat(50, axis=1)  # (T, N, C) with N stacked samples
+    assert output_kind(stacked.shape, stacked) == (SEQUENCE, 2)
+    head = np.concatenate([rng.uniform(0, 320, (3, 4, 400)), rng.uniform(0, 1, (3, 18, 400))], axis=1)
+    assert output_kind(head.shape, head) == (DETECTIONS, 1)
+    assert output_kind(head.transpose(0, 2, 1).shape, head.transpose(0, 2, 1)) == (DETECTIONS, 2)
+    fidelity = compare_output("seq", logits, logits + 0.01)
+    assert fidelity.kind == SEQUENCE and fidelity.agreement["strings"] == 1.0

@@ -152,3 +152,19 @@ def test_unknown_options_are_refused(chain):
         quantize_int8(chain, inputs(8, seed=1), target="avx2")
     with pytest.raises(OnnxCpError, match="int8_max_error"):
         quantize_int8(chain, inputs(8, seed=1), max_output_error=0)
+
+
+def test_a_model_with_a_fixed_batch_of_one_from_an_old_opset_is_quantized():
+    """An exported CRNN takes exactly one sample and is opset 12: calibration feeds it one sample at
+    a time, and the model is converted to opset 13, where per-channel DequantizeLinear exists."""
+    model = model_factory.tiny_cnn()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    del model.opset_import[:]
+    model.opset_import.append(helper.make_opsetid("", 12))
+    rng = np.random.default_rng(0)
+    calibration = rng.standard_normal((20, 3, 16, 16)).astype(np.float32)
+    quantized = quantize_int8(model, calibration)
+    assert ir.to_proto(quantized).opset_import[0].version >= 13
+    assert any(n.op_type == "DequantizeLinear" for n in quantized.graph)
+    x = calibration[:1]
+    assert relative_error(run(quantized, x), run(model, x)) < 0.05

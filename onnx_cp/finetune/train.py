@@ -38,6 +38,7 @@ from onnx_cp.runtime.fidelity import (
     output_kind,
 )
 from onnx_cp.runtime.files import atomic_write
+from onnx_cp.runtime.inputs import fixed_batch
 from onnx_cp.runtime.session import ort_session
 from onnx_cp.runtime.tensors import single_input
 
@@ -166,7 +167,7 @@ def finetune(
         data = _prepare_data(source, input_name, train, val, teacher, world)
         module = to_torch(source).to(world.device)
         module.update_bn_stats = not freeze_bn
-        fixed = _fixed_batch(source, input_name)
+        fixed = fixed_batch(source, input_name)
         targets = _make_targets(data, module.output_names, distill, temperature, world)
 
         def make_trainer(peak: float, label: str = "fine-tuning") -> _Trainer:
@@ -666,7 +667,7 @@ def _make_targets(data: _Data, output_names: list[str], distill: str, temperatur
     for k, (name, ref, axis, squeeze) in enumerate(zip(names, data.teacher_train,
                                                        data.teacher_axes, data.teacher_squeeze)):
         index = output_names.index(name) if by_name else data.teacher_indices[k]
-        kind, channel_axis = output_kind(ref.shape)
+        kind, channel_axis = output_kind(ref.shape, ref)
         old_loss = distill in ("kl", "mse") and k == 0  # the first output, by the old losses
         if distill == "mse" and old_loss:
             loss = "mse"
@@ -729,16 +730,6 @@ def _forward(model, x: np.ndarray, fixed: int | None, device) -> tuple[torch.Ten
         x = np.concatenate([x, np.repeat(x[-1:], fixed - len(x), axis=0)])
     out = model(channels_last(torch.from_numpy(x).to(device)))
     return out if isinstance(out, tuple) else (out,)
-
-
-def _fixed_batch(model: ir.Model, input_name: str) -> int | None:
-    """The batch size the model's input is fixed to (an exported CRNN often takes exactly 1), or
-    None when it is free."""
-    value = next(v for v in model.graph.inputs if v.name == input_name)
-    if value.shape is None or len(value.shape) == 0:
-        return None
-    first = value.shape[0]
-    return first if isinstance(first, int) and first > 0 else None
 
 
 # ------------------------------------------------------------------------------- data and models
@@ -849,7 +840,7 @@ def _run_onnx(model: ir.Model, x: np.ndarray, indices: np.ndarray,
     axis, the values batch axis first, whether (N, C, 1, 1) was squeezed to (N, C)). A model with
     a fixed batch size runs in chunks of it, the last one padded."""
     name = next(v.name for v in model.graph.inputs if v.name not in model.graph.initializers)
-    fixed = _fixed_batch(model, name)
+    fixed = fixed_batch(model, name)
     chunk = fixed or EVAL_BATCH
     parts: list[list[np.ndarray]] = []
     axes: list[int | None] = []

@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnx.version_converter
 import onnx_ir as ir
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -47,6 +49,7 @@ from onnx_cp.quantize.mixed import COMPUTE_OPS, float_islands, float_tail, name_
 from onnx_cp.quantize.sensitivity import rank_by_added_error
 from onnx_cp.quantize.target import DEFAULT_TARGET, check_target, weight_precision
 from onnx_cp.runtime import model_io
+from onnx_cp.runtime.inputs import model_batches
 from onnx_cp.runtime.tensors import single_input
 
 DEFAULT_CALIBRATION_SAMPLES = 256
@@ -158,7 +161,7 @@ def quantize_int8(
     source = model_io.to_ir(model)
     reference = ir.to_proto(source)  # before equalization: the check compares with the model as given
     input_name = single_input(source, "INT8 calibration")
-    batches = _calibration_source(calibration, samples)
+    batches = _calibration_source(calibration, samples, source, input_name)
     equalized = equalize_chains(source, batches()) if equalize else []
     precision = weight_precision(target)
     bits = precision.weight_bits if reduce_range is None or weights != "int8" else (7 if reduce_range else 8)
@@ -188,9 +191,10 @@ def quantize_for_timing(model: model_io.ModelLike, samples: np.ndarray, *, targe
             if node.name in keep_float or (naming.split_name(node.name) or ("",))[0] in keep_float}
     scheme = Int8Scheme(weight_bits=weight_precision(target).weight_bits, calibration="minmax",
                         samples=len(samples), target=target)
-    batches = _calibration_source(samples, len(samples))
+    input_name = single_input(prepared, "INT8 timing")
+    batches = _calibration_source(samples, len(samples), prepared, input_name)
     with tempfile.TemporaryDirectory(prefix="onnx-cp-calibration-") as folder:
-        return _qdq(prepared, _Batches(single_input(prepared, "INT8 timing"), batches()), scheme,
+        return _qdq(prepared, _Batches(input_name, batches()), scheme,
                     {**kept, **float_tail(prepared)}, Path(folder) / "ranges.json")
 
 
@@ -265,7 +269,23 @@ def _prepared(source: ir.Model) -> ir.Model:
         prepared = model_io.load_model(_preprocessed(fp32_path, Path(folder) / "prepared.onnx"))
         ir.external_data.load_to_model(prepared)  # the temporary folder goes away
     name_unnamed_nodes(prepared)
-    return prepared
+    return _at_least_opset(prepared, _QDQ_OPSET)
+
+
+# Per-channel DequantizeLinear (its axis attribute) needs opset 13: older models (ddddocr's CRNN
+# is opset 12) are converted first, or onnxruntime writes a model that does not load.
+_QDQ_OPSET = 13
+
+
+def _at_least_opset(model: ir.Model, opset: int) -> ir.Model:
+    if model.opset_imports.get("", 1) >= opset:
+        return model
+    try:
+        converted = onnx.version_converter.convert_version(ir.to_proto(model), opset)
+    except Exception as exc:  # noqa: BLE001 - the converter raises several types
+        raise OnnxCpError(f"INT8 needs opset {opset}; converting the model from opset "
+                          f"{model.opset_imports.get('', 1)} failed: {first_line(exc)}") from None
+    return ir.from_proto(converted)
 
 
 def _qdq(prepared: ir.Model, reader: _Batches, scheme: Int8Scheme, exclude: dict[str, str], cache: Path) -> ir.Model:
@@ -316,10 +336,11 @@ def _quiet():
         logger.setLevel(level)
 
 
-def _calibration_source(calibration, samples: int) -> Callable[[], Iterator[np.ndarray]]:
-    """A function giving a fresh iterator over the calibration batches: equalization and
-    onnxruntime's calibrator each read them once."""
+def _calibration_source(calibration, samples: int, model: ir.Model, input_name: str
+                        ) -> Callable[[], Iterator[np.ndarray]]:
+    """A function giving a fresh iterator over the calibration batches (of the model's fixed batch
+    size, if it has one): equalization and onnxruntime's calibrator each read them once."""
     from onnx_cp.data import first_inputs
 
-    data = first_inputs(calibration, samples)
-    return lambda: iter([data[i:i + _CALIBRATION_BATCH] for i in range(0, len(data), _CALIBRATION_BATCH)])
+    batches = model_batches(model, input_name, first_inputs(calibration, samples), _CALIBRATION_BATCH)
+    return lambda: iter(batches)

@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_cp.quantize.mixed import COMPUTE_OPS
+from onnx_cp.runtime.inputs import model_batches
 from onnx_cp.runtime.tensors import iter_tensor_values, single_input
 
 # Tensors fetched per run and samples per batch: a YOLOv8n at 320 holds 3 MB per early tensor and sample.
@@ -49,7 +50,7 @@ def rank_by_added_error(prepared: ir.Model, quantized: ir.Model, inputs: np.ndar
 def _energies(reference: ir.Model, other: ir.Model, names: list[str], input_name: str,
               inputs: np.ndarray) -> tuple[dict[str, float], dict[str, float]]:
     """Per tensor: the sum of squares of reference's values, and of other's minus reference's."""
-    batches = [inputs[i:i + _BATCH] for i in range(0, len(inputs), _BATCH)]
+    batches = model_batches(reference, input_name, inputs, _BATCH)
     squares, errors = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
     runs = [iter_tensor_values(ir.to_proto(m), names, input_name, batches) for m in (reference, other)]
     for expected, actual in zip(*runs):

@@ -49,8 +49,12 @@ class OutputFidelity:
                 "group_errors": self.group_errors, "agreement": self.agreement}
 
 
-def output_kind(shape: Sequence[int]) -> tuple[str, int | None]:
-    """The kind of an output from its shape, and its channel axis (None when it has none)."""
+def output_kind(shape: Sequence[int], values: np.ndarray | None = None) -> tuple[str, int | None]:
+    """The kind of an output from its shape, and its channel axis (None when it has none).
+
+    A 3-D shape alone cannot tell a detector head (N, 4 + K, A) from a CTC sequence (N, T, C) with
+    few time steps and many classes (a CRNN's (N, 32, 8210)), so with `values` a head must also
+    look like one: class scores within [0, 1], box coordinates beyond it (pixels)."""
     shape = tuple(shape)
     if len(shape) == 2:
         return CLASS_SCORES, 1
@@ -58,18 +62,24 @@ def output_kind(shape: Sequence[int]) -> tuple[str, int | None]:
         return MAP, 1
     if len(shape) == 3:
         rows, cols = shape[1], shape[2]
-        if rows > BOX_ROWS and cols >= MIN_ANCHORS_PER_ROW * rows:
-            return DETECTIONS, 1
-        if cols > BOX_ROWS and rows >= MIN_ANCHORS_PER_ROW * cols:
-            return DETECTIONS, 2
+        for axis, (boxes_and_scores, anchors) in ((1, (rows, cols)), (2, (cols, rows))):
+            if boxes_and_scores > BOX_ROWS and anchors >= MIN_ANCHORS_PER_ROW * boxes_and_scores \
+                    and (values is None or _looks_like_head(values, axis)):
+                return DETECTIONS, axis
         return SEQUENCE, 2
     return OTHER, (1 if len(shape) > 1 else None)
+
+
+def _looks_like_head(values: np.ndarray, axis: int) -> bool:
+    rows = np.moveaxis(values, axis, 0)
+    scores, boxes = rows[BOX_ROWS:], rows[:BOX_ROWS]
+    return bool(scores.min() >= 0 and scores.max() <= 1 and np.abs(boxes).max() > 1)
 
 
 def compare_output(name: str, expected: np.ndarray, actual: np.ndarray) -> OutputFidelity:
     a = np.asarray(expected, np.float64)
     b = np.asarray(actual, np.float64)
-    kind, axis = output_kind(a.shape)
+    kind, axis = output_kind(a.shape, a)
     groups = _group_errors(a, b, kind, axis)
     agreement = _agreement(a, b, kind, axis)
     return OutputFidelity(name, kind, _relative(a, b), max(groups.values(), default=_relative(a, b)), groups,

@@ -89,6 +89,27 @@ def random_inputs(
     return feeds
 
 
+def fixed_batch(model: ir.Model, input_name: str) -> int | None:
+    """The batch size the model's input is fixed to (an exported CRNN often takes exactly 1), or
+    None when it is free."""
+    value = next(v for v in model.graph.inputs if v.name == input_name)
+    if value.shape is None or len(value.shape) == 0:
+        return None
+    first = value.shape[0]
+    return first if isinstance(first, int) and first > 0 else None
+
+
+def model_batches(model: ir.Model, input_name: str, data: np.ndarray, size: int) -> list[np.ndarray]:
+    """`data` in batches of `size`, or of the model's fixed batch size, the last one then padded
+    with copies of its last sample."""
+    fixed = fixed_batch(model, input_name)
+    step = fixed or size
+    batches = [data[i:i + step] for i in range(0, len(data), step)]
+    if fixed and batches and len(batches[-1]) < fixed:
+        batches[-1] = np.concatenate([batches[-1], np.repeat(batches[-1][-1:], fixed - len(batches[-1]), 0)])
+    return batches
+
+
 def real_inputs(model: ir.Model) -> list[ir.Value]:
     """Graph inputs that are not initializers (old IR versions list weights as inputs)."""
     return [v for v in model.graph.inputs if v.name not in model.graph.initializers]
