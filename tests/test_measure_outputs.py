@@ -30,3 +30,40 @@ def test_batch_one_sequences_are_run_sample_by_sample_and_decoded():
     assert output.kind == "sequence" and output.agreement["strings"] == 1.0
     flipped = compare_on_data(sequence_model(-1.0), sequence_model(), x)
     assert flipped.outputs[0].agreement["strings"] < 1.0 and flipped.worst_group_error > 1.0
+
+
+def test_many_samples_of_a_many_class_sequence_are_decoded_one_by_one():
+    """(T, 1, C) outputs with few steps and many classes (a CRNN's 32 x 8210), stacked over many
+    samples, are compared sample by sample: the strings agreement is the share of samples whose own
+    greedy decoding is unchanged."""
+    import onnxruntime as ort
+
+    from onnx_cp.runtime.fidelity import ctc_greedy
+
+    steps, classes = 8, 400
+    boost = np.zeros((steps, 1, classes), np.float32)
+    boost[0, 0, 7] = 2.0
+
+    def model(extra: np.ndarray | None) -> onnx.ModelProto:
+        nodes = [helper.make_node("Transpose", ["x"], ["scores" if extra is None else "t"], perm=[2, 0, 1])]
+        inits = []
+        if extra is not None:
+            nodes.append(helper.make_node("Add", ["t", "b"], ["scores"]))
+            inits.append(onnx.numpy_helper.from_array(extra, "b"))
+        graph = helper.make_graph(nodes, "seq", [helper.make_tensor_value_info("x", 1, [1, classes, steps])],
+                                  [helper.make_tensor_value_info("scores", 1, [steps, 1, classes])], inits)
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        proto.ir_version = 10
+        return proto
+
+    x = np.random.default_rng(0).standard_normal((64, classes, steps)).astype(np.float32)
+    original, boosted = model(None), model(boost)
+    result = compare_on_data(boosted, original, x)
+    (output,) = result.outputs
+    assert output.kind == "sequence"
+    sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                for m in (original, boosted)]
+    decoded = [[ctc_greedy(s.run(None, {"x": x[i:i + 1]})[0])[0] for i in range(len(x))] for s in sessions]
+    expected = float(np.mean([a == b for a, b in zip(*decoded)]))
+    assert 0 < expected < 1
+    assert output.agreement["strings"] == expected

@@ -56,8 +56,9 @@ def compare_on_data(model: ModelLike, reference: ModelLike, data: Dataset | str 
 
 
 def _outputs(model: ModelLike, x: np.ndarray, threads: int, label: str) -> dict[str, np.ndarray]:
-    """Every output of a one-input model on `x`, batch by batch; a model with a fixed batch size (an
-    exported CRNN often takes exactly 1) is run in chunks of that size, the last one padded."""
+    """Every output of a one-input model on `x`, batch by batch, with the batch axis first; a model
+    with a fixed batch size (an exported CRNN often takes exactly 1) is run in chunks of that size,
+    the last one padded."""
     loaded = load(model, label)
     session = make_session(loaded, session_options(threads=threads))
     inputs = session.get_inputs()
@@ -78,8 +79,9 @@ def _outputs(model: ModelLike, x: np.ndarray, threads: int, label: str) -> dict[
             value = np.asarray(value)
             axis = axes.setdefault(name, _batch_axis(value, len(chunk)))
             parts[name].append(np.take(value, range(n), axis=axis) if axis is not None else value)
-    return {name: np.concatenate(values, axis=axes[name]) if axes[name] is not None else values[0]
-            for name, values in parts.items()}
+    # batch first, so that every comparison reads samples on axis 0 ((T, N, C) sequences too)
+    return {name: np.moveaxis(np.concatenate(values, axis=axes[name]), axes[name], 0) if axes[name] is not None
+            else values[0] for name, values in parts.items()}
 
 
 def _batch_axis(value: np.ndarray, batch: int) -> int | None:
