@@ -359,7 +359,7 @@ def _fit_matrix_chain(student: onnx.ModelProto, teacher: onnx.ModelProto, chain:
     """The MatMul pair (K -> R -> N, plus the bias Add) that best reproduces the original layer's
     outputs Y on the student's inputs X: W = argmin ||Y - b - X W||, then W projected on the top R
     right singular vectors of X W (reduced-rank regression, the optimal rank-R fit). The last
-    eighth of the images judges it; the chain keeps its weights when that is not better."""
+    eighth of the image batches judges it; the chain keeps its weights when that is not better."""
     first, second = chain.nodes[0].input[1], chain.nodes[1].input[1]
     weights = {t.name: t for t in student.graph.initializer}
     k, rank, n = int(weights[first].dims[0]), int(weights[first].dims[1]), int(weights[second].dims[1])
@@ -375,6 +375,8 @@ def _fit_matrix_chain(student: onnx.ModelProto, teacher: onnx.ModelProto, chain:
                                              _batches(teacher, input_name, inputs, images), threads)):
         xs.append(torch.from_numpy(x.reshape(-1, k)))
         ys.append(torch.from_numpy(y.reshape(-1, n)))
+    if len(xs) < 2:
+        return {}, ChainFit(chain.layer, len(xs), math.nan, math.nan, "kept: too few samples to solve and check")
     held = max(1, len(xs) // 8)
     x_fit, y_fit = torch.cat(xs[:-held]).double(), torch.cat(ys[:-held]).double() - torch.from_numpy(bias)
     x_check, y_check = torch.cat(xs[-held:]), torch.cat(ys[-held:])
