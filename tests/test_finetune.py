@@ -135,11 +135,26 @@ def test_default_settings_recover_without_a_learning_rate(damaged, data):
     assert accuracy(old_defaults.model, xv, yv) <= before + 0.1  # SGD at 1e-3 barely moves in 36 steps
 
 
+def assert_probe_rule(trials: list[dict], key: str, better) -> None:
+    """The probe's rates: the default times LR_PROBE_FACTORS, then one step lower at a time while the
+    lowest so far scored best, at most LR_PROBE_EXTRA times."""
+    rates, scores = [t["lr"] for t in trials], [t[key] for t in trials]
+    first = len(train.LR_PROBE_FACTORS)
+    assert rates[:first] == pytest.approx([train.DEFAULT_LR["adamw"] * f for f in train.LR_PROBE_FACTORS])
+    assert len(rates) <= first + train.LR_PROBE_EXTRA
+    step = train.LR_PROBE_FACTORS[-1] / train.LR_PROBE_FACTORS[-2]
+    for i in range(first, len(rates)):
+        assert rates[i] == pytest.approx(rates[i - 1] * step)
+        assert better(scores[:i]) == i - 1  # it went on only because the lowest rate had won
+    if len(rates) < first + train.LR_PROBE_EXTRA:
+        assert better(scores) != len(scores) - 1
+
+
 def test_without_a_learning_rate_a_probe_picks_the_best_scoring_one_and_leaves_the_model_as_it_was(damaged, data):
     (xt, yt), (xv, yv) = data
     result = finetune(damaged, (xt, yt), val=(xv, yv), steps=train.LR_PROBE_MIN_TOTAL)
+    assert_probe_rule(result.lr_probe, "val_accuracy", lambda s: int(np.argmax(s)))
     rates = [t["lr"] for t in result.lr_probe]
-    assert rates == pytest.approx([train.DEFAULT_LR["adamw"] * f for f in train.LR_PROBE_FACTORS])
     scores = [t["val_accuracy"] for t in result.lr_probe]
     assert result.lr == rates[int(np.argmax(scores))]
     # the probes trained copies: the run itself starts from the damaged model
@@ -153,7 +168,7 @@ def test_without_a_learning_rate_a_probe_picks_the_best_scoring_one_and_leaves_t
 def test_without_validation_data_the_probe_is_judged_on_training_samples(damaged, trained, data):
     (xt, _), _ = data
     result = finetune(damaged, xt, teacher=trained, steps=train.LR_PROBE_MIN_TOTAL)
-    assert len(result.lr_probe) == len(train.LR_PROBE_FACTORS)
+    assert_probe_rule(result.lr_probe, "val_worst_group_error", lambda s: int(np.argmin(s)))
     errors = [t["val_worst_group_error"] for t in result.lr_probe]
     assert result.lr == result.lr_probe[int(np.argmin(errors))]["lr"]
 
