@@ -119,7 +119,7 @@ def layer_menus(
 
 def data_free_forms(menus: Sequence[LayerMenu]) -> list[LayerMenu]:
     """The menus for a search without data: where a layer has CP options, its other forms only when
-    near exact; elsewhere (1x1 convs, which CP leaves alone) every form. With data, each form's
+    near exact; elsewhere (1x1 convs and Gemms, which CP leaves alone) every form. With data, each form's
     damage is measured instead (with_sensitivities)."""
     trimmed = []
     for menu in menus:
