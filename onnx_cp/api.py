@@ -250,7 +250,7 @@ class _Run:
 
         result = benchmark_latency([self.original, model], threads=self.threads, input_shapes=self.shapes,
                                    seed=self.seed, min_seconds=MEASURE_SECONDS)
-        return result.models[1].speedup_vs_first
+        return result.fast_speedup(1)
 
     def search_speedup(self, policy: SpeedupTarget, data, int8: _Int8Timing | None = None
                        ) -> tuple[Plan, list[dict], str | None]:
@@ -395,7 +395,7 @@ class _Int8Timing:
         quantized = quantize_for_timing(model, self.samples, target=self.target, keep_float=self.keep_float)
         result = benchmark_latency([self.run.original, model, quantized], threads=self.run.threads,
                                    input_shapes=self.run.shapes, seed=self.run.seed, min_seconds=MEASURE_SECONDS)
-        self.measured.append((model, result.models[1].speedup_vs_first, result.models[2].speedup_vs_first))
+        self.measured.append((model, result.fast_speedup(1), result.fast_speedup(2)))
         return max(self.measured[-1][1:])
 
     def annotate(self, trace: list[dict], chosen: ir.Model) -> str:

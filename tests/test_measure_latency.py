@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import onnx
 import pytest
 from test_measure_profile import chain_cnn
@@ -93,3 +94,25 @@ def test_fixed_batch_refuses_another_batch():
     model = chain_cnn(batch=1)
     with pytest.raises(UsageError, match="fixed batch dimension 1"):
         benchmark_latency(model, runs=1, warmup=0, batch=2)
+
+
+def test_fast_speedup_is_the_ratio_of_tenth_percentiles():
+    """A busy machine slows some runs of either model: the speed-up the searches read compares the
+    fast runs, so a burst of interference on one model's runs moves its median, not this."""
+    from onnx_cp.measure.latency import LatencyResult, ModelLatency
+
+    def model(name: str, samples: list[float]) -> ModelLatency:
+        ms = np.asarray(samples)
+        return ModelLatency(name, None, {}, float(np.median(ms)), float(np.percentile(ms, 10)),
+                            float(np.percentile(ms, 90)), float(ms.mean()), float(ms.min()), len(ms), None, None)
+
+    quiet = [1.0] * 20
+    busy = [0.1] * 12 + [0.5] * 8  # interference on 40% of the fast model's runs
+    result = LatencyResult(models=[model("a", quiet), model("b", busy)], threads=1, batch=1, optimization="all",
+                           optimization_level="all", runs=20, warmup=0, block=10, machine={})
+    assert result.models[1].median_ms == pytest.approx(0.1)
+    assert result.fast_speedup(1) == pytest.approx(10.0)
+    busier = [0.1] * 8 + [0.5] * 12
+    result.models[1] = model("b", busier)
+    assert result.models[0].median_ms / result.models[1].median_ms == pytest.approx(2.0)  # the median's reading
+    assert result.fast_speedup(1) == pytest.approx(10.0)
