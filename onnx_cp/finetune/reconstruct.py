@@ -49,6 +49,7 @@ from onnx_cp.finetune.interpreter import channels_last, to_torch
 from onnx_cp.finetune.writeback import check_parity, proto_copy, write_back
 from onnx_cp.graph import naming
 from onnx_cp.runtime import model_io
+from onnx_cp.runtime.inputs import model_batches
 from onnx_cp.runtime.tensors import iter_tensor_values, single_input
 
 DEFAULT_STEPS = 300  # at most, per chain; early stopping usually ends sooner
@@ -239,17 +240,10 @@ def _shapes(model: onnx.ModelProto, names: list[str], input_name: str, inputs: n
     return {name: value.shape[1:] for name, value in zip(names, next(values))}
 
 
-def _batches(model: onnx.ModelProto, input_name: str, inputs: np.ndarray, count: int):
+def _batches(model: onnx.ModelProto, input_name: str, inputs: np.ndarray, count: int) -> list[np.ndarray]:
     """The first `count` inputs in batches the model takes: COLLECT_BATCH, or the input's fixed
     batch size (the last batch padded with copies of the last image)."""
-    fixed = next((v.type.tensor_type.shape.dim[0].dim_value for v in model.graph.input if v.name == input_name
-                  and v.type.tensor_type.shape.dim), 0)
-    size = fixed or COLLECT_BATCH
-    for start in range(0, count, size):
-        batch = inputs[start:min(start + size, count)]
-        if fixed and len(batch) < fixed:
-            batch = np.concatenate([batch, np.repeat(batch[-1:], fixed - len(batch), 0)])
-        yield batch
+    return model_batches(ir.serde.deserialize_model(model), input_name, inputs[:count], COLLECT_BATCH)
 
 
 def _plans(student: onnx.ModelProto, chains: list[_Chain], input_name: str, inputs: np.ndarray, *, crop: int,
