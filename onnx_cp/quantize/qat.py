@@ -89,8 +89,9 @@ def _quantization(node: ir.Node, values: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def _range(integers: np.ndarray) -> tuple[int, int]:
-    """The integer range the quantizer used: 7-bit weights (|q| <= 64) stay within 7 bits."""
+    """The integer range the quantizer used. onnxruntime's 7-bit (reduce_range) symmetric weights
+    span [-64, 64]: the pair sums of AVX2's VPMADDUBSW stay within int16 up to |q| = 64."""
     info = np.iinfo(integers.dtype)
     if integers.dtype == np.int8 and integers.size and np.abs(integers.astype(np.int16)).max() <= 64:
-        return -64, 63
+        return -64, 64
     return int(info.min), int(info.max)
