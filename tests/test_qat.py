@@ -130,9 +130,8 @@ def test_seven_bit_weights_fold_back_to_the_full_span_of_reduce_range():
     back must not clip the 64s (an AVX2 machine's native weights are 7-bit)."""
     x = model_factory.smooth_inputs(32, seed=0)
     model = quantize_int8(model_factory.tiny_cnn(), x, target="portable")
-    integers = [v.const_value.numpy() for v in model.graph.initializers.values()
-                if v.const_value is not None and v.const_value.numpy().dtype == np.int8]
-    assert max(int(np.abs(q.astype(np.int16)).max()) for q in integers) == 64
+    expected = initializers(model)
+    assert max(int(np.abs(q.astype(np.int16)).max()) for q in expected.values() if q.dtype == np.int8) == 64
     form, weights = trainable(model)
-    expected, folded = initializers(model), initializers(quantized(form, weights))
+    folded = initializers(quantized(form, weights))
     assert all(np.array_equal(folded[k], expected[k]) for k in expected)
