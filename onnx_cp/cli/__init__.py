@@ -154,6 +154,13 @@ def add_preprocessing_args(group) -> None:
     add_image_args(group)
 
 
+def add_augment_arg(group) -> None:
+    """--augment, for the commands that distil (see onnx_cp.finetune.augment)."""
+    group.add_argument("--augment", choices=["auto", "none", "shift"], default="auto",
+                       help="training views: auto (default) = with a teacher and image inputs, fresh random "
+                       "shifts and contrast each epoch, relabelled by the teacher; none = the samples as given")
+
+
 def add_image_args(group) -> None:
     """How images become model inputs (see onnx_cp.data.Preprocessing), for every command that reads data."""
     group.add_argument("--size", metavar="H,W", help="resize images to H x W (image folders)")

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from onnx_cp.cli import add_preprocessing_args, preprocessing_options
+from onnx_cp.cli import add_augment_arg, add_preprocessing_args, preprocessing_options
 
 
 def register(subparsers) -> None:
@@ -59,6 +59,7 @@ def register(subparsers) -> None:
     p.add_argument("--unfreeze-bn", action="store_true",
                    help="update BatchNorm running statistics (frozen by default)")
     p.add_argument("--history", metavar="FILE.json", help="write the per-epoch history as JSON")
+    add_augment_arg(p)
     data = p.add_argument_group("data preprocessing (as onnx-cp eval)")
     add_preprocessing_args(data)
     p.set_defaults(run=_run)
@@ -89,7 +90,7 @@ def _run(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint, resume=args.resume, momentum=args.momentum,
         weight_decay=args.weight_decay, schedule=args.schedule, temperature=args.temperature,
         distill=args.distill, keep=args.keep, clip_grad_norm=args.clip_grad_norm or None,
-        optimizer=args.optimizer, warmup=args.warmup,
+        optimizer=args.optimizer, warmup=args.warmup, augment=args.augment,
     )
     if result.model is None:
         return 0  # a torchrun worker other than rank 0: rank 0 writes
@@ -115,6 +116,8 @@ def format_result(result, output: str) -> str:
     if result.metric:
         kept += (f" ({result.metric} {result.metric_at(result.best_epoch):.4f}, before "
                  f"fine-tuning {result.metric_at(0):.4f})")
+    if result.augmentation:
+        lines.insert(0, f"training views: {result.augmentation}")
     lines.append(f"{kept}; peak lr {result.lr:.0e}; {result.samples_per_second:.0f} samples/s; "
                  f"{result.seconds:.1f} s; wrote {output}")
     return "\n".join(lines)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from onnx_cp import progress
 from onnx_cp.errors import OnnxCpError, UsageError, first_line
 from onnx_cp.finetune import distributed
+from onnx_cp.finetune.augment import Augmentation, augmentation_for, augmented
 from onnx_cp.finetune.interpreter import OnnxModule, channels_last, to_torch
 from onnx_cp.finetune.writeback import write_back
 from onnx_cp.runtime import model_io
@@ -84,6 +85,7 @@ class FinetuneResult:
     state: dict[str, np.ndarray] = field(default_factory=dict)
     lr: float = 0.0  # the peak learning rate trained with
     lr_probe: list[dict] = field(default_factory=list)  # {"lr", score key: value} per probed rate
+    augmentation: str | None = None  # how the training views were made, None: the samples as given
 
     def metric_at(self, epoch: int) -> float | None:
         for row in self.history:
@@ -116,6 +118,7 @@ def finetune(
     input_shapes: dict[str, list[int]] | None = None,
     optimizer: str = DEFAULT_OPTIMIZER,
     warmup: float = DEFAULT_WARMUP,
+    augment: str = "auto",
 ) -> FinetuneResult:
     """Fine-tune `model` on `train` and return it with the trained weights written back.
 
@@ -170,6 +173,7 @@ def finetune(
         progress.set_quiet(True)  # one set of progress bars, from rank 0
     try:
         data = _prepare_data(source, input_name, train, val, teacher, world)
+        views = _Views(data, augmentation_for(augment, data.x_train.shape[1:], teacher is not None), seed)
         module = to_torch(source).to(world.device)
         module.update_bn_stats = not freeze_bn
         fixed = fixed_batch(source, input_name)
@@ -190,20 +194,21 @@ def finetune(
         fresh = not (resume and checkpoint and Path(checkpoint).exists())
         trials: list[dict] = []
         if fresh and probe_lr and total_steps >= LR_PROBE_MIN_TOTAL:
-            lr, trials = _probe_lr(make_trainer, module, data, validation, lr, total_steps, steps_per_epoch)
+            lr, trials = _probe_lr(make_trainer, module, data, views, validation, lr, total_steps,
+                                   steps_per_epoch)
         trainer = make_trainer(lr)
         trainer.configure(total_steps, steps_per_epoch)
         if fresh:
             trainer.record(0, validation.run(module), train_loss=None, seconds=0.0, samples=0)
         else:
             trainer.load(checkpoint)
-        trainer.fit(data.x_train, data.y_train, data.train_idx, data.teacher_train, validation,
-                    checkpoint)
+        trainer.fit(views, validation, checkpoint)
         state = trainer.final_state(keep)
         result = FinetuneResult(
             model=None, history=trainer.history, best_epoch=trainer.kept_epoch(keep),
             metric=validation.metric, samples_per_second=trainer.samples_per_second(),
             state=state, lr=lr, lr_probe=trials,
+            augmentation=views.augmentation.describe() if views.augmentation else None,
         )
         if world.is_main:
             shapes = dict(input_shapes or {})
@@ -218,8 +223,8 @@ def finetune(
         distributed.teardown(world)
 
 
-def _probe_lr(make_trainer, module: OnnxModule, data: _Data, validation: _Validation, default: float,
-              total_steps: int, steps_per_epoch: int) -> tuple[float, list[dict]]:
+def _probe_lr(make_trainer, module: OnnxModule, data: _Data, views: _Views, validation: _Validation,
+              default: float, total_steps: int, steps_per_epoch: int) -> tuple[float, list[dict]]:
     """The peak learning rate, among `default` times LR_PROBE_FACTORS, whose short run (the first
     LR_PROBE_SHARE of the steps, with the same warm-up and decay) scores best; the module is left
     as it was."""
@@ -240,7 +245,7 @@ def _probe_lr(make_trainer, module: OnnxModule, data: _Data, validation: _Valida
         trainer = make_trainer(rate, f"learning-rate probe {rate:.0e}")
         trainer.configure(probe_steps, steps_per_epoch)
         try:
-            trainer.fit(data.x_train, data.y_train, data.train_idx, data.teacher_train, judge, None)
+            trainer.fit(views, judge, None)
             score = trainer.best[0] if trainer.best else -math.inf
         except OnnxCpError:  # the loss diverged: this rate is out
             score = -math.inf
@@ -308,10 +313,10 @@ class _Trainer:
             return 1.0 if progress_ < 0.5 else 0.1 if progress_ < 0.75 else 0.01
         return 1.0
 
-    def fit(self, x, y, indices, teacher_out, validation, checkpoint) -> None:
+    def fit(self, views: _Views, validation, checkpoint) -> None:
         while self.epoch < self.epochs and self.step < self.total_steps:
             self.epoch += 1
-            loss, seconds, samples = self._train_epoch(x, y, indices, teacher_out)
+            loss, seconds, samples = self._train_epoch(*views.of_epoch(self.epoch))
             self.record(self.epoch, validation.run(self.module), loss, seconds, samples)
             if checkpoint and self.world.is_main:
                 self.save(checkpoint)
@@ -746,6 +751,30 @@ def _forward(model, x: np.ndarray, fixed: int | None, device) -> tuple[torch.Ten
 
 
 # ------------------------------------------------------------------------------- data and models
+class _Views:
+    """What each epoch trains on: this rank's samples as given, or with an augmentation a fresh
+    random view of them per epoch, relabelled by the teacher (seeded by (seed, epoch): resuming is
+    exact). The last view is kept: the learning-rate probe trains epoch 1 once per rate."""
+
+    def __init__(self, data: _Data, augmentation: Augmentation | None, seed: int):
+        self.data, self.augmentation, self.seed = data, augmentation, seed
+        self._last: tuple[int, tuple] | None = None
+
+    def of_epoch(self, epoch: int) -> tuple:
+        """(x, y, indices into x and y, the teacher's outputs by position in indices)."""
+        data = self.data
+        if self.augmentation is None:
+            return data.x_train, data.y_train, data.train_idx, data.teacher_train
+        if self._last is None or self._last[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])  # ranks hold different samples
+            x = augmented(data.x_train[data.train_idx], self.augmentation, rng)
+            positions = np.arange(len(x))
+            teacher = [r[3] for r in _run_onnx(data.teacher_model, x, positions, f"teacher (views, epoch {epoch})")]
+            y = data.y_train[data.train_idx] if data.y_train is not None else None
+            self._last = (epoch, (x, y, positions, teacher))
+        return self._last[1]
+
+
 @dataclass
 class _Data:
     """Samples in memory, this rank's shard of them, and the teacher's outputs on that shard (every
@@ -763,6 +792,7 @@ class _Data:
     teacher_indices: list[int] = field(default_factory=list)  # among the teacher's outputs
     teacher_axes: list[int] = field(default_factory=list)  # batch axis in the graph's layout
     teacher_squeeze: list[bool] = field(default_factory=list)
+    teacher_model: ir.Model | None = None
 
 
 def _prepare_data(source: ir.Model, input_name: str, train, val, teacher,
@@ -778,7 +808,7 @@ def _prepare_data(source: ir.Model, input_name: str, train, val, teacher,
         _check_sample_shape(source, input_name, data.x_val.shape[1:])
         data.val_idx = distributed.shard(len(data.x_val), world)
     if teacher is not None:
-        teacher_model = model_io.to_ir(teacher)
+        teacher_model = data.teacher_model = model_io.to_ir(teacher)
         run = _run_onnx(teacher_model, x_train, data.train_idx, "teacher (training data)")
         data.teacher_names = [r[0] for r in run]
         data.teacher_indices = [r[1] for r in run]
