@@ -67,7 +67,8 @@ class FinetuneSettings:
     val: validation data that picks the best epoch; teacher_from_input: distil from the input model
     (no labels needed); epochs/steps/lr/batch_size: the schedule (None: onnx_cp.finetune's defaults);
     reconstruct_steps: before fine-tuning, Adam steps that fit each CP chain to the output of the
-    layer it replaced on the first samples of `data` (0: off)."""
+    layer it replaced on the first samples of `data` (0: off); augment: the training views of
+    distillation (onnx_cp.finetune.augment: "auto", "none" or "shift")."""
 
     data: object
     val: object | None = None
@@ -77,11 +78,14 @@ class FinetuneSettings:
     lr: float | None = None
     batch_size: int | None = None
     reconstruct_steps: int = DEFAULT_RECONSTRUCT_STEPS
+    augment: str = "auto"
 
     def __post_init__(self) -> None:
         if self.data is None:
             raise UsageError("fine-tuning needs training data", option="finetune_data")
         check_int(self.reconstruct_steps, "reconstruct_steps", 0)
+        if self.augment not in AUGMENTATIONS:
+            raise UsageError(f"expected one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}", option="augment")
         for option in ("epochs", "steps", "batch_size"):
             if getattr(self, option) is not None:
                 check_int(getattr(self, option), option, 1)
@@ -89,7 +93,10 @@ class FinetuneSettings:
     def schedule(self) -> dict:
         """The keyword arguments for onnx_cp.finetune.finetune that were set."""
         options = {"epochs": self.epochs, "steps": self.steps, "lr": self.lr, "batch_size": self.batch_size}
-        return {k: v for k, v in options.items() if v is not None}
+        return {k: v for k, v in options.items() if v is not None} | {"augment": self.augment}
+
+
+AUGMENTATIONS = ("auto", "none", "shift")  # the training views of distillation (onnx_cp.finetune.augment)
 
 
 # The INT8 output-error budget (worst channel group on the calibration samples); the value lives

@@ -156,7 +156,9 @@ def add_preprocessing_args(group) -> None:
 
 def add_augment_arg(group) -> None:
     """--augment, for the commands that distil (see onnx_cp.finetune.augment)."""
-    group.add_argument("--augment", choices=["auto", "none", "shift"], default="auto",
+    from onnx_cp.settings import AUGMENTATIONS
+
+    group.add_argument("--augment", choices=AUGMENTATIONS, default="auto",
                        help="training views: auto (default) = with a teacher and image inputs, fresh random "
                        "shifts and contrast each epoch, relabelled by the teacher; none = the samples as given")
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from onnx_cp import api, config, settings
-from onnx_cp.cli import add_image_args, preprocessing
+from onnx_cp.cli import add_augment_arg, add_image_args, preprocessing
 from onnx_cp.errors import BudgetError, OnnxCpError, UsageError
 from onnx_cp.measure import write_json, write_report
 from onnx_cp.runtime import model_io
@@ -79,6 +79,7 @@ def register(subparsers) -> None:
     tune.add_argument("--reconstruct-steps", type=int, metavar="N", help="before fine-tuning, fit each CP chain "
                       f"to the replaced layer's outputs on --finetune-data for N Adam steps (default "
                       f"{settings.DEFAULT_RECONSTRUCT_STEPS}; 0: off)")
+    add_augment_arg(tune)
     tune.add_argument("--eval-data", metavar="DATA", help="measure top-1/top-5 accuracy (or agreement "
                       "with IN without labels) before decomposition, after it, and after fine-tuning")
     tune.add_argument("--quantize", choices=["int8"], help="static INT8 quantization (onnxruntime, QDQ) "
@@ -195,7 +196,7 @@ def _finetune(args: argparse.Namespace) -> settings.FinetuneSettings | None:
             raise UsageError("--teacher-from-input needs --finetune-data")
         return None
     return settings.FinetuneSettings(args.finetune_data, val=args.val, teacher_from_input=args.teacher_from_input,
-                                     reconstruct_steps=args.reconstruct_steps, **schedule)
+                                     reconstruct_steps=args.reconstruct_steps, augment=args.augment, **schedule)
 
 
 def parse_rank_args(values: list[str] | None) -> tuple[int | None, dict[str, int]]:
@@ -240,15 +241,6 @@ def _apply_config(args: argparse.Namespace) -> str | None:
         if getattr(args, dest) is None:
             setattr(args, dest, value)
     return str(found[0]) if found else None
-
-
-def _finetune_options(args: argparse.Namespace) -> dict:
-    options = {"epochs": args.epochs, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size}
-    if args.finetune_data is None and any(v is not None for v in options.values()):
-        raise UsageError("--epochs/--steps/--lr/--batch-size need --finetune-data")
-    if args.teacher_from_input and args.finetune_data is None:
-        raise UsageError("--teacher-from-input needs --finetune-data")
-    return {k: v for k, v in options.items() if v is not None}
 
 
 def _check_paths(source: Path, target: Path, args: argparse.Namespace) -> None:
@@ -368,7 +360,8 @@ def _measurement_lines(report: dict) -> list[str]:
         how = f", chosen by a probe of {rates}" if probe else ""
         lines.append(f"fine-tuned for {len(tuned['history']) - 1} epoch(s) in {tuned['seconds']:.0f} s at peak "
                      f"lr {tuned['lr']:.0e}{how}; kept epoch {tuned['best_epoch']}"
-                     + (f" (judged on {tuned['validation']})" if tuned.get("validation") else ""))
+                     + (f" (judged on {tuned['validation']})" if tuned.get("validation") else "")
+                     + (f"; training views: {tuned['augmentation']}" if tuned.get("augmentation") else ""))
     accuracy = report.get("accuracy")
     if accuracy:
         steps = []

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnx_cp.errors import UsageError
-
-AUGMENTATIONS = ("auto", "none", "shift")
+from onnx_cp.settings import AUGMENTATIONS
 
 
 @dataclass(frozen=True)
