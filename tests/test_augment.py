@@ -8,11 +8,11 @@ import onnx_ir as ir
 import pytest
 
 from onnx_cp.errors import UsageError
-from onnx_cp.finetune import finetune
+from onnx_cp.finetune import distributed, finetune
 from onnx_cp.finetune.augment import Augmentation, augmentation_for, augmented, spatial_axes
 from onnx_cp.finetune.train import _prepare_data, _Views
-from onnx_cp.finetune import distributed
-from test_distill import SGD, classifier, detector_model, group_errors, images, outputs, perturbed  # noqa: F401 - fixture
+from test_distill import (  # noqa: F401 - images is a fixture
+    SGD, classifier, detector_model, group_errors, images, outputs, perturbed)
 
 SHIFT_ONLY = Augmentation(max_shift=0.25, contrast=0.0, brightness=0.0)
 
