@@ -515,7 +515,7 @@ class _Tuner:
         tuning.report["finetune"] |= {
             "history": tuned.history, "best_epoch": tuned.best_epoch, "metric": tuned.metric,
             "seconds": tuned.seconds, "samples_per_second": tuned.samples_per_second,
-            "lr": tuned.lr, "lr_probe": tuned.lr_probe, "augmentation": tuned.augmentation,
+            "lr": tuned.lr, "lr_probe": tuned.lr_probe, "augmentation": tuned.augmentation, "skipped": tuned.skipped,
             "teacher": "input model" if settings.teacher_from_input else None, "options": settings.schedule(),
         }
         return ir.from_proto(tuned.model), tuning

@@ -173,6 +173,22 @@ def test_without_validation_data_the_probe_is_judged_on_training_samples(damaged
     assert result.lr == result.lr_probe[int(np.argmin(errors))]["lr"]
 
 
+def test_when_every_probed_rate_makes_validation_worse_no_epoch_is_trained(trained, data):
+    """The model already is its teacher; wrong labels pull it away at any rate, so the probe's best
+    scores worse than the model as it came, and the run returns it untrained instead of spending
+    the epochs to keep epoch 0."""
+    (xt, yt), (xv, _) = data
+    wrong = (yt + 1) % CLASSES
+    result = finetune(trained, (xt, wrong), val=xv, teacher=trained, steps=4 * train.LR_PROBE_MIN_TOTAL)
+    assert result.lr_probe and all(t["val_worst_group_error"] > 0 for t in result.lr_probe)
+    assert result.skipped and "worse" in result.skipped
+    assert [row["epoch"] for row in result.history] == [0] and result.best_epoch == 0
+    assert result.history[0]["val_worst_group_error"] < 1e-5  # the model as it came, written back
+    assert accuracy(result.model, xv, data[1][1]) == accuracy(trained, xv, data[1][1])
+    kept = finetune(trained, (xt, wrong), val=xv, teacher=trained, steps=4 * train.LR_PROBE_MIN_TOTAL, lr=1e-3)
+    assert kept.skipped is None and len(kept.history) > 1  # a given rate is not probed, so it trains
+
+
 def test_distillation_needs_no_labels(damaged, trained, data):
     (xt, _), (xv, yv) = data
     before = accuracy(damaged, xv, yv)

@@ -118,6 +118,8 @@ def format_result(result, output: str) -> str:
                  f"fine-tuning {result.metric_at(0):.4f})")
     if result.augmentation:
         lines.insert(0, f"training views: {result.augmentation}")
+    if result.skipped:
+        lines.append(f"not trained: {result.skipped}")
     lines.append(f"{kept}; peak lr {result.lr:.0e}; {result.samples_per_second:.0f} samples/s; "
                  f"{result.seconds:.1f} s; wrote {output}")
     return "\n".join(lines)

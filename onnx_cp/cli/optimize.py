@@ -358,10 +358,13 @@ def _measurement_lines(report: dict) -> list[str]:
         probe = tuned.get("lr_probe")
         rates = "/".join(f"{t['lr']:.0e}" for t in probe or [])
         how = f", chosen by a probe of {rates}" if probe else ""
-        lines.append(f"fine-tuned for {len(tuned['history']) - 1} epoch(s) in {tuned['seconds']:.0f} s at peak "
-                     f"lr {tuned['lr']:.0e}{how}; kept epoch {tuned['best_epoch']}"
-                     + (f" (judged on {tuned['validation']})" if tuned.get("validation") else "")
-                     + (f"; training views: {tuned['augmentation']}" if tuned.get("augmentation") else ""))
+        if tuned.get("skipped"):
+            lines.append(f"fine-tuning skipped after {tuned['seconds']:.0f} s: {tuned['skipped']} (a probe of {rates})")
+        else:
+            lines.append(f"fine-tuned for {len(tuned['history']) - 1} epoch(s) in {tuned['seconds']:.0f} s at peak "
+                         f"lr {tuned['lr']:.0e}{how}; kept epoch {tuned['best_epoch']}"
+                         + (f" (judged on {tuned['validation']})" if tuned.get("validation") else "")
+                         + (f"; training views: {tuned['augmentation']}" if tuned.get("augmentation") else ""))
     accuracy = report.get("accuracy")
     if accuracy:
         steps = []

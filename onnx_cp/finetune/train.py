@@ -86,6 +86,7 @@ class FinetuneResult:
     lr: float = 0.0  # the peak learning rate trained with
     lr_probe: list[dict] = field(default_factory=list)  # {"lr", score key: value} per probed rate
     augmentation: str | None = None  # how the training views were made, None: the samples as given
+    skipped: str | None = None  # why no epoch was trained (the model is returned as it came)
 
     def metric_at(self, epoch: int) -> float | None:
         for row in self.history:
@@ -193,22 +194,25 @@ def finetune(
                                  fixed, world)
         fresh = not (resume and checkpoint and Path(checkpoint).exists())
         trials: list[dict] = []
+        probed = None  # the best probe's score, on the validation data
         if fresh and probe_lr and total_steps >= LR_PROBE_MIN_TOTAL:
-            lr, trials = _probe_lr(make_trainer, module, data, views, validation, lr, total_steps,
-                                   steps_per_epoch)
+            lr, trials, probed = _probe_lr(make_trainer, module, data, views, validation, lr, total_steps,
+                                           steps_per_epoch)
         trainer = make_trainer(lr)
         trainer.configure(total_steps, steps_per_epoch)
         if fresh:
             trainer.record(0, validation.run(module), train_loss=None, seconds=0.0, samples=0)
         else:
             trainer.load(checkpoint)
-        trainer.fit(views, validation, checkpoint)
+        skipped = _not_worth_training(probed, trainer, keep)
+        if not skipped:
+            trainer.fit(views, validation, checkpoint)
         state = trainer.final_state(keep)
         result = FinetuneResult(
             model=None, history=trainer.history, best_epoch=trainer.kept_epoch(keep),
             metric=validation.metric, samples_per_second=trainer.samples_per_second(),
             state=state, lr=lr, lr_probe=trials,
-            augmentation=views.augmentation.describe() if views.augmentation else None,
+            augmentation=views.augmentation.describe() if views.augmentation else None, skipped=skipped,
         )
         if world.is_main:
             shapes = dict(input_shapes or {})
@@ -235,7 +239,7 @@ def _probe_lr(make_trainer, module: OnnxModule, data: _Data, views: _Views, vali
         judge = _Validation(data.x_train, data.y_train, data.train_idx[:n], teacher, validation.targets,
                             validation.micro_batch, validation.world)
     if judge.metric is None:
-        return default, []
+        return default, [], None
     initial = {k: v.detach().clone() for k, v in module.state_dict().items()}
     probe_steps = min(total_steps, max(LR_PROBE_MIN_STEPS, round(LR_PROBE_SHARE * total_steps)))
     scores, trials = [], []
@@ -260,7 +264,18 @@ def _probe_lr(make_trainer, module: OnnxModule, data: _Data, views: _Views, vali
             break
         probe(trials[-1]["lr"] * step)
     module.load_state_dict(initial)
-    return trials[int(np.argmax(scores))]["lr"], trials  # ties keep the larger rate
+    best = int(np.argmax(scores))  # ties keep the larger rate
+    return trials[best]["lr"], trials, (scores[best] if judge is validation else None)
+
+
+def _not_worth_training(probed: float | None, trainer: _Trainer, keep: str) -> str | None:
+    """Why training is skipped: every probed rate scored worse on the validation data than the
+    model as it came, which keeping the best epoch would return anyway. On ddddocr's CRNN (its
+    Gemm solved against the data) five rates all hurt the held-back fidelity, and 5 epochs spent
+    260 s to keep epoch 0."""
+    if probed is None or keep != "best" or trainer.best is None or probed >= trainer.best[0]:
+        return None
+    return "every learning rate probed made the validation score worse than the model as it came"
 
 
 # ------------------------------------------------------------------------------- training
