@@ -228,10 +228,11 @@ def finetune(
 
 
 def _probe_lr(make_trainer, module: OnnxModule, data: _Data, views: _Views, validation: _Validation,
-              default: float, total_steps: int, steps_per_epoch: int) -> tuple[float, list[dict]]:
+              default: float, total_steps: int, steps_per_epoch: int) -> tuple[float, list[dict], float | None]:
     """The peak learning rate, among `default` times LR_PROBE_FACTORS, whose short run (the first
-    LR_PROBE_SHARE of the steps, with the same warm-up and decay) scores best; the module is left
-    as it was."""
+    LR_PROBE_SHARE of the steps, with the same warm-up and decay) scores best, the trials, and that
+    best score when it was judged on the validation data (None otherwise); the module is left as it
+    was."""
     judge = validation
     if judge.metric is None:  # no validation data: judge on the first training samples
         n = min(LR_PROBE_SAMPLES, len(data.train_idx))
