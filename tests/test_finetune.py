@@ -177,14 +177,14 @@ def test_when_every_probed_rate_makes_validation_worse_no_epoch_is_trained(train
     """The model already is its teacher; wrong labels pull it away at any rate, so the probe's best
     scores worse than the model as it came, and the run returns it untrained instead of spending
     the epochs to keep epoch 0."""
-    (xt, yt), (xv, _) = data
+    (xt, yt), (xv, yv) = data
     wrong = (yt + 1) % CLASSES
     result = finetune(trained, (xt, wrong), val=xv, teacher=trained, steps=4 * train.LR_PROBE_MIN_TOTAL)
     assert result.lr_probe and all(t["val_worst_group_error"] > 0 for t in result.lr_probe)
     assert result.skipped and "worse" in result.skipped
     assert [row["epoch"] for row in result.history] == [0] and result.best_epoch == 0
     assert result.history[0]["val_worst_group_error"] < 1e-5  # the model as it came, written back
-    assert accuracy(result.model, xv, data[1][1]) == accuracy(trained, xv, data[1][1])
+    assert accuracy(result.model, xv, yv) == accuracy(trained, xv, yv)
     kept = finetune(trained, (xt, wrong), val=xv, teacher=trained, steps=4 * train.LR_PROBE_MIN_TOTAL, lr=1e-3)
     assert kept.skipped is None and len(kept.history) > 1  # a given rate is not probed, so it trains
 

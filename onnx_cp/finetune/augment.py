@@ -78,9 +78,9 @@ def _shifted(x: np.ndarray, h_axis: int, w_axis: int, share: float, rng: np.rand
     limits = [int(round(share * x.shape[axis])) for axis in (h_axis, w_axis)]
     if not any(limits):
         return np.array(x, dtype=np.float32)
-    pad = [(0, 0)] * x.ndim
-    pad[h_axis], pad[w_axis] = (limits[0],) * 2, (limits[1],) * 2
-    padded = np.pad(x, pad, mode="edge")
+    # one sample padded at a time: a padded copy of all 400 photos of 320x320 would be 0.7 GB per epoch
+    pad = [(0, 0)] * (x.ndim - 1)
+    pad[h_axis - 1], pad[w_axis - 1] = (limits[0],) * 2, (limits[1],) * 2
     offsets = [rng.integers(0, 2 * limit + 1, len(x)) for limit in limits]
     out = np.empty(x.shape, dtype=np.float32)
     h, w = x.shape[h_axis], x.shape[w_axis]
@@ -88,5 +88,5 @@ def _shifted(x: np.ndarray, h_axis: int, w_axis: int, share: float, rng: np.rand
         window = [slice(None)] * (x.ndim - 1)
         window[h_axis - 1] = slice(offsets[0][i], offsets[0][i] + h)
         window[w_axis - 1] = slice(offsets[1][i], offsets[1][i] + w)
-        out[i] = padded[i][tuple(window)]
+        out[i] = np.pad(x[i], pad, mode="edge")[tuple(window)]
     return out
