@@ -3,6 +3,8 @@ speed-up target (not part of CI).
 
     python benchmarks/bench_forms.py [--targets 1.5 2 3] [--samples 1000] [--sample 256]
         # writes benchmarks/results/forms.{md,json}
+    python benchmarks/bench_forms.py --real yolov8-nude --targets 1.5 --out benchmarks/results/forms_yolov8
+        # a real third-party model from benchmarks/real_models.py (run --fetch-only first)
 
 For each model and --target-speedup X, `optimize` runs the speed-up search with
 decomposition="cp" and "auto", no fine-tuning, each twice: without data (the searches see only
@@ -10,7 +12,9 @@ kernel errors and measured latency; other forms stay only for 1x1 convs or near 
 `--sample` unlabelled validation images (each layer and form weighed by the output error it
 causes on them). Then the results results are measured again in one interleaved onnxruntime run against
 the original, and their outputs compared with the original's on real test inputs (charresnet: the
-synthetic character test set, top-1 agreement and worst channel-group output error).
+synthetic character test set, top-1 agreement and worst channel-group output error; a real model:
+its held-out folder, the class-score rows' error and the top-10 anchors kept, by heldout.py's
+measure, with the first 256 photos of its train folder as the sample).
 """
 
 from __future__ import annotations
@@ -25,29 +29,32 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from onnx_cp import optimize  # noqa: E402
 from onnx_cp.data.chars import generate_chars  # noqa: E402
 from onnx_cp.errors import BudgetError  # noqa: E402
 from onnx_cp.measure import benchmark_latency, evaluate  # noqa: E402
 from onnx_cp.measure.outputs import compare_on_data  # noqa: E402
-from onnx_cp.runtime.cpu import channel_block  # noqa: E402
+from onnx_cp.runtime.cpu import channel_block, cpu_features  # noqa: E402
 from onnx_cp.settings import MeasureSettings, SolverSettings, SpeedupTarget  # noqa: E402
 
 MODELS = {"charresnet": ROOT / "models" / "charresnet.onnx", "charnet": ROOT / "models" / "charnet.onnx"}
 
 
-def run_one(path: Path, target: float, decomposition: str, workers: int, sample: str | None) -> dict:
+def run_one(path: Path, target: float, decomposition: str, workers: int, sample: str | None,
+            input_shapes: dict | None = None) -> dict:
     """One speed-up search; with `sample` (unlabelled inputs), layers and forms are weighed by the
     output error each causes on them, else by kernel error alone."""
     started = time.perf_counter()
     try:
         result = optimize(path, SpeedupTarget(target),
                           solver=SolverSettings(workers=workers, decomposition=decomposition),
-                          measure=MeasureSettings(eval_data=sample))
+                          measure=MeasureSettings(eval_data=sample, input_shapes=input_shapes or {}))
     except BudgetError as exc:
         return {"decomposition": decomposition, "data": "sample" if sample else "none", "error": str(exc)}
     rows = [r for r in result.report["layers"] if r["status"] == "decomposed"]
@@ -58,8 +65,53 @@ def run_one(path: Path, target: float, decomposition: str, workers: int, sample:
             "kernel_error_sum": round(sum(r["rel_error"] for r in rows), 3)}
 
 
+def run_real(key: str, targets: list[float], workers: int, sample_size: int, cache: Path) -> list[dict]:
+    """A real_models.py model: cp and auto, without data and with `sample_size` photos of its train
+    folder, judged on its held-out folder by heldout.py's measure."""
+    import real_models
+
+    model = next(m for m in real_models.MODELS if m.key == key)
+    path = real_models.fetch_model(cache, model)
+    folder = real_models.inputs_folder(cache, model)
+    sample = Path(tempfile.mkdtemp()) / "sample.npz"
+    np.savez(sample, x=real_models.load_folder(model, folder / "train")[0][:sample_size])
+    held_out = real_models.load_folder(model, folder / "heldout")[0]
+    shapes = {model.input_name: list(model.shape)}
+    names = [o.name for o in real_models.session(path).get_outputs()]
+    reference = real_models.run_all(real_models.session(path), model.input_name, held_out)
+    results = []
+    for target in targets:
+        runs = [run_one(path, target, d, workers, data, shapes) for data in (None, str(sample))
+                for d in ("cp", "auto")]
+        done = [r for r in runs if "model" in r]
+        if done:
+            latency = benchmark_latency([str(path), *[r["model"] for r in done]], runs=200, input_shapes=shapes)
+            for r, measured in zip(done, latency.models[1:]):
+                written = Path(tempfile.mkdtemp()) / "model.onnx"
+                ir.save(r.pop("model"), str(written))
+                candidate = real_models.run_all(real_models.session(written), model.input_name, held_out)
+                r["speedup"] = round(measured.speedup_vs_first, 3)
+                r["held_out"] = real_models.fidelity(reference, candidate, names)
+        for r in runs:
+            results.append({"model": key, "target": target, **r})
+            print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def real_row(r: dict) -> str:
+    """A real model's table row: per output, its groups' median errors and task agreements."""
+    forms = ", ".join(f"{f} x{n}" for f, n in sorted(r["forms"].items()))
+    measures = "; ".join(", ".join([*(f"{g} {e:.3f}" for g, e in o["group_error_median"].items()),
+                                    *(f"{k} {v:.1%}" for k, v in o["agreement"].items())])
+                         for o in r["held_out"].values())
+    return (f"| {r['model']} | {r['target']:g}x | {r['data']} | {r['decomposition']} | {r['speedup']:.2f}x | "
+            f"{measures} | {forms} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--real", help="a benchmarks/real_models.py model key instead of the shipped models")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/onnx-cp-real"), help="real_models.py --cache")
     parser.add_argument("--models", nargs="+", default=["charresnet"], choices=sorted(MODELS))
     parser.add_argument("--targets", nargs="+", type=float, default=[1.5, 2.0, 3.0])
     parser.add_argument("--samples", type=int, default=1000)
@@ -67,6 +119,10 @@ def main() -> int:
     parser.add_argument("--sample", type=int, default=256, help="unlabelled validation inputs for the data runs (0: none)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "forms"))
     args = parser.parse_args()
+    meta = {"command": "python " + " ".join(sys.argv), "machine": platform.machine(), "processor": platform.processor(),
+            "channel_block": channel_block(), "cpu_features": cpu_features()}
+    if args.real:
+        return write_real(run_real(args.real, args.targets, args.workers, args.sample, args.cache), meta, args.out)
     x, y = generate_chars(args.samples, seed=0, split="test")
     x = np.asarray(x, np.float32)
     data = Path(tempfile.mkdtemp()) / "test.npz"
@@ -96,8 +152,6 @@ def main() -> int:
             for r in runs:
                 results.append({"model": name, "target": target, "original_top1": original_top1, **r})
                 print(json.dumps(results[-1]), flush=True)
-    meta = {"command": "python " + " ".join(sys.argv), "machine": platform.machine(), "processor": platform.processor(),
-            "channel_block": channel_block()}
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     lines = [f"# Auto vs CP at the same speed-up target\n\n`{meta['command']}` (channel block {meta['channel_block']}, "
              "no fine-tuning; output error on the character test set vs the original; data: none, or "
@@ -115,6 +169,21 @@ def main() -> int:
                      f"{r['worst_group_error']:.3f} | {agree} | {100 * r['top1']:.2f}% ({100 * r['original_top1']:.2f}%) "
                      f"| {forms} |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def write_real(results: list[dict], meta: dict, out: str) -> int:
+    Path(out + ".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    lines = [f"# Auto vs CP at the same speed-up target\n\n`{meta['command']}` (CPU features "
+             f"{', '.join(meta['cpu_features'])}; channel block {meta['channel_block']}; no fine-tuning; outputs "
+             "compared with the original's on the held-out folder: medians over samples)\n",
+             "| model | target | data | forms | measured speed-up | held-out error and agreement | forms chosen |",
+             "| --- | ---: | --- | --- | ---: | --- | --- |"]
+    lines += [real_row(r) if "error" not in r else
+              f"| {r['model']} | {r['target']:g}x | {r['data']} | {r['decomposition']} | - | - | {r['error']} |"
+              for r in results]
+    Path(out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -96,7 +96,7 @@ class FinetuneSettings:
         return {k: v for k, v in options.items() if v is not None} | {"augment": self.augment}
 
 
-AUGMENTATIONS = ("auto", "none", "shift")  # the training views of distillation (onnx_cp.finetune.augment)
+AUGMENTATIONS = ("auto", "none", "shift", "mix")  # the training views of distillation (onnx_cp.finetune.augment)
 
 
 # The INT8 output-error budget (worst channel group on the calibration samples); the value lives

@@ -9,7 +9,8 @@ import pytest
 
 from onnx_cp.errors import UsageError
 from onnx_cp.finetune import distributed, finetune
-from onnx_cp.finetune.augment import Augmentation, augmentation_for, augmented, spatial_axes
+from onnx_cp.finetune.augment import (MIXED_AUGMENTATION, Augmentation, augmentation_for, augmented,
+                                      spatial_axes)
 from onnx_cp.finetune.train import _prepare_data, _Views
 from test_distill import (  # noqa: F401 - images is a fixture
     SGD, classifier, detector_model, group_errors, images, outputs, perturbed)
@@ -51,11 +52,45 @@ def test_contrast_and_brightness_keep_a_sample_affine_to_itself_and_the_views_ar
     assert not np.array_equal(out, augmented(x, jitter, np.random.default_rng(4)))
 
 
+def test_a_zoomed_view_of_a_ramp_is_the_ramp_scaled_about_its_centre_with_edges_repeated():
+    width = 33
+    x = np.broadcast_to(np.arange(width, dtype=np.float32), (6, 1, 12, width)).copy()
+    zoom = Augmentation(max_shift=0.0, contrast=0.0, brightness=0.0, zoom=0.25)
+    out = augmented(x, zoom, np.random.default_rng(2))
+    centre = (width - 1) / 2
+    factors = []
+    for i in range(len(x)):
+        assert np.allclose(out[i], out[i, :, :1])  # constant down the columns stays constant
+        row = out[i, 0, 0]
+        factor = 1 / np.polyfit(np.arange(13, 20), row[13:20], 1)[0]  # the slope near the centre
+        expected = np.clip((np.arange(width) - centre) / factor + centre, 0, width - 1)
+        np.testing.assert_allclose(row, expected, atol=1e-3)
+        factors.append(factor)
+    assert all(0.75 - 1e-3 <= f <= 1.25 + 1e-3 for f in factors) and np.ptp(factors) > 0.05
+
+
+def test_mixed_views_blend_each_sample_with_another_sample():
+    x = np.random.default_rng(0).standard_normal((8, 3, 10, 10)).astype(np.float32)
+    mix_all = Augmentation(max_shift=0.0, contrast=0.0, brightness=0.0, mix=1.0)
+    out = augmented(x, mix_all, np.random.default_rng(5))
+    for i in range(len(x)):
+        fits = []
+        for j in range(len(x)):
+            if j != i:  # out_i - x_j = l (x_i - x_j)
+                d, t = (x[i] - x[j]).ravel(), (out[i] - x[j]).ravel()
+                share = float(d @ t / (d @ d))
+                fits.append((np.abs(share * d - t).max(), share))
+        residual, share = min(fits)
+        assert residual < 1e-4 and -1e-6 <= share <= 1 + 1e-6
+    assert "mixup" in MIXED_AUGMENTATION.describe()
+
+
 def test_auto_augments_only_images_that_a_teacher_relabels():
     assert augmentation_for("auto", (3, 16, 16), distilling=True) is not None
     assert augmentation_for("auto", (3, 16, 16), distilling=False) is None  # labels do not follow a shift
     assert augmentation_for("auto", (32, 8210), distilling=True) is None
     assert augmentation_for("none", (3, 16, 16), distilling=True) is None
+    assert augmentation_for("mix", (3, 16, 16), distilling=True) == MIXED_AUGMENTATION
     with pytest.raises(UsageError, match="not an image"):
         augmentation_for("shift", (8,), distilling=True)
     with pytest.raises(UsageError, match="no teacher"):

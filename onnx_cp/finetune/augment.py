@@ -20,20 +20,32 @@ from onnx_cp.settings import AUGMENTATIONS
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Random views of image inputs: a shift of up to `max_shift` of each spatial size (edges
-    repeated into the space uncovered), contrast scaled by a factor in [1 - contrast, 1 + contrast]
-    about each sample's mean, and brightness moved by up to `brightness` of its standard deviation."""
+    """Random views of image inputs: a shift of up to `max_shift` of each spatial size and a zoom by
+    a factor in [1 - zoom, 1 + zoom] about the centre (edges repeated into the space uncovered,
+    bilinear), contrast scaled by a factor in [1 - contrast, 1 + contrast] about each sample's mean,
+    brightness moved by up to `brightness` of its standard deviation; then a share `mix` of the views
+    blended with another view of the batch, x' = l x_i + (1 - l) x_j with l uniform in [0, 1]
+    (mixup as "function matching", Beyer et al., CVPR 2022: the teacher relabels the blend, so the
+    student meets the teacher's function between the samples too)."""
 
     max_shift: float = 0.1
     contrast: float = 0.2
     brightness: float = 0.1
+    zoom: float = 0.0
+    mix: float = 0.0
 
     def describe(self) -> str:
-        return (f"shifts up to {self.max_shift:.0%} of each side, contrast x[{1 - self.contrast:g}, "
-                f"{1 + self.contrast:g}], brightness +-{self.brightness:g} std; the teacher relabels every view")
+        parts = [f"shifts up to {self.max_shift:.0%} of each side"]
+        if self.zoom:
+            parts.append(f"zoom x[{1 - self.zoom:g}, {1 + self.zoom:g}]")
+        parts.append(f"contrast x[{1 - self.contrast:g}, {1 + self.contrast:g}], brightness +-{self.brightness:g} std")
+        if self.mix:
+            parts.append(f"{self.mix:.0%} blended with another view (mixup)")
+        return ", ".join(parts) + "; the teacher relabels every view"
 
 
 DEFAULT_AUGMENTATION = Augmentation()
+MIXED_AUGMENTATION = Augmentation(zoom=0.25, mix=0.5)
 
 
 def augmentation_for(mode: str, sample_shape: tuple[int, ...], distilling: bool) -> Augmentation | None:
@@ -45,10 +57,12 @@ def augmentation_for(mode: str, sample_shape: tuple[int, ...], distilling: bool)
     if mode == "none":
         return None
     axes = spatial_axes(sample_shape)
-    if mode == "shift" and (axes is None or not distilling):
+    if mode in ("shift", "mix") and (axes is None or not distilling):
         why = "the input is not an image (N, C, H, W) or (N, H, W, C)" if axes is None else "there is no teacher"
         raise UsageError(f"cannot augment: {why}", option="augment")
-    return DEFAULT_AUGMENTATION if axes is not None and distilling else None
+    if axes is None or not distilling:
+        return None
+    return MIXED_AUGMENTATION if mode == "mix" else DEFAULT_AUGMENTATION
 
 
 def spatial_axes(sample_shape: tuple[int, ...]) -> tuple[int, int] | None:
@@ -64,29 +78,46 @@ def spatial_axes(sample_shape: tuple[int, ...]) -> tuple[int, int] | None:
 def augmented(x: np.ndarray, augmentation: Augmentation, rng: np.random.Generator) -> np.ndarray:
     """A random view of every sample of x (batch first), float32."""
     h_axis, w_axis = (a + 1 for a in spatial_axes(x.shape[1:]))
-    out = _shifted(x, h_axis, w_axis, augmentation.max_shift, rng)
+    out = _moved(x, h_axis, w_axis, augmentation, rng)
     n = len(x)
     per_sample = (n,) + (1,) * (x.ndim - 1)
     mean = out.reshape(n, -1).mean(1).reshape(per_sample)
     std = out.reshape(n, -1).std(1).reshape(per_sample)
     factor = rng.uniform(1 - augmentation.contrast, 1 + augmentation.contrast, n).reshape(per_sample)
     offset = rng.uniform(-augmentation.brightness, augmentation.brightness, n).reshape(per_sample) * std
-    return (mean + factor * (out - mean) + offset).astype(np.float32)
+    out = mean + factor * (out - mean) + offset
+    if augmentation.mix and n > 1:
+        mixed = rng.random(n) < augmentation.mix
+        partner = (np.arange(n) + rng.integers(1, n, n)) % n  # another sample, never itself
+        share = np.where(mixed, rng.uniform(0.0, 1.0, n), 1.0).reshape(per_sample)
+        out = share * out + (1 - share) * out[partner]
+    return out.astype(np.float32)
 
 
-def _shifted(x: np.ndarray, h_axis: int, w_axis: int, share: float, rng: np.random.Generator) -> np.ndarray:
-    limits = [int(round(share * x.shape[axis])) for axis in (h_axis, w_axis)]
-    if not any(limits):
+def _moved(x: np.ndarray, h_axis: int, w_axis: int, augmentation: Augmentation,
+           rng: np.random.Generator) -> np.ndarray:
+    """Each sample shifted and zoomed: every output pixel read at its source coordinates, clamped to
+    the image (edges repeated) and interpolated bilinearly; an integer shift alone copies exactly."""
+    sizes = (x.shape[h_axis], x.shape[w_axis])
+    limits = [int(round(augmentation.max_shift * size)) for size in sizes]
+    if not any(limits) and not augmentation.zoom:
         return np.array(x, dtype=np.float32)
-    # one sample padded at a time: a padded copy of all 400 photos of 320x320 would be 0.7 GB per epoch
-    pad = [(0, 0)] * (x.ndim - 1)
-    pad[h_axis - 1], pad[w_axis - 1] = (limits[0],) * 2, (limits[1],) * 2
-    offsets = [rng.integers(0, 2 * limit + 1, len(x)) for limit in limits]
+    n = len(x)
+    shifts = [rng.integers(-limit, limit + 1, n) for limit in limits]
+    zooms = rng.uniform(1 - augmentation.zoom, 1 + augmentation.zoom, n) if augmentation.zoom else np.ones(n)
     out = np.empty(x.shape, dtype=np.float32)
-    h, w = x.shape[h_axis], x.shape[w_axis]
-    for i in range(len(x)):
-        window = [slice(None)] * (x.ndim - 1)
-        window[h_axis - 1] = slice(offsets[0][i], offsets[0][i] + h)
-        window[w_axis - 1] = slice(offsets[1][i], offsets[1][i] + w)
-        out[i] = np.pad(x[i], pad, mode="edge")[tuple(window)]
+    # one sample at a time: a moved copy of all 400 photos of 320x320 at once would be 0.7 GB
+    for i in range(n):
+        sample = x[i].astype(np.float32)
+        for axis, size, shift in ((h_axis - 1, sizes[0], shifts[0][i]), (w_axis - 1, sizes[1], shifts[1][i])):
+            centre = (size - 1) / 2
+            source = np.clip((np.arange(size) - centre) / zooms[i] + centre - shift, 0, size - 1)
+            low = np.floor(source).astype(np.int64)
+            high = np.minimum(low + 1, size - 1)
+            weight = (source - low).astype(np.float32)
+            shape = [1] * sample.ndim
+            shape[axis] = size
+            weight = weight.reshape(shape)
+            sample = np.take(sample, low, axis=axis) * (1 - weight) + np.take(sample, high, axis=axis) * weight
+        out[i] = sample
     return out
