@@ -52,11 +52,15 @@ def two_output_model(seed=0) -> onnx.ModelProto:
     return _model(nodes, inits, ["boxes", "scores"])
 
 
-def detector_model(seed=0) -> onnx.ModelProto:
-    """A YOLO-style head (N, 4 + K, 256): box rows sigmoid * 320 (pixels), class rows sigmoid."""
+def detector_model(seed=0, background: float = 0.0) -> onnx.ModelProto:
+    """A YOLO-style head (N, 4 + K, 256): box rows sigmoid * 320 (pixels), class rows sigmoid; a
+    negative `background` bias makes the scores sparse, as a trained detector's are (most anchors
+    hold no object)."""
     rng = np.random.default_rng(seed)
     nodes, inits = _trunk(rng)
-    inits += [_init("head.w", rng.standard_normal((4 + K, 8, 1, 1)) * 0.5), _init("head.b", np.zeros(4 + K)),
+    head = rng.standard_normal((4 + K, 8, 1, 1)) * 0.5
+    head[4:] *= 2.0 if background else 1.0
+    inits += [_init("head.w", head), _init("head.b", np.array([0.0] * 4 + [background] * K)),
               numpy_helper.from_array(np.array([0, 4 + K, -1], np.int64), "shape"),
               _init("scale", np.array([320.0] * 4 + [1.0] * K).reshape(4 + K, 1))]
     nodes += [helper.make_node("Conv", ["h", "head.w", "head.b"], ["c2"], name="head"),
@@ -160,15 +164,35 @@ def test_detector_class_scores_are_not_drowned_by_boxes(images):
     teacher = detector_model()
     student = perturbed(teacher, {"conv1.w", "head.w"}, scale=1.5)
     before = group_errors(teacher, student, xv)["output0"]
-    args = {**SGD, "lr": 1.0, "epochs": 6}  # gradient clipping keeps plain MSE stable too
+    args = {**SGD, "lr": 0.3, "epochs": 12}
     new = group_errors(teacher, finetune(student, xt, val=xv, teacher=teacher, **args).model, xv)["output0"]
     old = group_errors(teacher, finetune(student, xt, val=xv, teacher=teacher, distill="mse",
                                          **args).model, xv)["output0"]
     assert before["class scores"] > 0.35
-    assert new["class scores"] < 0.15 and new["class scores"] < 0.4 * before["class scores"]
-    assert new["boxes"] < before["boxes"]
-    # plain MSE: the pixels rule the loss, the scores stay where they were
-    assert old["class scores"] > 0.6 * before["class scores"]
+    assert new["class scores"] < 0.7 * before["class scores"] and new["boxes"] < before["boxes"]
+    # plain MSE: the pixels rule the loss, the scores stay near where they were
+    assert old["class scores"] > 0.8 * before["class scores"] and new["class scores"] < 0.75 * old["class scores"]
+
+
+def test_a_detectors_sparse_probabilities_are_distilled_by_binary_kl(images):
+    """Sparse sigmoid scores (most anchors near 0, as NudeNet's YOLOv8n) compared by binary KL: a
+    student whose scores collapse to 0 pays for every confident detection (by MSE it lost only their
+    small mean square, and YOLOv8n at lr 3e-4 went there: class-score error 1.00, 2% of the top-10
+    anchors kept; by binary KL 0.92 and 42%)."""
+    from onnx_cp.finetune.train import _binary_kl
+
+    xt, xv = images
+    teacher = detector_model(background=-4.0)
+    student = perturbed(teacher, {"conv1.w", "head.w"}, scale=1.5)
+    before = group_errors(teacher, student, xv)["output0"]
+    result = finetune(student, xt, val=xv, teacher=teacher, lr=0.03, epochs=6, batch_size=16)
+    after = group_errors(teacher, result.model, xv)["output0"]
+    assert before["class scores"] > 1.0
+    assert after["class scores"] < 0.3 * before["class scores"] and after["boxes"] < before["boxes"]
+    t = torch.tensor([0.8, 1e-4, 0.5])
+    assert float(_binary_kl(t, t).abs().max()) < 1e-6
+    collapsed = _binary_kl(torch.zeros(3), t)
+    assert collapsed[0] > 1000 * collapsed[1] > 0  # a confident detection lost costs the most
 
 
 def test_a_detectors_sparse_scores_are_weighed_by_their_own_mean_square():

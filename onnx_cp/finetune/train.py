@@ -606,7 +606,8 @@ class _Target:
     kind: str
     channel_axis: int | None  # of the batch-first output
     loss: str  # "kl", "mse" (plain) or "normalised mse"
-    form: str = "logits"  # kl only: "logits", "probabilities" or "log-probabilities"
+    form: str = "logits"  # kl: "logits", "probabilities" or "log-probabilities"; detections: "probabilities" when
+    # the class-score rows are (compared by binary KL), else "logits" (by MSE)
     scale: torch.Tensor | None = None  # normalised mse: mean squares per channel group
     trained: bool = True  # False: validated only (distill "kl" / "mse" train the first output)
     temperature: float = 1.0  # kl of logits
@@ -630,12 +631,15 @@ class _Target:
                 log_s, log_t, factor = F.log_softmax(out / t, axis), F.log_softmax(ref / t, axis), t * t
             kl = F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(axis)
             return kl.reshape(n, -1).mean(1) * factor  # sequences: the mean over time steps
-        err = (out - ref) ** 2
         if self.kind == DETECTIONS:  # box rows and class-score rows, each by its own scale, summed
-            err = err.movedim(self.channel_axis, 1)
-            boxes = err[:, :BOX_ROWS].reshape(n, -1).mean(1) / self.scale[0]
-            scores = err[:, BOX_ROWS:].reshape(n, -1).mean(1) / self.scale[1]
-            return boxes + scores
+            out, ref = out.movedim(self.channel_axis, 1), ref.movedim(self.channel_axis, 1)
+            boxes = ((out[:, :BOX_ROWS] - ref[:, :BOX_ROWS]) ** 2).reshape(n, -1).mean(1) / self.scale[0]
+            if self.form == "probabilities":
+                scores = _binary_kl(out[:, BOX_ROWS:], ref[:, BOX_ROWS:]).reshape(n, -1).mean(1)
+            else:
+                scores = ((out[:, BOX_ROWS:] - ref[:, BOX_ROWS:]) ** 2).reshape(n, -1).mean(1)
+            return boxes + scores / self.scale[1]
+        err = (out - ref) ** 2
         if err.dim() == 1:
             return err / self.scale[0]
         per_channel = err.reshape(n, err.shape[1], -1).mean(2)  # channel axis 1
@@ -643,6 +647,21 @@ class _Target:
 
 
 PROB_FLOOR = 1e-8
+
+
+BINARY_FLOOR = 1e-6  # 1 - 1e-8 is 1.0 in float32
+
+
+def _binary_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Elementwise KL(teacher || student) of independent (sigmoid) probabilities."""
+    s = student.clamp(BINARY_FLOOR, 1 - BINARY_FLOOR)
+    t = teacher.clamp(BINARY_FLOOR, 1 - BINARY_FLOOR)
+    return t * (t.log() - s.log()) + (1 - t) * (torch.log1p(-t) - torch.log1p(-s))
+
+
+def _binary_entropy(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, BINARY_FLOOR, 1 - BINARY_FLOOR)
+    return -(p * np.log(p) + (1 - p) * np.log1p(-p))
 
 
 class _Targets:
@@ -715,7 +734,9 @@ def _make_targets(data: _Data, output_names: list[str], distill: str, temperatur
         if loss == "kl":
             target.form = _score_form(ref, channel_axis)
         elif loss == "normalised mse":
-            target.scale = _mean_squares(ref, kind, channel_axis, world).to(world.device)
+            if kind == DETECTIONS and _are_probabilities(np.moveaxis(ref, channel_axis, 1)[:, BOX_ROWS:]):
+                target.form = "probabilities"
+            target.scale = _mean_squares(ref, kind, channel_axis, world, target.form).to(world.device)
         target.trained = distill == "auto" or old_loss
         items.append(target)
     return _Targets(items, data.teacher_squeeze[0], first_axis)
@@ -732,16 +753,24 @@ def _score_form(ref: np.ndarray, axis: int) -> str:
     return "logits"
 
 
+def _are_probabilities(scores: np.ndarray) -> bool:
+    return scores.size > 0 and float(scores.min()) >= 0.0 and float(scores.max()) <= 1.0
+
+
 def _mean_squares(ref: np.ndarray, kind: str, axis: int | None,
-                  world: distributed.World) -> torch.Tensor:
-    """The teacher's mean square per channel group over the training data: detections (box rows,
-    class-score rows), other outputs per channel of axis 1; a near-silent group is judged against
-    a small share of the mean (as runtime.fidelity's channel floor)."""
+                  world: distributed.World, form: str = "logits") -> torch.Tensor:
+    """The normalisers of the loss over the training data: per channel group, the teacher's mean
+    square: detections (box rows, class-score rows), other outputs per channel of axis 1; a
+    near-silent group is judged against a small share of the mean (as runtime.fidelity's channel
+    floor). Class-score rows that are probabilities are compared by binary KL, normalised by the
+    teacher's mean binary entropy (a student whose scores collapse to 0 pays for every confident
+    detection, where by MSE it lost only the scores' small mean square: YOLOv8n at 3e-4 went there)."""
     a = ref.astype(np.float64)
     if kind == DETECTIONS:
         a = np.moveaxis(a, axis, 1)
-        sums = [float((a[:, :BOX_ROWS] ** 2).sum()), float(a[:, :BOX_ROWS].size),
-                float((a[:, BOX_ROWS:] ** 2).sum()), float(a[:, BOX_ROWS:].size)]
+        scores = a[:, BOX_ROWS:]
+        score_sum = float(_binary_entropy(scores).sum()) if form == "probabilities" else float((scores ** 2).sum())
+        sums = [float((a[:, :BOX_ROWS] ** 2).sum()), float(a[:, :BOX_ROWS].size), score_sum, float(scores.size)]
     elif a.ndim == 1:
         sums = [float((a ** 2).sum()), float(a.size)]
     else:
