@@ -158,8 +158,12 @@ def optimize(
         report.setdefault("warnings", []).append(f"not quantized: {why}")
     accuracy = None
     if eval_data is not None:
-        accuracy = _accuracy(run.original, stages, run.data.open("evaluation", eval_data), measure.threads)
-        report["accuracy"] = {stage: result.to_json() for stage, result in accuracy.items()}
+        dataset = run.data.open("evaluation", eval_data)
+        accuracy = _accuracy(run.original, stages, dataset, measure.threads)
+        if accuracy is not None:
+            report["accuracy"] = {stage: result.to_json() for stage, result in accuracy.items()}
+        else:
+            report["fidelity"] = _fidelity(run.original, stages, dataset, measure.threads)
     if isinstance(policy, SpeedupTarget):
         final_stage = next((stage for stage, model in stages.items() if model is final), None)
         measured_drop = (search.accuracy_drop(accuracy["original"], accuracy[final_stage])
@@ -695,15 +699,29 @@ def _run_shapes(model: ir.Model, proto: onnx.ModelProto, input_shapes: dict[str,
     return {n: list(v.shape) for n, v in zip(names, values) if n in wanted}
 
 
-def _accuracy(original: ir.Model, stages: dict[str, ir.Model], dataset, threads: int) -> dict[str, AccuracyResult]:
+def _accuracy(original: ir.Model, stages: dict[str, ir.Model], dataset,
+              threads: int) -> dict[str, AccuracyResult] | None:
     """Accuracy of the input model, then of each stage (decomposed, reconstructed, finetuned,
-    +int8) with its agreement with the input model."""
+    +int8) with its agreement with the input model; None when its output is not class scores."""
     from onnx_cp.measure import evaluate
+    from onnx_cp.measure.accuracy import NotClassScores
 
-    accuracy = {"original": evaluate(original, dataset, threads=threads)}
+    try:
+        accuracy = {"original": evaluate(original, dataset, threads=threads)}
+    except NotClassScores:
+        return None
     for stage, model in stages.items():
         accuracy[stage] = evaluate(model, dataset, reference=original, threads=threads)
     return accuracy
+
+
+def _fidelity(original: ir.Model, stages: dict[str, ir.Model], dataset, threads: int) -> dict[str, dict]:
+    """Each stage's outputs against the input model's on the evaluation data, for models whose output
+    is not class scores (a detector: box and class-score rows apart, top-10 anchors kept)."""
+    from onnx_cp.measure.outputs import ReferenceOutputs
+
+    reference = ReferenceOutputs(original, dataset, threads=threads)
+    return {stage: reference.compare(model).to_json() for stage, model in stages.items()}
 
 
 def _latency(original: ir.Model, final: ir.Model, shapes: dict, threads: int, seed: int) -> dict:

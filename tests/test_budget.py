@@ -562,3 +562,22 @@ def test_int8_alone_takes_symbolic_dims_from_its_calibration_data():
                       measure=MeasureSettings(latency=False))
     assert result.report["input_shapes"]["x"] == [1, 4, 20, 28]
     assert result.report["quantize"]["kind"] == "int8" and "skipped" not in result.report["quantize"]
+
+
+def test_eval_data_for_a_model_without_class_scores_reports_output_fidelity_per_stage(tmp_path, capsys):
+    """A detector or a map has no top-1: its stages are compared with the input model's outputs on
+    the evaluation data instead (before, the run failed after the search: "expected class scores")."""
+    kernel = model_factory.low_rank_kernel(16, 8, 3, 3, rank=4)
+    proto = model_factory.conv_model(kernel, input_shape=("N", 8, 12, 12))
+    onnx.save(proto, tmp_path / "in.onnx")
+    x = np.random.default_rng(0).standard_normal((24, 8, 12, 12)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    result = optimize(proto, 4, measure=MeasureSettings(eval_data=str(tmp_path / "x.npz")))
+    assert "accuracy" not in result.report
+    decomposed = result.report["fidelity"]["decomposed"]
+    assert decomposed["samples"] == 24
+    assert decomposed["worst_group_error"] == pytest.approx(compare_on_data(result.model, proto, x).worst_group_error)
+    assert decomposed["worst_group_error"] < 1e-3  # rank 4 is this kernel's exact rank
+    assert main(["optimize", str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"), "--rank", "4",
+                 "--eval-data", str(tmp_path / "x.npz")]) == 0
+    assert "decomposed outputs vs the input on 24 samples: worst channel group" in capsys.readouterr().out

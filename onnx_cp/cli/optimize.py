@@ -377,6 +377,11 @@ def _measurement_lines(report: dict) -> list[str]:
                 text += f" (agrees with input {100 * result['agreement_top1']:.1f}%)"
             steps.append(text)
         lines.append(f"accuracy on {accuracy['original']['n']} samples: " + " -> ".join(steps))
+    for stage, result in (report.get("fidelity") or {}).items():
+        agreements = [f"{key} {100 * value:.1f}%" for output in result["outputs"].values()
+                      for key, value in output.get("agreement", {}).items() if value is not None]
+        lines.append(f"{stage} outputs vs the input on {result['samples']} samples: worst channel group "
+                     f"{result['worst_group_error']:.3f}" + (f", {', '.join(agreements)}" if agreements else ""))
     latency = report.get("latency")
     if latency:
         original, optimized = latency["models"][:2]

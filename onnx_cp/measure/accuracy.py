@@ -33,6 +33,11 @@ _REFERENCE_FIELDS = ("reference", "agreement_top1", "max_abs_error", "mean_abs_e
                      "reference_top1", "reference_top5")
 
 
+class NotClassScores(OnnxCpError):
+    """The model's first output is not class scores (a detector head, a sequence, a map): top-1 has
+    no meaning for it, and its outputs are compared instead (measure.outputs)."""
+
+
 @dataclass(kw_only=True)
 class AccuracyResult:
     """What `evaluate` measured; the fields are the `onnx-cp eval` JSON keys. top1 / top5 (and
@@ -197,8 +202,8 @@ class _Classifier:
         while scores.ndim > 2 and scores.shape[-1] == 1:
             scores = scores[..., 0]
         if scores.ndim != 2 or scores.shape[0] != n:
-            raise OnnxCpError(f"{self.name}: output {self.output_name!r} has shape {tuple(out.shape)}; "
-                              f"expected class scores (N, classes)")
+            raise NotClassScores(f"{self.name}: output {self.output_name!r} has shape {tuple(out.shape)}; "
+                                 f"expected class scores (N, classes)")
         self.num_classes = scores.shape[1]
         return scores
 
