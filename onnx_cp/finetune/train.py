@@ -647,8 +647,6 @@ class _Target:
 
 
 PROB_FLOOR = 1e-8
-
-
 BINARY_FLOOR = 1e-6  # 1 - 1e-8 is 1.0 in float32
 
 
