@@ -8,8 +8,8 @@ check), split into a training folder (unlabelled samples for --finetune-data) an
 - lines: single text lines (random words and numbers) rendered with PIL in the fonts under
   onnx_cp/data/fonts, on plain, gradient or photo-textured backgrounds, slightly rotated and blurred;
 - people: photographs of people (faces at many scales) for detectors of people, mixed 3:1 with the
-  photos above; the photographs come from wheels (ultralytics' assets, matplotlib's sample data,
-  scikit-image's astronaut), and the held-out split is made from photographs the training split never
+  photos above; the photographs come from PyPI packages (ultralytics' assets, matplotlib's sample data,
+  insightface's sample images, scikit-image's astronaut), and the held-out split is made from photographs the training split never
   sees (``PEOPLE_HELD_OUT``), so held-out faces are new faces;
 - pages: document-like pages (several lines of text, a few sizes) letterboxed on white, rotated by
   0/90/180/270 degrees (the label is kept in the file name: ``00012_r90.png``).
@@ -200,7 +200,8 @@ def generate(kind: str, size: tuple[int, int], out: Path, count: int, seed: int,
     """Write `count` images of `kind` at size (H, W) into the flat folder `out` (skipped when it
     already holds them) and return it."""
     done = out / ".done"
-    if done.exists() and done.read_text() == f"{kind} {size} {count} {seed} {grayscale}":
+    marker = f"{kind} {size} {count} {seed} {grayscale}" + (f" people {len(people)}" if people else "")
+    if done.exists() and done.read_text() == marker:
         return out
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):
@@ -227,5 +228,5 @@ def generate(kind: str, size: tuple[int, int], out: Path, count: int, seed: int,
         im.save(out / name)
         labels.append(f"{name}\t{label}")
     (out / "labels.tsv").write_text("\n".join(labels) + "\n")
-    done.write_text(f"{kind} {size} {count} {seed} {grayscale}")
+    done.write_text(marker)
     return out

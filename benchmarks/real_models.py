@@ -46,6 +46,7 @@ import platform
 import re
 import shutil
 import subprocess
+import tarfile
 import sys
 import time
 import zipfile
@@ -62,9 +63,12 @@ import real_inputs  # noqa: E402
 
 SKIMAGE = ("scikit-image", "0.26.0")  # its wheel ships the sample photos under skimage/data
 # Photographs of people, for the detector whose classes include faces: ultralytics' wheel ships two
-# (assets/bus.jpg, assets/zidane.jpg), matplotlib's one (sample_data/grace_hopper.jpg).
+# (assets/bus.jpg, assets/zidane.jpg), matplotlib's one (sample_data/grace_hopper.jpg), insightface's
+# source archive (it has no wheel) a group photograph and a portrait (data/images/t1.jpg, Tom_Hanks_54745.png).
 PEOPLE_WHEELS = [("ultralytics", "8.4.190", ("ultralytics/assets/bus.jpg", "ultralytics/assets/zidane.jpg")),
-                 ("matplotlib", "3.11.2", ("matplotlib/mpl-data/sample_data/grace_hopper.jpg",))]
+                 ("matplotlib", "3.11.2", ("matplotlib/mpl-data/sample_data/grace_hopper.jpg",)),
+                 ("insightface", "0.7.3", ("insightface-0.7.3/insightface/data/images/t1.jpg",
+                                           "insightface-0.7.3/insightface/data/images/Tom_Hanks_54745.png"))]
 
 
 @dataclass(frozen=True)
@@ -139,17 +143,29 @@ def cpu_info() -> dict:
 # ---------------------------------------------------------------------------------------- fetch
 
 def wheel(cache: Path, package: str, version: str) -> Path:
+    """The package's wheel from PyPI (`pip download`), or its source archive where it has no wheel."""
     wheels = cache / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     stem = package.replace("-", "_").lower()
-    found = [p for p in wheels.glob("*.whl") if p.name.lower().startswith(f"{stem}-{version}-")]
-    if not found:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--dest", str(wheels),
-                        f"{package}=={version}"], check=True)
-        found = [p for p in wheels.glob("*.whl") if p.name.lower().startswith(f"{stem}-{version}-")]
-    if not found:
+
+    def found() -> list[Path]:
+        return [p for p in sorted(wheels.iterdir()) if p.name.lower().startswith((f"{stem}-{version}-", f"{stem}-{version}.tar"))]
+
+    if not found():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--dest",
+                        str(wheels), f"{package}=={version}"], check=True)
+    if not found():
         raise SystemExit(f"pip download {package}=={version} left no wheel in {wheels}")
-    return found[0]
+    return found()[0]
+
+
+def read_member(archive: Path, member: str) -> bytes:
+    """One file of a wheel (zip) or a source archive (tar.gz)."""
+    if archive.suffix == ".whl":
+        with zipfile.ZipFile(archive) as z:
+            return z.read(member)
+    with tarfile.open(archive) as t:
+        return t.extractfile(member).read()
 
 
 def fetch_model(cache: Path, model: Model) -> Path:
@@ -178,10 +194,9 @@ def fetch_people(cache: Path, skimage_data: Path) -> list[Path]:
     for package, version, members in PEOPLE_WHEELS:
         if all((folder / Path(m).name).exists() for m in members):
             continue
-        with zipfile.ZipFile(wheel(cache, package, version)) as archive:
-            for member in members:
-                (folder / Path(member).name).write_bytes(archive.read(member))
-    return sorted(folder.glob("*.jpg")) + [skimage_data / "astronaut.png"]
+        for member in members:
+            (folder / Path(member).name).write_bytes(read_member(wheel(cache, package, version), member))
+    return sorted([*folder.glob("*.jpg"), *folder.glob("*.png")]) + [skimage_data / "astronaut.png"]
 
 
 def ddddocr_charset(cache: Path) -> list[str]:
