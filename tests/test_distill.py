@@ -179,10 +179,17 @@ def test_a_detectors_sparse_probabilities_are_distilled_by_binary_kl(images):
     student whose scores collapse to 0 pays for every confident detection (by MSE it lost only their
     small mean square, and YOLOv8n at lr 3e-4 went there: class-score error 1.00, 2% of the top-10
     anchors kept; by binary KL 0.92 and 42%)."""
-    from onnx_cp.finetune.train import _binary_kl
+    import onnx_ir as ir
+
+    from onnx_cp.finetune import distributed
+    from onnx_cp.finetune.train import _binary_kl, _make_targets, _prepare_data
 
     xt, xv = images
     teacher = detector_model(background=-4.0)
+    world = distributed.World()
+    (target,) = _make_targets(_prepare_data(ir.from_proto(teacher), "x", xt, None, teacher, world),
+                              ["output0"], "auto", 1.0, world).items
+    assert target.kind == DETECTIONS and target.form == "probabilities"
     student = perturbed(teacher, {"conv1.w", "head.w"}, scale=1.5)
     before = group_errors(teacher, student, xv)["output0"]
     result = finetune(student, xt, val=xv, teacher=teacher, lr=0.03, epochs=6, batch_size=16)
