@@ -69,16 +69,14 @@ def run_real(key: str, targets: list[float], workers: int, sample_size: int, cac
     """A real_models.py model: cp and auto, without data and with `sample_size` photos of its train
     folder, judged on its held-out folder by heldout.py's measure."""
     import real_models
+    from heldout import held_out_report
 
     model = next(m for m in real_models.MODELS if m.key == key)
     path = real_models.fetch_model(cache, model)
     folder = real_models.inputs_folder(cache, model)
     sample = Path(tempfile.mkdtemp()) / "sample.npz"
     np.savez(sample, x=real_models.load_folder(model, folder / "train")[0][:sample_size])
-    held_out = real_models.load_folder(model, folder / "heldout")[0]
     shapes = {model.input_name: list(model.shape)}
-    names = [o.name for o in real_models.session(path).get_outputs()]
-    reference = real_models.run_all(real_models.session(path), model.input_name, held_out)
     results = []
     for target in targets:
         runs = [run_one(path, target, d, workers, data, shapes) for data in (None, str(sample))
@@ -89,9 +87,10 @@ def run_real(key: str, targets: list[float], workers: int, sample_size: int, cac
             for r, measured in zip(done, latency.models[1:]):
                 written = Path(tempfile.mkdtemp()) / "model.onnx"
                 ir.save(r.pop("model"), str(written))
-                candidate = real_models.run_all(real_models.session(written), model.input_name, held_out)
                 r["speedup"] = round(measured.speedup_vs_first, 3)
-                r["held_out"] = real_models.fidelity(reference, candidate, names)
+                report = held_out_report(model, path, written, folder / "heldout")
+                r["held_out_samples"] = report.pop("samples")
+                r["held_out"] = report
         for r in runs:
             results.append({"model": key, "target": target, **r})
             print(json.dumps(results[-1]), flush=True)

@@ -8,9 +8,9 @@ check), split into a training folder (unlabelled samples for --finetune-data) an
 - lines: single text lines (random words and numbers) rendered with PIL in the fonts under
   onnx_cp/data/fonts, on plain, gradient or photo-textured backgrounds, slightly rotated and blurred;
 - people: photographs of people (faces at many scales) for detectors of people, mixed 3:1 with the
-  photos above; the photographs come from PyPI packages (ultralytics' assets, matplotlib's sample data,
-  insightface's sample images, scikit-image's astronaut), and the held-out split is made from photographs the training split never
-  sees (``PEOPLE_HELD_OUT``), so held-out faces are new faces;
+  photos above; the photographs come from PyPI packages (ultralytics' assets, matplotlib's sample
+  data, insightface's sample images, scikit-image's astronaut), and the held-out split is made from
+  photographs the training split never sees (``PEOPLE_HELD_OUT``), so held-out faces are new faces;
 - pages: document-like pages (several lines of text, a few sizes) letterboxed on white, rotated by
   0/90/180/270 degrees (the label is kept in the file name: ``00012_r90.png``).
 

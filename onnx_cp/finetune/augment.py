@@ -111,13 +111,15 @@ def _moved(x: np.ndarray, h_axis: int, w_axis: int, augmentation: Augmentation,
         sample = x[i].astype(np.float32)
         for axis, size, shift in ((h_axis - 1, sizes[0], shifts[0][i]), (w_axis - 1, sizes[1], shifts[1][i])):
             centre = (size - 1) / 2
-            source = np.clip((np.arange(size) - centre) / zooms[i] + centre - shift, 0, size - 1)
+            source = np.clip((np.arange(size) - centre) / zooms[i] + centre + shift, 0, size - 1)
             low = np.floor(source).astype(np.int64)
+            if not augmentation.zoom:  # whole pixels: a copy, not an interpolation (an epoch's hot path)
+                sample = np.take(sample, low, axis=axis)
+                continue
             high = np.minimum(low + 1, size - 1)
-            weight = (source - low).astype(np.float32)
             shape = [1] * sample.ndim
             shape[axis] = size
-            weight = weight.reshape(shape)
+            weight = (source - low).astype(np.float32).reshape(shape)
             sample = np.take(sample, low, axis=axis) * (1 - weight) + np.take(sample, high, axis=axis) * weight
         out[i] = sample
     return out
