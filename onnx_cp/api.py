@@ -227,13 +227,14 @@ class _Run:
         data = policy.data if isinstance(policy, ErrorBudget) else None
         return error_budget.plan_ranks(self.candidates, policy, self.solve_many, self._output_error(data))
 
-    def _output_error(self, data):
+    def _output_error(self, data, stage: str = "error data"):
+        """Layer-output errors on the first samples of `data` (None without data)."""
         if data is None:
             return None
         from onnx_cp.data import first_inputs
         from onnx_cp.ranks.output_error import DEFAULT_SAMPLES, OutputError
 
-        samples = first_inputs(self.data.open("error data", data, labels=False, limit=DEFAULT_SAMPLES),
+        samples = first_inputs(self.data.open(stage, data, labels=False, limit=DEFAULT_SAMPLES),
                                DEFAULT_SAMPLES)
         return OutputError(self.original, self.candidates, samples)
 
@@ -246,8 +247,12 @@ class _Run:
         profiled = sum(layer.ms for layer in profile.layers) or 1.0
         return search.Timing(total, {layer.name: total * layer.ms / profiled for layer in profile.layers})
 
-    def menus(self, timing: search.Timing) -> tuple[list[search.LayerMenu], dict[str, str]]:
-        return search.layer_menus(self.candidates, self.solve_many, timing.layer_ms, self.threads)
+    def menus(self, timing: search.Timing, data=None) -> tuple[list[search.LayerMenu], dict[str, str]]:
+        """The layers' menus; with `data`, their options judged by layer-output error on it (by
+        kernel error for a model of several inputs, whose samples cannot feed its layers alone)."""
+        single = len(real_inputs(self.original)) == 1
+        return search.layer_menus(self.candidates, self.solve_many, timing.layer_ms, self.threads,
+                                  self._output_error(data, "layer errors") if single else None)
 
     def speedup_of(self, model: ir.Model) -> float:
         from onnx_cp.measure import benchmark_latency
@@ -263,7 +268,7 @@ class _Run:
         sensitivity measured on it, by the bound's measure, else by output fidelity (charnet: kernel
         error alone spent the speed beyond 8.5x on conv3 and lost 1.4 points)."""
         timing = self.timing()
-        menus, refusals = self.menus(timing)
+        menus, refusals = self.menus(timing, data)
         if data is not None:
             meter = self._meter(policy.within) if policy.within is not None else self._output_error_meter
             menus = self._with_sensitivities(menus, meter, data, timing)
@@ -306,7 +311,7 @@ class _Run:
         """The fastest plan whose accuracy drop (or output error) on `eval_data`, after tuning, stays
         within the policy's limit."""
         timing = self.timing()
-        menus, refusals = self.menus(timing)
+        menus, refusals = self.menus(timing, eval_data)
         menus = self._with_sensitivities(menus, self._meter(policy), eval_data, timing)
         measure_on_full = self._meter(policy)(self.data.open("evaluation", eval_data))
         tuning_reports: list[dict] = []

@@ -15,7 +15,7 @@ from onnx_cp.cli import main as cli_main
 from onnx_cp.cp import decompose
 from onnx_cp.graph import find_conv_sites
 from onnx_cp.ranks.output_error import OutputError
-from onnx_cp.runtime.cpu import CHANNEL_BLOCK_ENV
+from onnx_cp.runtime.cpu import CHANNEL_BLOCK_ENV, channel_block
 from onnx_cp.runtime.tensors import tensor_values
 from onnx_cp.settings import ErrorBudget, SolverSettings
 
@@ -77,3 +77,41 @@ def test_error_data_with_explicit_ranks_is_a_usage_error(layer, tmp_path):
     code = cli_main(["optimize", str(tmp_path / "m.onnx"), str(tmp_path / "o.onnx"), "--rank", "4",
                      "--error-data", str(tmp_path / "samples.npz")])
     assert code == 2 and not (tmp_path / "o.onnx").exists()
+
+
+def test_search_menus_with_data_hold_data_aware_svd_that_the_final_model_keeps(tmp_path, monkeypatch):
+    """With sample data the searches' menus judge options by layer-output error, and a 1x1 conv's
+    channel SVD is the solve optimal on that data: full rank as a weight, near exact at the block
+    rank on inputs that span that many directions. The plan's refinement keeps those factors, so the
+    rewritten model (onnxruntime) shows the error the menu promised."""
+    monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
+    from onnx_cp.graph import CPConvPass, Plan
+    from onnx_cp.ranks import search
+    from onnx_cp.ranks.solve import Refiner, make_solver
+
+    rng = np.random.default_rng(5)
+    channels, b = 64, channel_block()
+    kernel = rng.standard_normal((channels, channels, 1, 1)).astype(np.float32)
+    original = model_factory.conv_model(kernel, input_shape=["N", channels, 8, 8])
+    mixing = rng.standard_normal((channels, b))
+    x = np.einsum("cd,ndyx->ncyx", mixing, rng.standard_normal((32, b, 8, 8))).astype(np.float32)
+    model = ir.from_proto(original)
+    shapes = {"x": [1, channels, 8, 8], "y": [1, channels, 8, 8]}
+    site, = find_conv_sites(model, shapes)
+    solver = make_solver(SolverSettings(workers=1), 0)
+    error_of = OutputError(model, [site], x)
+    blind, = search.layer_menus([site], solver, {site.name: 1.0}, threads=1)[0]
+    aware, = search.layer_menus([site], solver, {site.name: 1.0}, threads=1, error_of=error_of)[0]
+
+    def at_block(menu):
+        return next(o for o in menu.options if o.form == "svd" and o.rank == b)
+
+    option = at_block(aware)
+    assert option.error < 0.01 and option.measure.startswith("layer output error")
+    assert at_block(blind).error > 0.5  # a random square matrix is far from rank b as a weight
+    plan = Refiner([site], solver)(search.to_plan({site.name: option}, "chosen", "kept"))
+    rewritten = model.clone()
+    CPConvPass(plan, sites=find_conv_sites(rewritten, shapes))(rewritten)
+    target = conv_output(original, "y", x)
+    actual = np.linalg.norm(conv_output(ir.to_proto(rewritten), "y", x) - target) / np.linalg.norm(target)
+    assert actual == pytest.approx(option.error, abs=1e-4)

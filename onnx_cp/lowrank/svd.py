@@ -4,10 +4,16 @@ Channel SVD: the (T, S*kh*kw) matrix of the kernel is U V, so the conv becomes a
 S -> R (V) and a 1x1 conv R -> T (U); for a 1x1 conv (or a Gemm weight) that is two thin 1x1 convs.
 Spatial SVD: the (S*kh, T*kw) matrix [s,y ; t,x] is A B, so the conv becomes a kh x 1 conv S -> R
 (A) and a 1 x kw conv R -> T (B). Both are optimal at every rank (Eckart-Young), and one SVD gives
-the error of every rank."""
+the error of every rank.
+
+With a Gram matrix G = X X^T of the layer's input patches (S*kh*kw square, from sample data),
+channel SVD becomes data-aware (reduced-rank regression, as in whitened SVD-LLM / ASVD): the rank-R
+kernel that moves the layer's outputs on that data the least, ||(K - U V) X||, is the truncated SVD
+of K L (G = L L^T, with a small ridge) mapped back by L^-1; its error is then ||(K - U V) X|| / ||K X||."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -30,11 +36,25 @@ class SVDResult:
         return int(self.factors[0].shape[1])
 
 
-def channel_svd(kernel: np.ndarray, rank: int) -> SVDResult:
+# Relative ridge on a Gram matrix: ||(K - K')X||^2 + ridge * mean(diag G) * ||K - K'||^2, so that
+# directions the data never excites (dead channels) are fit as a weight SVD would, not arbitrarily.
+GRAM_RIDGE = 1e-2
+
+
+def channel_svd(kernel: np.ndarray, rank: int, gram: np.ndarray | None = None) -> SVDResult:
+    """The rank-`rank` channel SVD of `kernel`; with `gram` (the layer's input-patch Gram matrix,
+    S*kh*kw square) the one optimal on that data, its error relative to the layer's outputs."""
     kernel = _check(kernel, rank)
     t, s, kh, kw = kernel.shape
     start = time.perf_counter()
-    left, right, error = _truncated(kernel.reshape(t, s * kh * kw), rank)
+    matrix = kernel.reshape(t, s * kh * kw)
+    if gram is None:
+        left, right, error = _truncated(matrix, rank)
+    else:
+        root = _gram_root(gram, s * kh * kw)
+        left, right, _ = _truncated(matrix @ root, rank)
+        right = np.linalg.solve(root.T, right.T).T  # V L^-1
+        error = _data_error(matrix, left @ right, gram)
     return SVDResult([left, right.reshape(-1, s, kh, kw)], error, time.perf_counter() - start)
 
 
@@ -80,6 +100,24 @@ def _truncated(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, f
     root = np.sqrt(sigma[:rank])
     error = _tail_errors(sigma)[rank]
     return u[:, :rank] * root, root[:, None] * vt[:rank], float(error)
+
+
+def _data_error(matrix: np.ndarray, approx: np.ndarray, gram: np.ndarray) -> float:
+    """||(M - A) X|| / ||M X|| from G = X X^T."""
+    def energy(m: np.ndarray) -> float:
+        return float(np.einsum("td,de,te->", m, gram, m))
+    total = energy(matrix)
+    return math.sqrt(max(energy(matrix - approx), 0.0) / total) if total > 0 else 0.0
+
+
+def _gram_root(gram: np.ndarray, size: int) -> np.ndarray:
+    """L with G + ridge = L L^T (lower triangular), for a symmetric positive semi-definite G."""
+    gram = np.asarray(gram, np.float64)
+    if gram.shape != (size, size):
+        raise UsageError(f"expected a ({size}, {size}) Gram matrix of the layer's input patches, got {gram.shape}")
+    scale = float(np.trace(gram)) / size
+    ridge = GRAM_RIDGE * scale if scale > 0 else 1.0
+    return np.linalg.cholesky((gram + gram.T) / 2 + ridge * np.eye(size))
 
 
 def _tail_errors(sigma: np.ndarray) -> np.ndarray:

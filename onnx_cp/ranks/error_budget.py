@@ -12,6 +12,7 @@ layer output's.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import dataclasses
 from dataclasses import dataclass
 
 from onnx_cp.graph import ConvSite, LayerPlan, Plan
@@ -20,6 +21,7 @@ from onnx_cp.graph.plan import CP
 from onnx_cp.lowrank import TUCKER2
 from onnx_cp.ranks.forms import form_ranks, rank_label, smallest_rank, solve_form
 from onnx_cp.ranks.grid import grid_ranks
+from onnx_cp.ranks.output_error import OutputError
 from onnx_cp.ranks.policy import ErrorBudget, ExplicitRanks
 from onnx_cp.ranks.solve import SolveMany, kernel_error, layer_plan, solve_layers, solver_forms
 
@@ -35,6 +37,7 @@ ErrorOf = Callable[[ConvSite, Sequence[object]], float]
 class _Measure:
     error_of: ErrorOf
     what: str  # "kernel error" / "output error", for the report
+    grams: Callable[[ConvSite], list | None] = lambda site: None  # for data-aware channel SVD
 
 
 def plan_ranks(
@@ -47,6 +50,8 @@ def plan_ranks(
     bounds (default: kernel error)."""
     forms = solver_forms(solve_many)
     measure = _Measure(error_of or kernel_error, "kernel error" if error_of is None else "output error")
+    if isinstance(error_of, OutputError):  # layer outputs on sample data: channel SVD solved on it too
+        measure = dataclasses.replace(measure, grams=error_of.grams)
     unique = unique_weights(sites)
     if CP not in forms:  # one other form, named by the user
         return share_plans(sites, unique, _plan_form(unique, forms[0], policy, measure))
@@ -97,7 +102,7 @@ def _across_forms(sites: Sequence[ConvSite], forms: Sequence[str], max_error: fl
             found[CP] = (cp_layers[site.name].rank, None, None)
         for form in forms:
             ranks = form_ranks(site, form, MIN_AUTO_FLOP_GAIN, menu=False)
-            hit = smallest_rank(site, form, ranks, max_error, measure.error_of)
+            hit = smallest_rank(site, form, ranks, max_error, measure.error_of, grams=measure.grams(site))
             if hit is not None:
                 found[form] = hit
         if not found:
@@ -145,7 +150,7 @@ def _plan_form(sites: Sequence[ConvSite], form: str, policy: ExplicitRanks | Err
             continue
         max_error = policy.max_error
         hit = smallest_rank(site, form, form_ranks(site, form, MIN_AUTO_FLOP_GAIN, menu=False), max_error,
-                            measure.error_of)
+                            measure.error_of, grams=measure.grams(site))
         if hit is None:
             refusals[site.name] = (f"no {form} grid rank with at least {MIN_AUTO_FLOP_GAIN:g}x fewer MACs "
                                    f"meets the {measure.what} budget {max_error:g}")

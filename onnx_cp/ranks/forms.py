@@ -12,10 +12,13 @@ import numpy as np
 from onnx_cp.graph import ConvSite
 from onnx_cp.graph.forms import macs_after
 from onnx_cp.graph.plan import CP
-from onnx_cp.lowrank import FORMS, SPATIAL_SVD, SVD, TUCKER2, Solution, tucker2
+from onnx_cp.lowrank import FORMS, SPATIAL_SVD, SVD, TUCKER2, Solution, channel_svd, tucker2
 from onnx_cp.ranks.grid import MENU_MULTIPLES, grid_ranks, menu_ranks
 from onnx_cp.runtime.cpu import channel_block
 
+# Forms whose solver is closed-form: a menu's solution is already the final one (and with data, the
+# data-aware one), so refinement keeps it.
+EXACT_FORMS = (SVD, SPATIAL_SVD)
 QUICK_HOOI_SWEEPS = 10  # from the HOSVD start, trained kernels are within ~1e-3 of converged by then
 Rank = int | tuple[int, int]
 ErrorOf = Callable[[ConvSite, Sequence[object]], float]
@@ -44,8 +47,13 @@ def form_ranks(site: ConvSite, form: str, min_gain: float, *, menu: bool = True)
     return sorted(fitting, key=lambda r: macs_after(site, form, r))
 
 
-def solve_form(site: ConvSite, form: str, rank: Rank, quick: bool = False) -> list[Solution]:
-    """Each group's solution of `form` at `rank` (not CP: see ranks/solve.py)."""
+def solve_form(site: ConvSite, form: str, rank: Rank, quick: bool = False,
+               grams: Sequence[np.ndarray] | None = None) -> list[Solution]:
+    """Each group's solution of `form` at `rank` (not CP: see ranks/solve.py); with `grams` (each
+    group's input Gram matrix, from sample data) channel SVD is the one optimal on that data."""
+    if form == SVD and grams is not None:
+        return [Solution(r.factors, r.rel_error, SVD) for r in
+                (channel_svd(k, rank, gram=g) for k, g in zip(site.group_kernels(), grams))]
     if form == TUCKER2 and quick:
         results = [tucker2(k, rank, max_iter=QUICK_HOOI_SWEEPS) for k in site.group_kernels()]
         return [Solution(r.factors, r.rel_error, TUCKER2) for r in results]
@@ -53,14 +61,15 @@ def solve_form(site: ConvSite, form: str, rank: Rank, quick: bool = False) -> li
 
 
 def smallest_rank(site: ConvSite, form: str, ranks: Sequence[Rank], max_error: float,
-                  error_of: ErrorOf, quick: bool = False) -> tuple[Rank, list[Solution], float] | None:
+                  error_of: ErrorOf, quick: bool = False, grams: Sequence[np.ndarray] | None = None
+                  ) -> tuple[Rank, list[Solution], float] | None:
     """The cheapest of `ranks` (in increasing cost, errors falling with it) whose error meets
     `max_error`, by bisection: (rank, per-group solutions, error), or None if even the last does not."""
     cache: dict[int, tuple[list[Solution], float]] = {}
 
     def at(index: int) -> tuple[list[Solution], float]:
         if index not in cache:
-            solutions = solve_form(site, form, ranks[index], quick)
+            solutions = solve_form(site, form, ranks[index], quick, grams)
             cache[index] = (solutions, error_of(site, solutions))
         return cache[index]
 

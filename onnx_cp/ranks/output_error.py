@@ -19,7 +19,8 @@ from onnx_cp.graph import ConvSite
 from onnx_cp.graph.sites import conv_bias
 from onnx_cp.lowrank.forms import reconstruct
 from onnx_cp.ranks.latency_model import LayerShape, single_conv_model
-from onnx_cp.runtime.tensors import single_input, tensor_values
+from onnx_cp.runtime.inputs import fixed_batch, model_batches
+from onnx_cp.runtime.tensors import iter_tensor_values, single_input, tensor_values
 
 DEFAULT_SAMPLES = 256
 # The activations feeding every eligible layer are held in memory: fewer samples for big maps.
@@ -38,10 +39,11 @@ class OutputError:
         eligible = [s for s in sites if s.eligible]
         feeds = [s.node.inputs[0].name for s in eligible]
         inputs = np.ascontiguousarray(inputs, dtype=np.float32)
-        one = tensor_values(proto, feeds, input_name, inputs[:1])
-        n = int(np.clip(MEMORY_BYTES // max(sum(v.nbytes for v in one), 1), MIN_SAMPLES, len(inputs)))
+        step = fixed_batch(model, input_name) or 1
+        one = _values(model, proto, feeds, input_name, inputs[:step])
+        n = int(np.clip(step * MEMORY_BYTES // max(sum(v.nbytes for v in one), 1), MIN_SAMPLES, len(inputs)))
         self.samples = min(n, len(inputs))
-        values = tensor_values(proto, feeds, input_name, inputs[:self.samples])
+        values = _values(model, proto, feeds, input_name, inputs[:self.samples])
         self.activations = {s.name: v.astype(np.float32) for s, v in zip(eligible, values)}
         self.output_norms = {s.name: self._output_norm(s) for s in eligible}
 
@@ -50,6 +52,24 @@ class OutputError:
         difference = self._conv(site, site.kernel.astype(np.float64) - approx)
         norm = self.output_norms[site.name]
         return float(np.linalg.norm(difference)) / norm if norm > 0 else 0.0
+
+    def grams(self, site: ConvSite) -> list[np.ndarray] | None:
+        """Each group's Gram matrix X X^T of the layer's input vectors on the samples, where the layer
+        is a matrix product (a 1x1 Conv or a Gemm), for data-aware channel SVD; else None. Every
+        input position counts (a strided 1x1 Conv reads a subset of them, alike in distribution)."""
+        x = self.activations[site.name]
+        if site.is_gemm:
+            rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
+            return [rows.T @ rows]
+        if site.kernel.shape[2:] != (1, 1):
+            return None
+        per_group = site.kernel.shape[1]
+        grams = []
+        for g in range(site.group):
+            channels = x[:, g * per_group:(g + 1) * per_group]
+            rows = np.moveaxis(channels, 1, -1).reshape(-1, per_group).astype(np.float64)
+            grams.append(rows.T @ rows)
+        return grams
 
     def _output_norm(self, site: ConvSite) -> float:
         output = self._conv(site, site.kernel)
@@ -67,3 +87,10 @@ class OutputError:
         (output,) = tensor_values(model, ["y"], "x", x)
         return output.astype(np.float64)
 
+
+def _values(model: ir.Model, proto, names: list[str], input_name: str, inputs: np.ndarray) -> list[np.ndarray]:
+    """The tensors `names` on `inputs`, in the model's fixed batch size where it has one (a CRNN
+    exported for exactly 1 line)."""
+    batches = model_batches(model, input_name, inputs, 64)
+    parts = list(iter_tensor_values(proto, names, input_name, batches))
+    return [np.concatenate([part[i] for part in parts]) for i in range(len(names))]

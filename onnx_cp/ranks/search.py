@@ -2,7 +2,8 @@
 
 Every eligible layer gets a menu of options: the original Conv, or its chain of each allowed form
 (CP, Tucker-2, channel SVD, spatial SVD; see ranks/forms.py) at ranks on onnxruntime's channel
-grid, each with its kernel error (from the solver) and its latency (the layer's share of the
+grid, each with its kernel error (from the solver; with sample data, the layer's output error on it)
+and its latency (the layer's share of the
 model's profiled time, scaled by the chain/Conv ratio measured in isolation, see latency_model).
 The searches below choose across forms as they choose across ranks. A greedy walk down the menus
 trades the least weighted error per millisecond saved until the predicted model time fits the
@@ -31,6 +32,7 @@ from onnx_cp.measure import AccuracyResult
 from onnx_cp.ranks import latency_model
 from onnx_cp.ranks.forms import form_ranks, rank_label, solve_form
 from onnx_cp.ranks.grid import menu_ranks
+from onnx_cp.ranks.output_error import OutputError
 from onnx_cp.ranks.solve import SolveMany, kernel_error, layer_plan, solve_layers, solver_forms
 
 # Only ranks that cut a layer's MACs by at least this much are worth measuring.
@@ -56,10 +58,11 @@ BuildModel = Callable[[Plan], ir.Model]
 @dataclass(frozen=True)
 class Option:
     rank: int | tuple[int, int] | None  # None: keep the original Conv; Tucker-2: (R_in, R_out)
-    error: float
+    error: float  # kernel error, or with sample data the layer's output error (see `measure`)
     ms: float
     results: list = field(default_factory=list)
     form: str = CP
+    measure: str = "kernel error"
 
     @property
     def label(self) -> int | str | None:
@@ -71,12 +74,12 @@ class Option:
 class LayerMenu:
     site: ConvSite
     options: list[Option]  # the original first
-    weight: float = 1.0  # what a unit of kernel error costs in this layer
+    weight: float = 1.0  # what a unit of the options' error costs in this layer
     form_weights: dict[str, float] = field(default_factory=dict)  # per form, measured: overrides weight
 
     def cost(self, option: Option) -> float:
-        """The option's weighted error: its kernel error at what that error costs in this layer and
-        form (a relative kernel error does not do the same damage in every form, see with_sensitivities)."""
+        """The option's weighted error: its (kernel or layer output) error at what that error costs
+        in this layer and form (a relative kernel error does not do the same damage in every form, see with_sensitivities)."""
         return self.form_weights.get(option.form, self.weight) * option.error
 
 
@@ -85,10 +88,15 @@ def candidate_ranks(site: ConvSite, form: str = CP) -> list:
 
 
 def layer_menus(
-    sites: Sequence[ConvSite], solve_many: SolveMany, layer_ms: dict[str, float], threads: int
+    sites: Sequence[ConvSite], solve_many: SolveMany, layer_ms: dict[str, float], threads: int,
+    error_of: OutputError | None = None,
 ) -> tuple[list[LayerMenu], dict[str, str]]:
     """Options for each candidate layer with a measured time, across the forms the solver serves
-    (CP in one solver batch for all layers), and why the layers without options are left alone."""
+    (CP in one solver batch for all layers), and why the layers without options are left alone.
+    With `error_of` (sample data), each option's error is the layer's output error on the samples
+    instead of its kernel error, and channel SVD of a 1x1 Conv or Gemm is the data-aware solve:
+    trained layers see inputs that span few directions, so a rank that looks poor as a kernel can be
+    near exact on what the layer reads (and reconstruction then starts from it)."""
     forms = solver_forms(solve_many)
     refusals = {}
     for site in sites:
@@ -106,13 +114,17 @@ def layer_menus(
     for site in kept:
         options = [Option(None, 0.0, layer_ms[site.name])]
         shape = latency_model.LayerShape.of(site)
+        grams = error_of.grams(site) if error_of is not None else None
+        error = error_of or kernel_error
+        measure = f"layer output error on {error_of.samples} samples" if error_of is not None else "kernel error"
         for form in forms:
             ranks = candidate_ranks(site, form)
             ratios = latency_model.form_time_ratios(shape, form, ranks, threads=threads) if ranks else {}
             for rank in ranks:
-                group_results = solved[(site.name, rank)] if form == CP else solve_form(site, form, rank, quick=True)
-                options.append(Option(rank, kernel_error(site, group_results), ratios[rank] * options[0].ms,
-                                      group_results, form))
+                group_results = solved[(site.name, rank)] if form == CP else \
+                    solve_form(site, form, rank, quick=True, grams=grams)
+                options.append(Option(rank, error(site, group_results), ratios[rank] * options[0].ms,
+                                      group_results, form, measure))
         menus.append(LayerMenu(site, options))
     return menus, refusals
 
@@ -188,10 +200,10 @@ def to_plan(plan: dict[str, Option], note: str, refusal: str) -> Plan:
 
 def _why(option: Option, note: str) -> str | None:
     """The note of a chosen option: what it was chosen for, and, when forms competed, that this form
-    and rank won on its predicted time and kernel error."""
+    and rank won on its predicted time and error."""
     if option.form == CP and not note:
         return None
-    won = f"{option.form} won: estimated kernel error {option.error:.3f} at a predicted {option.ms:.3f} ms"
+    won = f"{option.form} won: estimated {option.measure} {option.error:.3f} at a predicted {option.ms:.3f} ms"
     return f"{note}; {won}" if note else won
 
 
@@ -327,9 +339,9 @@ def with_sensitivities(
     more_forms_seconds: float = math.inf,
 ) -> list[LayerMenu]:
     """The menus, each layer and form weighted by the quality it loses (accuracy points or output
-    error) per unit of kernel error, measured by decomposing that layer alone at the form's middle
-    option (no fine-tuning). Per form, because a relative kernel error does not do the same damage
-    in every form: on charresnet at 3x, mixed forms with less summed kernel error than CP's plan
+    error) per unit of the options' error (kernel, or the layer's output error with sample data),
+    measured by decomposing that layer alone at the form's middle option (no fine-tuning). Per form,
+    because a relative kernel error does not do the same damage in every form: on charresnet at 3x, mixed forms with less summed kernel error than CP's plan
     moved the outputs 1.6x as much. Every layer's first form is probed; its other forms while
     `more_forms_seconds` last (YOLOv8n: 167 probes ran past 14 minutes), the rest take the first
     form's weight. A loss is floored at 1% of the largest, so that no option is free."""
@@ -340,7 +352,7 @@ def with_sensitivities(
             model = build(Plan({menu.site.name: layer_plan(option.rank, option.results, form=option.form)}))
             probes[(menu.site.name, form)] = (drop_of(model), option.error)
 
-    probes: dict[tuple[str, str], tuple[float, float]] = {}  # (layer, form) -> (loss, kernel error)
+    probes: dict[tuple[str, str], tuple[float, float]] = {}  # (layer, form) -> (loss, option error)
     forms_of = {m.site.name: list(dict.fromkeys(o.form for o in m.options[1:])) for m in menus}
     for menu in menus:
         if forms_of[menu.site.name]:

@@ -121,7 +121,8 @@ def layer_plan(rank, group_results: Sequence[object], note: str | None = None, f
 class Refiner:
     """Full solves in place of quick estimates, for the layers of a plan: a search plans on quick
     estimates and refines only the plans it builds for good. Each (layer, form, rank) is solved once;
-    CP in one solver batch, the other forms here (their solvers are cheap)."""
+    CP in one solver batch, the other forms here (their solvers are cheap). The closed-form solves
+    (SVD forms) are final already and kept: with data they are the data-aware ones."""
 
     def __init__(self, sites: Sequence[ConvSite], solve_many: SolveMany) -> None:
         self.sites = {s.name: s for s in sites}
@@ -129,14 +130,15 @@ class Refiner:
         self.solved: dict[tuple, list] = {}
 
     def __call__(self, plan: Plan) -> Plan:
-        from onnx_cp.ranks.forms import solve_form  # forms builds on this module
+        from onnx_cp.ranks.forms import EXACT_FORMS, solve_form  # forms builds on this module
 
-        wanted = {(name, layer.form, layer.rank) for name, layer in plan.layers.items()}
+        wanted = {(name, layer.form, layer.rank) for name, layer in plan.layers.items()
+                  if not (layer.form in EXACT_FORMS and layer.factors)}
         missing = sorted(wanted - set(self.solved), key=repr)
         cp_solved = solve_layers([(self.sites[n], r) for n, f, r in missing if f == CP], self.solve_many)
         self.solved.update({(n, CP, r): results for (n, r), results in cp_solved.items()})
         self.solved.update({(n, f, r): solve_form(self.sites[n], f, r) for n, f, r in missing if f != CP})
-        layers = {name: dataclasses.replace(layer, factors=[list(r.factors) for r in
-                                                            self.solved[(name, layer.form, layer.rank)]])
+        layers = {name: dataclasses.replace(layer, factors=[list(r.factors) for r in self.solved[key]])
+                  if (key := (name, layer.form, layer.rank)) in wanted else layer
                   for name, layer in plan.layers.items()}
         return Plan(layers, plan.refusals)
