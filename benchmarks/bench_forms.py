@@ -9,8 +9,9 @@ speed-up target (not part of CI).
 For each model and --target-speedup X, `optimize` runs the speed-up search with
 decomposition="cp" and "auto", no fine-tuning, each twice: without data (the searches see only
 kernel errors and measured latency; other forms stay only for 1x1 convs or near exact) and with
-`--sample` unlabelled validation images (each layer and form weighed by the output error it
-causes on them). Then the results results are measured again in one interleaved onnxruntime run against
+`--sample` unlabelled validation images (each option judged by its layer-output error on them, a
+1x1 conv's SVD solved on them, and each layer and form weighed by the output error it causes).
+Then the results are measured again in one interleaved onnxruntime run against
 the original, and their outputs compared with the original's on real test inputs (charresnet: the
 synthetic character test set, top-1 agreement and worst channel-group output error; a real model:
 its held-out folder, the class-score rows' error and the top-10 anchors kept, by heldout.py's
@@ -152,9 +153,10 @@ def main() -> int:
                 results.append({"model": name, "target": target, "original_top1": original_top1, **r})
                 print(json.dumps(results[-1]), flush=True)
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    lines = [f"# Auto vs CP at the same speed-up target\n\n`{meta['command']}` (channel block {meta['channel_block']}, "
-             "no fine-tuning; output error on the character test set vs the original; data: none, or "
-             "unlabelled validation images that weigh each layer and form by the output error it causes)\n",
+    lines = [f"# Auto vs CP at the same speed-up target\n\n`{meta['command']}` (CPU features "
+             f"{', '.join(meta['cpu_features'])}; channel block {meta['channel_block']}; no fine-tuning; output error on the character test set vs the original; data: none, or "
+             "unlabelled validation images that judge each option by its layer-output error and weigh each layer and "
+             "form by the output error it causes)\n",
              "| model | target | data | forms | measured speed-up | worst group output error | top-1 agreement | top-1 (original) "
              "| forms chosen |",
              "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | --- |"]
