@@ -115,7 +115,7 @@ def layer_menus(
         options = [Option(None, 0.0, layer_ms[site.name])]
         shape = latency_model.LayerShape.of(site)
         grams = error_of.grams(site) if error_of is not None else None
-        error = error_of or kernel_error
+        error = error_of if error_of is not None else kernel_error
         measure = f"layer output error on {error_of.samples} samples" if error_of is not None else "kernel error"
         for form in forms:
             ranks = candidate_ranks(site, form)
