@@ -264,13 +264,14 @@ class _Run:
     def search_speedup(self, policy: SpeedupTarget, data, int8: _Int8Timing | None = None
                        ) -> tuple[Plan, list[dict], str | None]:
         """The most accurate plan measured fast enough, and with `int8` the precision it was fastest
-        in ("int8" or "float"). With `data`, "accurate" is kernel error weighted by each layer's
-        sensitivity measured on it, by the bound's measure, else by output fidelity (charnet: kernel
-        error alone spent the speed beyond 8.5x on conv3 and lost 1.4 points)."""
+        in ("int8" or "float"). With `data`, "accurate" is each option's layer-output error on it weighted
+        by its layer's sensitivity, measured by the bound's measure, else by what the task loses
+        (charnet: kernel error alone spent the speed beyond 8.5x on conv3 and lost 1.4 points)."""
         timing = self.timing()
         menus, refusals = self.menus(timing, data)
         if data is not None:
-            meter = self._meter(policy.within) if policy.within is not None else self._output_error_meter
+            meter = self._meter(policy.within) if policy.within is not None else \
+                functools.partial(self._output_error_meter, task=True)
             menus = self._with_sensitivities(menus, meter, data, timing)
         else:
             menus = search.data_free_forms(menus)
@@ -349,11 +350,15 @@ class _Run:
         return lambda model: search.accuracy_drop(
             baseline, evaluate(model, dataset, reference=self.original, threads=self.threads))
 
-    def _output_error_meter(self, dataset) -> Callable[[ir.Model], float]:
-        """The worst channel-group error of a model's outputs against the original's on `dataset`."""
+    def _output_error_meter(self, dataset, *, task: bool = False) -> Callable[[ir.Model], float]:
+        """The worst channel-group error of a model's outputs against the original's on `dataset`;
+        with `task`, what the task loses (OutputAgreement.task_loss: decoded strings, anchors, top-1
+        too), which weighs the layers for a speed target alone."""
         from onnx_cp.measure.outputs import ReferenceOutputs
 
         reference = ReferenceOutputs(self.original, dataset, threads=self.threads)  # run once per search
+        if task:
+            return lambda model: reference.compare(model).task_loss
         return lambda model: reference.compare(model).worst_group_error
 
 

@@ -67,3 +67,28 @@ def test_many_samples_of_a_many_class_sequence_are_decoded_one_by_one():
     expected = float(np.mean([a == b for a, b in zip(*decoded)]))
     assert 0 < expected < 1
     assert output.agreement["strings"] == expected
+
+
+def test_task_loss_reads_strings_where_the_scores_barely_move():
+    """A recogniser whose scores move by a small relative amount can still change its decoded
+    lines: the task loss that weighs a speed search's layers is then the share of lines changed, not
+    the small score error; where nothing the task reads changes, it is the score error."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((40, 5, 12)).astype(np.float32)
+    x[:, 1] = x[:, 2] + 1e-3  # classes 1 and 2 nearly tie at every step: a 1% change flips them
+    nudged = compare_on_data(sequence_model(1.01), sequence_model(), x)  # same argmax: strings kept
+    assert nudged.outputs[0].agreement["strings"] == 1.0
+    assert nudged.task_loss == nudged.worst_group_error > 0
+
+    # classes 1 and 2 exchanged: the scores move by ~1e-3, wherever the line reads 1 or 2 it changes
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[2, 0, 1]),
+             helper.make_node("Gather", ["t", "order"], ["scores"], axis=2)]
+    graph = helper.make_graph(nodes, "swap", [helper.make_tensor_value_info("x", 1, [1, 5, 12])],
+                              [helper.make_tensor_value_info("scores", 1, [12, 1, 5])],
+                              [helper.make_tensor("order", 7, [5], [0, 2, 1, 3, 4])])
+    swapped = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    swapped.ir_version = 10
+    changed = compare_on_data(swapped, sequence_model(), x)
+    strings = changed.outputs[0].agreement["strings"]
+    assert strings < 0.9 and changed.worst_group_error < 0.01
+    assert changed.task_loss == 1.0 - strings

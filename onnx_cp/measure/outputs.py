@@ -28,6 +28,14 @@ class OutputAgreement:
         """The headline: the largest channel-group error of any output."""
         return max((o.worst_group_error for o in self.outputs), default=0.0)
 
+    @property
+    def task_loss(self) -> float:
+        """What a task loses, read the way it reads its outputs: the larger of the worst group error
+        and the largest share of task disagreement (strings changed, top-10 anchors or top-1 lost).
+        A CRNN's logits can move by a relative 0.13 while 22% of its decoded lines change."""
+        disagreements = [1.0 - value for o in self.outputs for value in o.agreement.values()]
+        return max([self.worst_group_error, *disagreements])
+
     def to_json(self) -> dict:
         return {"samples": self.samples, "worst_group_error": self.worst_group_error,
                 "outputs": {o.name: o.to_json() for o in self.outputs}}
