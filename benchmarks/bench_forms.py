@@ -154,7 +154,8 @@ def main() -> int:
                 print(json.dumps(results[-1]), flush=True)
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     lines = [f"# Auto vs CP at the same speed-up target\n\n`{meta['command']}` (CPU features "
-             f"{', '.join(meta['cpu_features'])}; channel block {meta['channel_block']}; no fine-tuning; output error on the character test set vs the original; data: none, or "
+             f"{', '.join(meta['cpu_features'])}; channel block {meta['channel_block']}; no fine-tuning; "
+             "output error on the character test set vs the original; data: none, or "
              "unlabelled validation images that judge each option by its layer-output error and weigh each layer and "
              "form by the output error it causes)\n",
              "| model | target | data | forms | measured speed-up | worst group output error | top-1 agreement | top-1 (original) "

@@ -100,9 +100,10 @@ def _across_forms(sites: Sequence[ConvSite], forms: Sequence[str], max_error: fl
         found = {}  # form -> (rank, results, error)
         if site.name in cp_layers:
             found[CP] = (cp_layers[site.name].rank, None, None)
+        grams = measure.grams(site)
         for form in forms:
             ranks = form_ranks(site, form, MIN_AUTO_FLOP_GAIN, menu=False)
-            hit = smallest_rank(site, form, ranks, max_error, measure.error_of, grams=measure.grams(site))
+            hit = smallest_rank(site, form, ranks, max_error, measure.error_of, grams=grams)
             if hit is not None:
                 found[form] = hit
         if not found:

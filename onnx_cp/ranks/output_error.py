@@ -19,8 +19,8 @@ from onnx_cp.graph import ConvSite
 from onnx_cp.graph.sites import conv_bias
 from onnx_cp.lowrank.forms import reconstruct
 from onnx_cp.ranks.latency_model import LayerShape, single_conv_model
-from onnx_cp.runtime.inputs import fixed_batch, model_batches
-from onnx_cp.runtime.tensors import iter_tensor_values, single_input, tensor_values
+from onnx_cp.runtime.inputs import fixed_batch
+from onnx_cp.runtime.tensors import single_input, tensor_values
 
 DEFAULT_SAMPLES = 256
 # The activations feeding every eligible layer are held in memory: fewer samples for big maps.
@@ -40,10 +40,10 @@ class OutputError:
         feeds = [s.node.inputs[0].name for s in eligible]
         inputs = np.ascontiguousarray(inputs, dtype=np.float32)
         step = fixed_batch(model, input_name) or 1
-        one = _values(model, proto, feeds, input_name, inputs[:step])
+        one = tensor_values(proto, feeds, input_name, inputs[:step])
         n = int(np.clip(step * MEMORY_BYTES // max(sum(v.nbytes for v in one), 1), MIN_SAMPLES, len(inputs)))
         self.samples = min(n, len(inputs))
-        values = _values(model, proto, feeds, input_name, inputs[:self.samples])
+        values = tensor_values(proto, feeds, input_name, inputs[:self.samples])
         self.activations = {s.name: v.astype(np.float32) for s, v in zip(eligible, values)}
         self.output_norms = {s.name: self._output_norm(s) for s in eligible}
 
@@ -86,11 +86,3 @@ class OutputError:
         model = single_conv_model(shape, kernel=kernel, batch="N")
         (output,) = tensor_values(model, ["y"], "x", x)
         return output.astype(np.float64)
-
-
-def _values(model: ir.Model, proto, names: list[str], input_name: str, inputs: np.ndarray) -> list[np.ndarray]:
-    """The tensors `names` on `inputs`, in the model's fixed batch size where it has one (a CRNN
-    exported for exactly 1 line)."""
-    batches = model_batches(model, input_name, inputs, 64)
-    parts = list(iter_tensor_values(proto, names, input_name, batches))
-    return [np.concatenate([part[i] for part in parts]) for i in range(len(names))]

@@ -10,7 +10,7 @@ import onnx
 import onnx_ir as ir
 
 from onnx_cp.errors import OnnxCpError
-from onnx_cp.runtime.inputs import real_inputs
+from onnx_cp.runtime.inputs import model_batches, real_inputs
 from onnx_cp.runtime.session import ort_session
 
 
@@ -35,8 +35,10 @@ def iter_tensor_values(model: onnx.ModelProto, names: Sequence[str], input_name:
 
 def tensor_values(model: onnx.ModelProto, names: Sequence[str], input_name: str, inputs: np.ndarray,
                   batch_size: int = 64) -> list[np.ndarray]:
-    """The intermediate tensors `names` of a one-input `model` on all of `inputs`."""
-    batches = (inputs[start:start + batch_size] for start in range(0, len(inputs), batch_size))
+    """The intermediate tensors `names` of a one-input `model` on all of `inputs`, in batches of
+    `batch_size` or of the model's fixed batch size (a CRNN exported for exactly 1 line; see
+    inputs.model_batches)."""
+    batches = model_batches(ir.serde.deserialize_model(model), input_name, inputs, batch_size)
     parts = list(iter_tensor_values(model, names, input_name, batches))
     return [np.concatenate([part[i] for part in parts]) for i in range(len(names))]
 
