@@ -264,15 +264,15 @@ class _Run:
     def search_speedup(self, policy: SpeedupTarget, data, int8: _Int8Timing | None = None
                        ) -> tuple[Plan, list[dict], str | None]:
         """The most accurate plan measured fast enough, and with `int8` the precision it was fastest
-        in ("int8" or "float"). With `data`, "accurate" is each option's layer-output error on it weighted
-        by its layer's sensitivity, measured by the bound's measure, else by what the task loses
+        in ("int8" or "float"). With `data`, "accurate" is each option's layer-output error on it priced on
+        its layer's loss curve, measured by the bound's measure, else by what the task loses
         (charnet: kernel error alone spent the speed beyond 8.5x on conv3 and lost 1.4 points)."""
         timing = self.timing()
         menus, refusals = self.menus(timing, data)
         if data is not None:
             meter = self._meter(policy.within) if policy.within is not None else \
                 functools.partial(self._output_error_meter, task=True)
-            menus = self._with_sensitivities(menus, meter, data, timing)
+            menus = self._with_sensitivities(menus, meter, data, timing, policy.target)
         else:
             menus = search.data_free_forms(menus)
         measure = self.speedup_of if int8 is None else int8.speedup_of
@@ -328,16 +328,19 @@ class _Run:
         for step, tuning in zip(trace, tuning_reports):
             step.update(tuning)
         return (_with_refusals(self.refine(plan), refusals), tuned,
-                {"trace": trace, "sensitivity": {m.site.name: m.form_weights or m.weight for m in menus}})
+                {"trace": trace, "sensitivity": {m.site.name: {f: c.points for f, c in m.curves.items()} for m in menus}})
 
     def _with_sensitivities(self, menus: list[search.LayerMenu], meter: Callable, data,
-                            timing: search.Timing) -> list[search.LayerMenu]:
-        # one model per layer over the whole sample, then per other form while time allows
+                            timing: search.Timing, target: float | None = None) -> list[search.LayerMenu]:
+        """The menus with their layers' loss curves: one model per layer over the whole sample, then
+        per other form while time allows; for a speed `target`, then at the options its plan takes."""
         affordable = SENSITIVITY_SECONDS / max(len(menus) * timing.total_ms / 1e3, 1e-9)
         samples = int(min(SENSITIVITY_SAMPLES, max(SENSITIVITY_MIN_SAMPLES, affordable)))
-        sample = self.data.open("sensitivity", data, limit=samples)
-        return search.with_sensitivities(menus, self.build_model, meter(sample),
-                                         more_forms_seconds=SENSITIVITY_SECONDS)
+        drop_of = meter(self.data.open("sensitivity", data, limit=samples))
+        menus = search.with_sensitivities(menus, self.build_model, drop_of, more_forms_seconds=SENSITIVITY_SECONDS)
+        if target is None:
+            return menus
+        return search.probe_planned_options(menus, timing, target, self.build_model, drop_of, SENSITIVITY_SECONDS)
 
     def _meter(self, quality: QualityBudget) -> Callable:
         return self._accuracy_meter if isinstance(quality, AccuracyBudget) else self._output_error_meter

@@ -17,8 +17,9 @@ from onnx_cp.errors import BudgetError
 from onnx_cp.measure.outputs import compare_on_data
 from onnx_cp.lowrank.forms import SVD
 from onnx_cp.ranks.forms import rank_label
-from onnx_cp.ranks.search import (SPEEDUP_MARGIN, LayerMenu, Option, QualityLimit, Timing, plan_for_time,
-                                  plan_frontier, search_quality, search_speedup, with_sensitivities)
+from onnx_cp.ranks.search import (SPEEDUP_MARGIN, LayerMenu, LossCurve, Option, QualityLimit, Timing,
+                                  plan_for_time, plan_frontier, probe_planned_options, search_quality,
+                                  search_speedup, with_sensitivities)
 from onnx_cp.ranks.solve import Solved
 from onnx_cp.data.datasets import Preprocessing
 from onnx_cp.settings import (AccuracyBudget, LayerSelection, MeasureSettings, OutputErrorBudget, QuantizeSettings,
@@ -501,8 +502,45 @@ def test_sensitivities_weigh_layers_by_measured_loss_per_kernel_error_with_a_rel
 
     weighted = with_sensitivities(menus, build=lambda plan: next(iter(plan.layers)), drop_of=losses.get)
     big, small = weighted
-    assert big.weight == pytest.approx(0.3 / 0.4)  # the middle option of the big layer: rank 32
-    assert small.weight == pytest.approx(0.3 * 0.01 / 0.2)  # rank 16, its loss floored at 1% of the largest
+    assert big.curves["cp"].points == ((0.4, 0.3),)  # the middle option of the big layer: rank 32
+    assert small.curves["cp"].points == ((0.2, pytest.approx(0.3 * 0.01)),)  # its loss floored at 1% of the largest
+    assert big.cost(big.options[1]) == pytest.approx(0.3 / 0.4 * 0.5)  # one point: a line through the origin
+
+
+def test_a_loss_curve_interpolates_its_points_keeps_rising_and_extends_its_last_slope():
+    curve = LossCurve().with_point(0.2, 0.1).with_point(0.4, 0.5).with_point(0.3, 0.05)
+    assert curve.points == ((0.2, 0.1), (0.3, 0.1), (0.4, 0.5))  # a loss never falls as the error grows
+    assert curve.at(0.1) == pytest.approx(0.05)  # from the origin
+    assert curve.at(0.35) == pytest.approx(0.3)
+    assert curve.at(0.6) == pytest.approx(0.5 + 0.2 * 4.0)  # beyond: the last segment's slope
+    assert LossCurve().at(0.7) == 0.7  # nothing measured: the error itself
+
+
+def test_the_plan_for_a_target_is_measured_where_its_curves_extrapolate_and_moves_where_they_were_wrong():
+    """A classifier whose loss grows much faster than its error past the probed middle option (as a
+    CRNN's decoded strings do) looks cheap to cut deep on one point; measured there, the plan cuts
+    the conv instead."""
+    menus = [menu("gemm", 10.0, (16, 0.3, 1.0), (64, 0.2, 3.0), (128, 0.1, 6.0)),
+             menu("conv", 10.0, (16, 0.4, 4.0), (32, 0.2, 7.0))]
+    true_loss = {("gemm", 16): 0.9, ("gemm", 64): 0.4, ("gemm", 128): 0.2, ("conv", 16): 0.8, ("conv", 32): 0.4}
+
+    def drop_of(plan):
+        ((name, layer),) = plan.layers.items()
+        return true_loss[(name, layer.rank)]
+
+    def ranks(plan):
+        return {n: o.rank for n, o in plan.items()}
+
+    weighted = with_sensitivities(menus, build=lambda plan: plan, drop_of=drop_of)  # gemm at 64, conv at 16
+    timing = Timing(total_ms=22.0, layer_ms={"gemm": 10.0, "conv": 10.0})
+    target = 22.0 / 14.0 / (1 + SPEEDUP_MARGIN)  # a budget of 14 ms: 12 ms for the two layers
+    assert ranks(plan_for_time(weighted, 14.0, rest_ms=2.0)) == {"gemm": 16, "conv": None}  # predicted 0.6
+    probed = probe_planned_options(weighted, timing, target, lambda plan: plan, drop_of, seconds=60)
+    gemm, conv = probed
+    assert gemm.curves["cp"].points == ((0.2, 0.4), (0.3, 0.9))  # the planned deep cut, measured
+    assert conv.curves == weighted[1].curves  # its planned option lies within what was measured
+    assert ranks(plan_for_time(probed, 14.0, rest_ms=2.0)) == {"gemm": 64, "conv": 32}  # truly 0.8, not 0.9
+    assert probe_planned_options(weighted, timing, target, lambda plan: plan, drop_of, seconds=0) == weighted
 
 
 def test_a_speed_target_with_sample_data_weighs_layers_on_it(tmp_path, monkeypatch):
@@ -527,12 +565,12 @@ def test_sensitivities_are_measured_per_form_and_steer_the_plan_away_from_a_dama
         return loss_per_error[layer.form] * errors[(layer.form, layer.rank)]
 
     (weighted,) = with_sensitivities(menus, build=lambda plan: plan, drop_of=drop_of)
-    assert weighted.form_weights == pytest.approx(loss_per_error)
+    assert {form: curve.at(1.0) for form, curve in weighted.curves.items()} == pytest.approx(loss_per_error)
     plan = plan_for_time([weighted], budget_ms=5.0, rest_ms=2.0)
     assert plan["big"].form == "cp" and plan["big"].rank == 32
     assert plan_for_time(menus, budget_ms=5.0, rest_ms=2.0)["big"].form == SVD  # unweighted: kernel error
     (first_only,) = with_sensitivities(menus, build=lambda plan: plan, drop_of=drop_of, more_forms_seconds=0)
-    assert first_only.form_weights == pytest.approx({"cp": 1.0})  # no time for the other forms
+    assert list(first_only.curves) == ["cp"]  # no time for the other forms
     assert first_only.cost(options[2]) == pytest.approx(1.0 * 0.45)  # SVD at CP's weight
 
 

@@ -6,13 +6,13 @@ grid, each with its kernel error (from the solver; with sample data, the layer's
 and its latency (the layer's share of the
 model's profiled time, scaled by the chain/Conv ratio measured in isolation, see latency_model).
 The searches below choose across forms as they choose across ranks. A greedy walk down the menus
-trades the least weighted error per millisecond saved until the predicted model time fits the
+trades the least predicted loss per millisecond saved until the predicted model time fits the
 budget; predictions are then checked by measuring the whole model, and the budget tightened when
 the model falls short.
 
-With data, layer weights come from each layer's measured accuracy sensitivity, and a bisection on
-the speed-up finds the fastest model whose accuracy (after fine-tuning, when data is given) stays
-within the allowed drop.
+With data, an option's error is priced on its layer's loss curve, measured by decomposing the layer
+alone (see LossCurve), and a bisection on the speed-up finds the fastest model whose accuracy (after
+fine-tuning, when data is given) stays within the allowed drop.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ MIN_OPTION_GAIN = 1.5
 # Aim this far above the target, so that the model still meets it when measured again on a noisy
 # machine (charnet: the search measured 8.56x for an 8.5x target, a later benchmark 8.42x).
 SPEEDUP_MARGIN = 0.03
+# A planned option is measured when its error lies this far beyond its layer's measured curve.
+EXTRAPOLATION = 0.1
 SURPLUS_SWAPS = 10  # measured swaps that spend speed beyond the target on accuracy
 # The plan chosen is measured again, and the next one tried if it falls short: of many noisy
 # measurements the one kept is the luckiest (charnet: a plan read 12.6x in the search, 10.4x after).
@@ -71,16 +73,48 @@ class Option:
 
 
 @dataclass(frozen=True)
+class LossCurve:
+    """What a layer loses in quality (accuracy points, output error, task loss) against its options'
+    error, measured by decomposing it alone at a few options: piecewise linear through (0, 0) and the
+    measured points, non-decreasing, and beyond the last point on its last segment's slope. One point
+    is a line through the origin, and the task's loss is rarely that: a CRNN's classifier lost 12% of
+    its decoded strings at a logits error of 0.085 and 27% (not the line's 19%) at 0.149."""
+
+    points: tuple[tuple[float, float], ...] = ()  # (option error, loss), sorted by error
+
+    def with_point(self, error: float, loss: float) -> LossCurve:
+        points = sorted([*self.points, (error, loss)])
+        running = 0.0
+        return LossCurve(tuple((e, running := max(running, value)) for e, value in points))
+
+    @property
+    def measured_to(self) -> float:
+        return self.points[-1][0] if self.points else 0.0
+
+    def at(self, error: float) -> float:
+        knots = [(0.0, 0.0), *self.points]
+        for (e0, l0), (e1, l1) in zip(knots, knots[1:]):
+            if error <= e1 or (e1, l1) == knots[-1]:
+                return l0 + (l1 - l0) * (error - e0) / max(e1 - e0, 1e-12)
+        return error  # no points: the error itself
+
+
+@dataclass(frozen=True)
 class LayerMenu:
     site: ConvSite
     options: list[Option]  # the original first
-    weight: float = 1.0  # what a unit of the options' error costs in this layer
-    form_weights: dict[str, float] = field(default_factory=dict)  # per form, measured: overrides weight
+    curves: dict[str, LossCurve] = field(default_factory=dict)  # per form, measured (see with_sensitivities)
+
+    def curve(self, form: str) -> LossCurve | None:
+        """The form's measured curve, else the first form measured (None: no measurements)."""
+        return self.curves.get(form, next(iter(self.curves.values()), None))
 
     def cost(self, option: Option) -> float:
-        """The option's weighted error: its (kernel or layer output) error at what that error costs
-        in this layer and form (a relative kernel error does not do the same damage in every form, see with_sensitivities)."""
-        return self.form_weights.get(option.form, self.weight) * option.error
+        """The option's predicted loss: its (kernel or layer output) error on its layer and form's
+        measured curve (a relative kernel error does not do the same damage in every form, see
+        with_sensitivities), else the error itself."""
+        curve = self.curve(option.form)
+        return option.error if curve is None else curve.at(option.error)
 
 
 def candidate_ranks(site: ConvSite, form: str = CP) -> list:
@@ -150,7 +184,7 @@ def _no_option_reason(site: ConvSite, forms: Sequence[str]) -> str:
 
 
 def plan_for_time(menus: Sequence[LayerMenu], budget_ms: float, rest_ms: float) -> dict[str, Option] | None:
-    """The option per layer with the least weighted error whose predicted total time fits
+    """The option per layer with the least predicted loss whose predicted total time fits
     `budget_ms` (None if even the fastest options do not): a Lagrangian sweep over the price of a
     millisecond, then the slack it leaves spent on the largest error reductions."""
     def pick(price: float) -> dict[str, Option]:
@@ -338,21 +372,22 @@ def with_sensitivities(
     menus: Sequence[LayerMenu], build: BuildModel, drop_of: Callable[[ir.Model], float],
     more_forms_seconds: float = math.inf,
 ) -> list[LayerMenu]:
-    """The menus, each layer and form weighted by the quality it loses (accuracy points or output
-    error) per unit of the options' error (kernel, or the layer's output error with sample data),
-    measured by decomposing that layer alone at the form's middle option (no fine-tuning). Per form,
-    because a relative kernel error does not do the same damage in every form: on charresnet at 3x, mixed forms with less summed kernel error than CP's plan
-    moved the outputs 1.6x as much. Every layer's first form is probed; its other forms while
+    """The menus, each layer and form given its loss curve (see LossCurve): the quality it loses
+    (accuracy points or output error) against the options' error (kernel, or the layer's output
+    error with sample data), measured by decomposing that layer alone at the form's middle option (no
+    fine-tuning). Per form, because a relative kernel error does not do the same damage in every
+    form: on charresnet at 3x, mixed forms with less summed kernel error than CP's plan moved the
+    outputs 1.6x as much. Every layer's first form is probed; its other forms while
     `more_forms_seconds` last (YOLOv8n: 167 probes ran past 14 minutes), the rest take the first
-    form's weight. A loss is floored at 1% of the largest, so that no option is free."""
+    form's curve. A loss is floored at 1% of the largest, so that no option is free."""
+    probes: dict[tuple[str, str], tuple[float, float]] = {}  # (layer, form) -> (option error, loss)
+
     def probe(menu: LayerMenu, form: str) -> None:
         options = [o for o in menu.options[1:] if o.form == form]
         option = options[(len(options) - 1) // 2]
         if option.error > 0:
-            model = build(Plan({menu.site.name: layer_plan(option.rank, option.results, form=option.form)}))
-            probes[(menu.site.name, form)] = (drop_of(model), option.error)
+            probes[(menu.site.name, form)] = (option.error, _loss_alone(menu, option, build, drop_of))
 
-    probes: dict[tuple[str, str], tuple[float, float]] = {}  # (layer, form) -> (loss, option error)
     forms_of = {m.site.name: list(dict.fromkeys(o.form for o in m.options[1:])) for m in menus}
     for menu in menus:
         if forms_of[menu.site.name]:
@@ -362,15 +397,60 @@ def with_sensitivities(
         for form in forms_of[menu.site.name][1:]:
             if time.perf_counter() < deadline:
                 probe(menu, form)
-    floor = max([loss for loss, _ in probes.values()] + [1e-6]) * 0.01
-    weighted = []
-    for menu in menus:
-        forms = {form: max(loss, floor) / error for (name, form), (loss, error) in probes.items()
-                 if name == menu.site.name}
-        first = forms_of[menu.site.name][0] if forms_of[menu.site.name] else None
-        weight = forms.get(first, max(forms.values(), default=menu.weight))
-        weighted.append(dataclasses.replace(menu, weight=weight, form_weights=forms))
-    return weighted
+    floor = _loss_floor(loss for _, loss in probes.values())
+    return [dataclasses.replace(menu, curves={
+        form: LossCurve().with_point(error, max(loss, floor))
+        for (name, form), (error, loss) in probes.items() if name == menu.site.name}) for menu in menus]
+
+
+def probe_planned_options(
+    menus: Sequence[LayerMenu], timing: Timing, target: float, build: BuildModel,
+    drop_of: Callable[[ir.Model], float], seconds: float,
+) -> list[LayerMenu]:
+    """The menus with their curves measured where the plan for `target` goes: each option that
+    plan takes beyond its layer's measured curve (by more than EXTRAPOLATION) is measured alone and
+    becomes a point of the curve, and the plan is made again, until it takes no such option or
+    `seconds` run out (most damaging first). One point per curve prices every rank on a line,
+    and a search that must cut deep then cuts where the line is most wrong: a CRNN's classifier,
+    probed where it kept 88% of the lines, was cut to a rank that kept 70%."""
+    menus = list(menus)
+    rest = timing.rest_ms(menus)
+    floor = _loss_floor(loss for m in menus for c in m.curves.values() for _, loss in c.points)
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        plan = plan_for_time(menus, timing.total_ms / (target * (1 + SPEEDUP_MARGIN)), rest)
+        beyond = _beyond_curves(menus, plan) if plan else []
+        if not beyond:
+            break
+        for i, option in beyond:
+            if time.perf_counter() >= deadline:
+                break
+            menu = menus[i]
+            loss = max(_loss_alone(menu, option, build, drop_of), floor)
+            curve = menu.curves.get(option.form, LossCurve()).with_point(option.error, loss)
+            menus[i] = dataclasses.replace(menu, curves={**menu.curves, option.form: curve})
+    return menus
+
+
+def _beyond_curves(menus: Sequence[LayerMenu], plan: dict[str, Option]) -> list[tuple[int, Option]]:
+    """(menu index, option) for the plan's options priced beyond their own form's measured curve,
+    the largest predicted loss first; a form priced on another form's curve counts as unmeasured."""
+    beyond = []
+    for i, menu in enumerate(menus):
+        option = plan[menu.site.name]
+        measured_to = menu.curves[option.form].measured_to if option.form in menu.curves else 0.0
+        if option.rank is not None and menu.curves and option.error > measured_to * (1 + EXTRAPOLATION):
+            beyond.append((menu.cost(option), i, option))
+    return [(i, option) for _, i, option in sorted(beyond, key=lambda b: -b[0])]
+
+
+def _loss_alone(menu: LayerMenu, option: Option, build: BuildModel, drop_of: Callable[[ir.Model], float]) -> float:
+    """What the model loses with this one layer decomposed at `option` (no fine-tuning)."""
+    return drop_of(build(Plan({menu.site.name: layer_plan(option.rank, option.results, form=option.form)})))
+
+
+def _loss_floor(losses) -> float:
+    return max([*losses, 1e-6]) * 0.01
 
 
 @dataclass(frozen=True)
