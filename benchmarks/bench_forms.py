@@ -1,8 +1,10 @@
 """Auto (CP, Tucker-2, channel SVD, spatial SVD per layer) against CP alone at the same measured
-speed-up target (not part of CI).
+speed-up target, or at the same output error bound (not part of CI).
 
     python benchmarks/bench_forms.py [--targets 1.5 2 3] [--samples 1000] [--sample 256]
         # writes benchmarks/results/forms.{md,json}
+    python benchmarks/bench_forms.py --targets --max-output-errors 0.1 0.2 --out benchmarks/results/forms_equal_error
+        # the fastest plan each finds within that worst group output error on the sample (charresnet)
     python benchmarks/bench_forms.py --real yolov8-nude --targets 1.5 --out benchmarks/results/forms_yolov8
         # a real third-party model from benchmarks/real_models.py (run --fetch-only first)
 
@@ -42,18 +44,20 @@ from onnx_cp.errors import BudgetError  # noqa: E402
 from onnx_cp.measure import benchmark_latency, evaluate  # noqa: E402
 from onnx_cp.measure.outputs import compare_on_data  # noqa: E402
 from onnx_cp.runtime.cpu import channel_block, cpu_features  # noqa: E402
-from onnx_cp.settings import MeasureSettings, SolverSettings, SpeedupTarget  # noqa: E402
+from onnx_cp.settings import MeasureSettings, OutputErrorBudget, SolverSettings, SpeedupTarget  # noqa: E402
 
 MODELS = {"charresnet": ROOT / "models" / "charresnet.onnx", "charnet": ROOT / "models" / "charnet.onnx"}
 
 
-def run_one(path: Path, target: float, decomposition: str, workers: int, sample: str | None,
+def run_one(path: Path, target: float | OutputErrorBudget, decomposition: str, workers: int, sample: str | None,
             input_shapes: dict | None = None) -> dict:
-    """One speed-up search; with `sample` (unlabelled inputs), layers and forms are weighed by the
-    output error each causes on them, else by kernel error alone."""
+    """One speed-up search (or, for an OutputErrorBudget, the search for the fastest plan within it on
+    `sample`); with `sample` (unlabelled inputs), layers and forms are weighed by the output error
+    each causes on them, else by kernel error alone."""
     started = time.perf_counter()
+    policy = target if isinstance(target, OutputErrorBudget) else SpeedupTarget(target)
     try:
-        result = optimize(path, SpeedupTarget(target),
+        result = optimize(path, policy,
                           solver=SolverSettings(workers=workers, decomposition=decomposition),
                           measure=MeasureSettings(eval_data=sample, input_shapes=input_shapes or {}))
     except BudgetError as exc:
@@ -62,8 +66,16 @@ def run_one(path: Path, target: float, decomposition: str, workers: int, sample:
     return {"decomposition": decomposition, "data": "sample" if sample else "none", "model": result.model, "seconds": time.perf_counter() - started,
             "forms": dict(Counter(r["form"] for r in rows)),
             "layers": {r["name"]: [r["form"], r["rank"], round(r["rel_error"], 3)] for r in rows},
-            "search_measured": max(t["measured"] for t in result.report["search"]),
+            "search_measured": max((t.get("measured", 0) for t in _attempts(result.report["search"])), default=None),
             "kernel_error_sum": round(sum(r["rel_error"] for r in rows), 3)}
+
+
+def _attempts(search) -> list[dict]:
+    return search["trace"] if isinstance(search, dict) else search
+
+
+def _budget(target: float | OutputErrorBudget) -> str:
+    return f"error <= {target.max_error:g}" if isinstance(target, OutputErrorBudget) else f"{target:g}x"
 
 
 def run_real(key: str, targets: list[float], workers: int, sample_size: int, cache: Path) -> list[dict]:
@@ -113,7 +125,9 @@ def main() -> int:
     parser.add_argument("--real", help="a benchmarks/real_models.py model key instead of the shipped models")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/onnx-cp-real"), help="real_models.py --cache")
     parser.add_argument("--models", nargs="+", default=["charresnet"], choices=sorted(MODELS))
-    parser.add_argument("--targets", nargs="+", type=float, default=[1.5, 2.0, 3.0])
+    parser.add_argument("--targets", nargs="*", type=float, default=[1.5, 2.0, 3.0])
+    parser.add_argument("--max-output-errors", nargs="*", type=float, default=[],
+                        help="also search the fastest plan within each worst group output error on the sample")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--sample", type=int, default=256, help="unlabelled validation inputs for the data runs (0: none)")
@@ -134,11 +148,12 @@ def main() -> int:
         np.savez(sample, x=np.asarray(generate_chars(args.sample, seed=0, split="val")[0], np.float32))
         samples.append(str(sample))
     results = []
+    budgets = [*args.targets, *(OutputErrorBudget(e) for e in args.max_output_errors)]
     for name in args.models:
-        for target in args.targets:
+        for target in budgets:
             original_top1 = evaluate(str(MODELS[name]), data).top1
             runs = [run_one(MODELS[name], target, d, args.workers, sample) for sample in samples
-                    for d in ("cp", "auto")]
+                    for d in ("cp", "auto") if sample or not isinstance(target, OutputErrorBudget)]
             done = [r for r in runs if "model" in r]
             if done:
                 latency = benchmark_latency([str(MODELS[name]), *[r["model"] for r in done]], runs=200)
@@ -150,24 +165,24 @@ def main() -> int:
                     r["worst_group_error"] = round(agreement.worst_group_error, 4)
                     r["top1_agreement"] = agreement.outputs[0].agreement.get("top1")
             for r in runs:
-                results.append({"model": name, "target": target, "original_top1": original_top1, **r})
+                results.append({"model": name, "target": _budget(target), "original_top1": original_top1, **r})
                 print(json.dumps(results[-1]), flush=True)
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    lines = [f"# Auto vs CP at the same speed-up target\n\n`{meta['command']}` (CPU features "
+    lines = [f"# Auto vs CP at the same speed-up target or output error bound\n\n`{meta['command']}` (CPU features "
              f"{', '.join(meta['cpu_features'])}; channel block {meta['channel_block']}; no fine-tuning; "
              "output error on the character test set vs the original; data: none, or "
              "unlabelled validation images that judge each option by its layer-output error and weigh each layer and "
              "form by the output error it causes)\n",
-             "| model | target | data | forms | measured speed-up | worst group output error | top-1 agreement | top-1 (original) "
+             "| model | budget | data | forms | measured speed-up | worst group output error | top-1 agreement | top-1 (original) "
              "| forms chosen |",
              "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['target']:g}x | {r['data']} | {r['decomposition']} | - | - | - | - | {r['error']} |")
+            lines.append(f"| {r['model']} | {r['target']} | {r['data']} | {r['decomposition']} | - | - | - | - | {r['error']} |")
             continue
         forms = ", ".join(f"{f} x{n}" for f, n in sorted(r["forms"].items()))
         agree = f"{100 * r['top1_agreement']:.1f}%" if r.get("top1_agreement") is not None else "-"
-        lines.append(f"| {r['model']} | {r['target']:g}x | {r['data']} | {r['decomposition']} | {r['speedup']:.2f}x | "
+        lines.append(f"| {r['model']} | {r['target']} | {r['data']} | {r['decomposition']} | {r['speedup']:.2f}x | "
                      f"{r['worst_group_error']:.3f} | {agree} | {100 * r['top1']:.2f}% ({100 * r['original_top1']:.2f}%) "
                      f"| {forms} |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")

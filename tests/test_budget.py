@@ -227,6 +227,9 @@ def test_max_accuracy_drop_stays_within_budget(tmp_path, monkeypatch):
     best = [t for t in result.report["search"]["trace"] if t["accuracy_drop"] <= 20.0]
     assert best, result.report["search"]
     assert 100 * (1 - accuracy["decomposed"]["top1"]) <= 20.0 + 1e-9
+    curves = result.report["search"]["sensitivity"]  # per layer and form, measured (error, points lost)
+    assert curves and all(error > 0 and loss >= 0 for forms in curves.values() for points in forms.values()
+                          for error, loss in points)
 
 
 def zero_solver(*args, **kwargs):
