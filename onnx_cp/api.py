@@ -328,7 +328,8 @@ class _Run:
         for step, tuning in zip(trace, tuning_reports):
             step.update(tuning)
         return (_with_refusals(self.refine(plan), refusals), tuned,
-                {"trace": trace, "sensitivity": {m.site.name: {f: c.points for f, c in m.curves.items()} for m in menus}})
+                {"trace": trace,
+                 "sensitivity": {m.site.name: {f: c.points for f, c in m.curves.items()} for m in menus}})
 
     def _with_sensitivities(self, menus: list[search.LayerMenu], meter: Callable, data,
                             timing: search.Timing, target: float | None = None) -> list[search.LayerMenu]:
