@@ -252,6 +252,11 @@ class Timing:
         return self.total_ms - sum(m.options[0].ms for m in menus)
 
 
+def aimed_speedup(target: float) -> float:
+    """What the speed searches aim at for `target`: SPEEDUP_MARGIN above it."""
+    return target * (1 + SPEEDUP_MARGIN)
+
+
 def search_speedup(
     menus: Sequence[LayerMenu],
     timing: Timing,
@@ -278,7 +283,7 @@ def search_speedup(
     if with_original:
         frontier.append((1.0, {m.site.name: m.options[0] for m in menus}))
     by_name = {m.site.name: m for m in menus}
-    required = target * (1 + SPEEDUP_MARGIN)
+    required = aimed_speedup(target)
     trace: list[dict] = []
     measured: list[tuple[float, float, dict[str, Option], ir.Model]] = []  # (speed-up, error, plan, model)
 
@@ -418,7 +423,7 @@ def probe_planned_options(
     floor = _loss_floor(loss for m in menus for c in m.curves.values() for _, loss in c.points)
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
-        plan = plan_for_time(menus, timing.total_ms / (target * (1 + SPEEDUP_MARGIN)), rest)
+        plan = plan_for_time(menus, timing.total_ms / aimed_speedup(target), rest)
         beyond = _beyond_curves(menus, plan) if plan else []
         if not beyond:
             break
