@@ -272,7 +272,8 @@ class _Run:
         if data is not None:
             meter = self._meter(policy.within) if policy.within is not None else \
                 functools.partial(self._output_error_meter, task=True)
-            menus = self._with_sensitivities(menus, meter, data, timing, policy.target)
+            menus, probe = self._with_sensitivities(menus, meter, data, timing)
+            menus = probe(menus, search.aimed_speedup(policy.target))
         else:
             menus = search.data_free_forms(menus)
         measure = self.speedup_of if int8 is None else int8.speedup_of
@@ -313,7 +314,7 @@ class _Run:
         within the policy's limit."""
         timing = self.timing()
         menus, refusals = self.menus(timing, eval_data)
-        menus = self._with_sensitivities(menus, self._meter(policy), eval_data, timing)
+        menus, probe = self._with_sensitivities(menus, self._meter(policy), eval_data, timing)
         measure_on_full = self._meter(policy)(self.data.open("evaluation", eval_data))
         tuning_reports: list[dict] = []
 
@@ -324,24 +325,28 @@ class _Run:
             return measure_on_full(tuned), tuned
 
         limit = _quality_limit(policy)
-        plan, tuned, trace = search.search_quality(menus, timing, limit, self.build_refined, tune_and_score)
+        plan, tuned, trace, menus = search.search_quality(menus, timing, limit, self.build_refined, tune_and_score,
+                                                          probe)
         for step, tuning in zip(trace, tuning_reports):
             step.update(tuning)
         return (_with_refusals(self.refine(plan), refusals), tuned,
                 {"trace": trace,
                  "sensitivity": {m.site.name: {f: c.points for f, c in m.curves.items()} for m in menus}})
 
-    def _with_sensitivities(self, menus: list[search.LayerMenu], meter: Callable, data,
-                            timing: search.Timing, target: float | None = None) -> list[search.LayerMenu]:
-        """The menus with their layers' loss curves: one model per layer over the whole sample, then
-        per other form while time allows; for a speed `target`, then at the options its plan takes."""
+    def _with_sensitivities(self, menus: list[search.LayerMenu], meter: Callable, data, timing: search.Timing
+                            ) -> tuple[list[search.LayerMenu], Callable[[list, float], list]]:
+        """The menus with their layers' loss curves (one model per layer over the whole sample, then
+        per other form while time allows), and how to measure those curves where the plan for a
+        predicted speed-up goes (search.probe_planned_options, on the same samples)."""
         affordable = SENSITIVITY_SECONDS / max(len(menus) * timing.total_ms / 1e3, 1e-9)
         samples = int(min(SENSITIVITY_SAMPLES, max(SENSITIVITY_MIN_SAMPLES, affordable)))
         drop_of = meter(self.data.open("sensitivity", data, limit=samples))
         menus = search.with_sensitivities(menus, self.build_model, drop_of, more_forms_seconds=SENSITIVITY_SECONDS)
-        if target is None:
-            return menus
-        return search.probe_planned_options(menus, timing, target, self.build_model, drop_of, SENSITIVITY_SECONDS)
+
+        def probe(menus: list[search.LayerMenu], speedup: float) -> list[search.LayerMenu]:
+            return search.probe_planned_options(menus, timing, speedup, self.build_model, drop_of, SENSITIVITY_SECONDS)
+
+        return menus, probe
 
     def _meter(self, quality: QualityBudget) -> Callable:
         return self._accuracy_meter if isinstance(quality, AccuracyBudget) else self._output_error_meter

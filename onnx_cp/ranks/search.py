@@ -47,6 +47,7 @@ SURPLUS_SWAPS = 10  # measured swaps that spend speed beyond the target on accur
 # measurements the one kept is the luckiest (charnet: a plan read 12.6x in the search, 10.4x after).
 CONFIRMATIONS = 3
 FRONTIER_AIMS = 96  # speed-ups between the fastest plan and 1x whose plans the searches bisect
+PROBE_ROUNDS = 2  # of curves measured at the next faster plan, and a bisection again, in quality searches
 # Without data, a form other than CP stays on a menu where CP has options only when it is this close
 # to exact: kernel errors of different forms do not measure the same damage (charresnet at 3x: the
 # mixed plan with less summed kernel error than CP's moved the outputs 1.6x as much).
@@ -409,10 +410,10 @@ def with_sensitivities(
 
 
 def probe_planned_options(
-    menus: Sequence[LayerMenu], timing: Timing, target: float, build: BuildModel,
+    menus: Sequence[LayerMenu], timing: Timing, speedup: float, build: BuildModel,
     drop_of: Callable[[ir.Model], float], seconds: float,
 ) -> list[LayerMenu]:
-    """The menus with their curves measured where the plan for `target` goes: each option that
+    """The menus with their curves measured where the plan for a predicted `speedup` goes: each option that
     plan takes beyond its layer's measured curve (by more than EXTRAPOLATION) is measured alone and
     becomes a point of the curve, and the plan is made again, until it takes no such option or
     `seconds` run out (most damaging first). One point per curve prices every rank on a line,
@@ -423,7 +424,7 @@ def probe_planned_options(
     floor = _loss_floor(loss for m in menus for c in m.curves.values() for _, loss in c.points)
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
-        plan = plan_for_time(menus, timing.total_ms / aimed_speedup(target), rest)
+        plan = plan_for_time(menus, timing.total_ms / speedup, rest)
         beyond = _beyond_curves(menus, plan) if plan else []
         if not beyond:
             break
@@ -473,36 +474,61 @@ def search_quality(
     limit: QualityLimit,
     build: BuildModel,
     tune_and_score: Callable[[ir.Model], tuple[float, ir.Model]],
-) -> tuple[Plan, ir.Model, list[dict]]:
+    probe: Callable[[list[LayerMenu], float], list[LayerMenu]] | None = None,
+) -> tuple[Plan, ir.Model, list[dict], list[LayerMenu]]:
     """The fastest plan of the predicted frontier whose measure stays within the limit, by a
     bisection from the fastest plan; `tune_and_score(model)` fine-tunes (when there is data for it)
     and returns (measure, model). Bisecting over plans rather than over speed-ups never measures one
     plan twice and reaches the most accurate plan when every faster one fails (a bisection on
-    speed-ups spent 2 of its 5 steps on one plan and, on a CI machine, never reached it)."""
+    speed-ups spent 2 of its 5 steps on one plan and, on a CI machine, never reached it).
+
+    With `probe(menus, speedup)` (the menus with their curves measured where the plan for that
+    speed-up goes, see probe_planned_options), the loss curves are then measured at the first plan
+    faster than the one found, and the bisection runs again on the frontier they give, until the
+    curves no longer change (at most PROBE_ROUNDS times). The frontier is only as good as its
+    curves: priced on one point per layer and form, charresnet's plans with mixed forms within an
+    output error of 0.1 were slower than CP alone's, though every CP plan was on their menu.
+    Also returns the menus, with the curves the search ended with."""
     rest = timing.rest_ms(menus)
-    frontier = plan_frontier(menus, timing, rest)
     trace: list[dict] = []
+    scored: dict[tuple, tuple[float, ir.Model]] = {}
     best = None
 
-    def within(index: int) -> bool:
-        nonlocal best
-        speedup, plan = frontier[index]
-        measured, model = tune_and_score(build(to_plan(plan, "", KEPT_FOR_ACCURACY)))
-        trace.append({"predicted_speedup": speedup, limit.key: measured,
-                      "ranks": {n: o.label for n, o in plan.items()}})
-        if measured <= limit.limit and (best is None or speedup > best[2]):
-            best = (plan, model, speedup)
-        return measured <= limit.limit
+    def measure(plan: dict[str, Option], speedup: float) -> float:
+        key = _plan_key(plan)
+        if key not in scored:
+            scored[key] = tune_and_score(build(to_plan(plan, "", KEPT_FOR_ACCURACY)))
+            trace.append({"predicted_speedup": speedup, limit.key: scored[key][0],
+                          "ranks": {n: o.label for n, o in plan.items()}})
+        return scored[key][0]
 
-    if frontier:
-        bisect_frontier(len(frontier), within, first=0, accepted_first=False)
+    for round_ in range(PROBE_ROUNDS + 1):
+        frontier = plan_frontier(menus, timing, rest)
+
+        def within(index: int) -> bool:
+            nonlocal best
+            speedup, plan = frontier[index]
+            measured = measure(plan, speedup)
+            if measured <= limit.limit and (best is None or speedup > best[2]):
+                best = (plan, scored[_plan_key(plan)][1], speedup)
+            return measured <= limit.limit
+
+        if frontier:
+            bisect_frontier(len(frontier), within, first=0, accepted_first=False)
+        faster = [s for s, _ in frontier if best is None or s > best[2] * (1 + 1e-9)]
+        if probe is None or not faster or round_ == PROBE_ROUNDS:
+            break
+        probed = probe(list(menus), min(faster))
+        if probed == list(menus):
+            break
+        menus = probed
     if best is None:
         smallest = min((t[limit.key] for t in trace), default=float("nan"))
         raise BudgetError(f"no decomposed model stays within {limit.limit:g} {limit.unit} "
                           f"(smallest seen: {smallest:.3g})")
     plan, model, speedup = best
     note = f"fastest found within {limit.limit:g} {limit.unit} (predicted {speedup:.2f}x)"
-    return to_plan(plan, note, KEPT_FOR_ACCURACY), model, trace
+    return to_plan(plan, note, KEPT_FOR_ACCURACY), model, trace, list(menus)
 
 
 def _plan_key(plan: dict[str, Option]) -> tuple:
