@@ -7,6 +7,8 @@ speed-up target, or at the same output error bound (not part of CI).
         # the fastest plan each finds within that worst group output error on the sample (charresnet)
     python benchmarks/bench_forms.py --real yolov8-nude --targets 1.5 --out benchmarks/results/forms_yolov8
         # a real third-party model from benchmarks/real_models.py (run --fetch-only first)
+    python benchmarks/bench_forms.py --real yolov8-nude --targets --max-output-errors 0.3 --out ...
+        # the fastest plan each finds within that worst group output error on its sample
 
 For each model and --target-speedup X, `optimize` runs the speed-up search with
 decomposition="cp" and "auto", no fine-tuning, each twice: without data (the searches see only
@@ -78,9 +80,9 @@ def _budget(target: float | OutputErrorBudget) -> str:
     return f"error <= {target.max_error:g}" if isinstance(target, OutputErrorBudget) else f"{target:g}x"
 
 
-def run_real(key: str, targets: list[float], workers: int, sample_size: int, cache: Path) -> list[dict]:
-    """A real_models.py model: cp and auto, without data and with `sample_size` photos of its train
-    folder, judged on its held-out folder by heldout.py's measure."""
+def run_real(key: str, budgets: list, workers: int, sample_size: int, cache: Path) -> list[dict]:
+    """A real_models.py model: cp and auto, without data (speed-up targets only) and with
+    `sample_size` photos of its train folder, judged on its held-out folder by heldout.py's measure."""
     import real_models
     from heldout import held_out_report
 
@@ -91,9 +93,9 @@ def run_real(key: str, targets: list[float], workers: int, sample_size: int, cac
     np.savez(sample, x=real_models.load_folder(model, folder / "train")[0][:sample_size])
     shapes = {model.input_name: list(model.shape)}
     results = []
-    for target in targets:
+    for target in budgets:
         runs = [run_one(path, target, d, workers, data, shapes) for data in (None, str(sample))
-                for d in ("cp", "auto")]
+                for d in ("cp", "auto") if data or not isinstance(target, OutputErrorBudget)]
         done = [r for r in runs if "model" in r]
         if done:
             latency = benchmark_latency([str(path), *[r["model"] for r in done]], runs=200, input_shapes=shapes)
@@ -105,7 +107,7 @@ def run_real(key: str, targets: list[float], workers: int, sample_size: int, cac
                 r["held_out_samples"] = report.pop("samples")
                 r["held_out"] = report
         for r in runs:
-            results.append({"model": key, "target": target, **r})
+            results.append({"model": key, "target": _budget(target), **r})
             print(json.dumps(results[-1]), flush=True)
     return results
 
@@ -116,7 +118,7 @@ def real_row(r: dict) -> str:
     measures = "; ".join(", ".join([*(f"{g} {e:.3f}" for g, e in o["group_error_median"].items()),
                                     *(f"{k} {v:.1%}" for k, v in o["agreement"].items())])
                          for o in r["held_out"].values())
-    return (f"| {r['model']} | {r['target']:g}x | {r['data']} | {r['decomposition']} | {r['speedup']:.2f}x | "
+    return (f"| {r['model']} | {r['target']} | {r['data']} | {r['decomposition']} | {r['speedup']:.2f}x | "
             f"{measures} | {forms} |")
 
 
@@ -135,8 +137,9 @@ def main() -> int:
     args = parser.parse_args()
     meta = {"command": "python " + " ".join(sys.argv), "machine": platform.machine(), "processor": platform.processor(),
             "channel_block": channel_block(), "cpu_features": cpu_features()}
+    budgets = [*args.targets, *(OutputErrorBudget(e) for e in args.max_output_errors)]
     if args.real:
-        return write_real(run_real(args.real, args.targets, args.workers, args.sample, args.cache), meta, args.out)
+        return write_real(run_real(args.real, budgets, args.workers, args.sample, args.cache), meta, args.out)
     x, y = generate_chars(args.samples, seed=0, split="test")
     x = np.asarray(x, np.float32)
     data = Path(tempfile.mkdtemp()) / "test.npz"
@@ -148,7 +151,6 @@ def main() -> int:
         np.savez(sample, x=np.asarray(generate_chars(args.sample, seed=0, split="val")[0], np.float32))
         samples.append(str(sample))
     results = []
-    budgets = [*args.targets, *(OutputErrorBudget(e) for e in args.max_output_errors)]
     for name in args.models:
         for target in budgets:
             original_top1 = evaluate(str(MODELS[name]), data).top1
@@ -192,13 +194,13 @@ def main() -> int:
 
 def write_real(results: list[dict], meta: dict, out: str) -> int:
     Path(out + ".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    lines = [f"# Auto vs CP at the same speed-up target\n\n`{meta['command']}` (CPU features "
+    lines = [f"# Auto vs CP at the same speed-up target or output error bound\n\n`{meta['command']}` (CPU features "
              f"{', '.join(meta['cpu_features'])}; channel block {meta['channel_block']}; no fine-tuning; outputs "
              "compared with the original's on the held-out folder: medians over samples)\n",
-             "| model | target | data | forms | measured speed-up | held-out error and agreement | forms chosen |",
+             "| model | budget | data | forms | measured speed-up | held-out error and agreement | forms chosen |",
              "| --- | ---: | --- | --- | ---: | --- | --- |"]
     lines += [real_row(r) if "error" not in r else
-              f"| {r['model']} | {r['target']:g}x | {r['data']} | {r['decomposition']} | - | - | {r['error']} |"
+              f"| {r['model']} | {r['target']} | {r['data']} | {r['decomposition']} | - | - | {r['error']} |"
               for r in results]
     Path(out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
