@@ -129,3 +129,88 @@ def test_the_states_the_recurrence_reads_come_from_y_in_each_directions_order():
     rows = lstm.joint_previous_states(y, [False, True])
     # step 1 reads the forward state at time 0 and the reverse state at time 2; step 2: times 1 and 1
     np.testing.assert_array_equal(rows, [[*y[0, 0, 0], *y[2, 1, 0]], [*y[1, 0, 0], *y[1, 1, 0]]])
+
+
+def _sites(model):
+    """The model's sites, with the shapes inference gives (as optimize finds them)."""
+    from onnx_cp.graph import find_conv_sites
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in [*inferred.graph.value_info, *inferred.graph.input]}
+    ir_model = ir.from_proto(model)
+    return ir_model, find_conv_sites(ir_model, shapes)
+
+
+def test_an_lstm_is_a_site_whose_kernel_is_its_joint_recurrence():
+    model = lstm_model("bidirectional", steps=5, batch=2, inputs=3, hidden=4)
+    _, (site,) = _sites(model)
+    r = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "R"))
+    assert site.eligible and site.is_lstm and site.steps == 5
+    assert site.kernel.shape == (2 * 4 * 4, 2 * 4, 1, 1)
+    np.testing.assert_array_equal(site.kernel[:4, :4, 0, 0], r[0, :4])  # input gate, forward block
+    assert not site.kernel[:4, 4:].any()  # no coupling between the directions
+    assert site.macs_before() == 5 * 2 * 2 * 16 * 4  # T N D 4H H
+    assert site.refusal_for("cp") and site.refusal_for("svd") is None
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda m: m.graph.input[0].type.tensor_type.shape.dim[0].ClearField("dim_value"), "sequence length"),
+    (lambda m: m.graph.node[0].attribute.append(helper.make_attribute("clip", 3.0)), "clip"),
+    (lambda m: m.graph.node[0].attribute.append(
+        helper.make_attribute("activations", ["Sigmoid", "Tanh", "Relu"] * 2)), "activations"),
+    (lambda m: m.graph.node[0].input.__setitem__(4, "x"), "sequence_lens"),
+])
+def test_lstms_that_cannot_be_unrolled_say_why(change, reason):
+    model = lstm_model("bidirectional")
+    change(model)
+    _, (site,) = _sites(model)
+    assert not site.eligible and reason in site.refusal
+
+
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+def test_the_pass_splices_an_lstm_svd_plan_exactly_at_full_rank_and_drops_its_weights(direction):
+    from onnx_cp.graph import CPConvPass, plan_with
+    from onnx_cp.lowrank import channel_svd
+
+    model = lstm_model(direction, initial=False)
+    ir_model, sites = _sites(model)
+    full = sites[0].kernel.shape[1]
+    plan = plan_with(sites, lambda site: full, lambda k, r: channel_svd(k, r).factors, form="svd")
+    result = CPConvPass(plan, sites=sites)(ir_model)
+    (outcome,) = result.outcomes
+    assert outcome.status == "decomposed" and outcome.op == "LSTM" and outcome.rel_error < 1e-6
+    proto = ir.to_proto(ir_model)
+    assert "LSTM" not in {n.op_type for n in proto.graph.node}
+    assert not {"W", "R", "B"} & {i.name for i in proto.graph.initializer}
+    feed = feeds(model)
+    for expected, got in zip(run(model, feed), run(proto, feed)):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_layer_output_error_reads_the_states_the_recurrence_multiplies():
+    """On data, an option's error is ||(K - K') h|| / ||K h|| over the states h the LSTM really
+    reads, and the Gram matrix behind the data-aware solve is theirs. The model reads sequences
+    batch first, one at a time (a CRNN's fixed batch of 1), so the states come batch by batch."""
+    from onnx_cp.ranks.forms import solve_form
+    from onnx_cp.ranks.output_error import OutputError
+
+    model = lstm_model("bidirectional", steps=6, batch=1, initial=False, outputs=("y",))
+    model.graph.input[0].name = "batch_first"
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[0].dim_value, dims[1].dim_value = 1, 6
+    model.graph.node.insert(0, helper.make_node("Transpose", ["batch_first"], ["x"], perm=[1, 0, 2]))
+    ir_model, sites = _sites(model)
+    site = next(s for s in sites if s.is_lstm)
+    xs = np.random.default_rng(3).standard_normal((10, 6, 3)).astype(np.float32)  # (samples, T, I)
+    errors = OutputError(ir_model, [site], xs)
+    states = np.concatenate([lstm.joint_previous_states(run(model, {"batch_first": x[None]})[0], [False, True])
+                             for x in xs])
+    assert states.shape == (10 * 5, 8)
+    (gram,) = errors.grams(site)
+    np.testing.assert_allclose(gram, states.T.astype(np.float64) @ states, rtol=1e-4)
+    result = solve_form(site, "svd", 3, grams=[gram])[0]
+    k = site.kernel[:, :, 0, 0].astype(np.float64)
+    approx = result.factors[0] @ result.factors[1].reshape(3, -1)
+    expected = np.linalg.norm(states @ (k - approx).T) / np.linalg.norm(states @ k.T)
+    assert errors(site, [result]) == pytest.approx(expected, rel=1e-4)

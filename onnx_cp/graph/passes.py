@@ -89,7 +89,7 @@ class CPConvPass(ir.passes.InPlacePass):
             else:
                 weights, outcome = _chain_weights(model.graph, site, layer)
                 shared[key] = (weights, outcome)
-            replaced_weights.append(site.weight)
+            replaced_weights.extend(site.replaced_values)
             stages.splice(model.graph, site, layer.form, SPLICES[layer.form].layout(site, layer.rank), weights)
             outcomes.append(outcome)
         if model.ir_version is not None and model.ir_version < 4:
@@ -121,7 +121,7 @@ def _chain_weights(graph: ir.Graph, site: ConvSite, layer: LayerPlan) -> tuple[l
     splice = SPLICES[layer.form]
     arrays, max_norm = splice.weights(site, per_group)
     weights = stages.register_weights(graph, site.name, layer.form, splice.layout(site, layer.rank), arrays,
-                                      site.kernel.dtype, matrices=site.is_gemm)
+                                      site.kernel.dtype, matrices=site.is_matrix)
     return weights, _decomposed(site, layer, rel_error, max_norm)
 
 

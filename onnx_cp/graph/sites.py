@@ -3,7 +3,10 @@ and, when it cannot be decomposed, the reason, found once and never changed afte
 
 A Gemm with a constant weight is a site too: y = alpha A B + beta C is the 1x1 conv of A's rows with
 the kernel alpha B^T (N, K, 1, 1), so it plans, solves and reports as one, and only the SVD form
-(two thin MatMuls) applies (a CRNN recogniser's 8210-class output layer is a third of its time)."""
+(two thin MatMuls) applies (a CRNN recogniser's 8210-class output layer is a third of its time).
+
+An LSTM is a site too: its kernel is the joint recurrence of its directions (graph/lstm.py), a
+(4DH, DH) matrix as a 1x1 conv of the T*N states it reads, SVD its only form (the LSTM unrolled)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from onnx_cp.graph import lstm
 from onnx_cp.graph.constants import constant_array
 
 
@@ -28,10 +32,20 @@ class ConvSite:
     input_hw: tuple[int, int] | None = None
     output_hw: tuple[int, int] | None = None
     refusal: str | None = None  # why the Conv cannot be decomposed; None if it can
+    steps: int | None = None  # an LSTM's time steps, which its splice unrolls
 
     @property
     def is_gemm(self) -> bool:
         return self.node.op_type == "Gemm"
+
+    @property
+    def is_lstm(self) -> bool:
+        return self.node.op_type == "LSTM"
+
+    @property
+    def is_matrix(self) -> bool:
+        """A matrix product of rows (a Gemm's, or an LSTM's recurrence), not a Conv."""
+        return self.is_gemm or self.is_lstm
 
     @property
     def eligible(self) -> bool:
@@ -40,13 +54,19 @@ class ConvSite:
 
     def refusal_for(self, form: str) -> str | None:
         """Why this Conv cannot be replaced by a chain of `form` (None if it can)."""
-        if self.refusal is None and self.is_gemm and form != "svd":
-            return "Gemm: a matrix has one low-rank form, SVD"
+        if self.refusal is None and self.is_matrix and form != "svd":
+            return f"{self.node.op_type}: a matrix has one low-rank form, SVD"
         return self.refusal or form_refusal(self.kernel.shape, self.group, form)
 
     @property
     def weight(self) -> ir.Value:
-        return self.node.inputs[1]
+        """The weight the chain replaces (an LSTM's recurrence R)."""
+        return self.node.inputs[2] if self.is_lstm else self.node.inputs[1]
+
+    @property
+    def replaced_values(self) -> list[ir.Value]:
+        """The weights the splice leaves unused: an LSTM's W, R and B are all rewritten."""
+        return [v for v in self.node.inputs[1:4] if v is not None] if self.is_lstm else [self.weight]
 
     @property
     def kernel_shape(self) -> list[int] | None:
@@ -58,9 +78,14 @@ class ConvSite:
         kernel = self.kernel.astype(np.float64)
         return [kernel[g * t_per_group:(g + 1) * t_per_group] for g in range(self.group)]
 
+    @property
+    def blocks(self) -> int:
+        """Diagonal blocks of the kernel (an LSTM's directions): the rest of it is zeros."""
+        return len(lstm.directions(self.node)) if self.is_lstm else 1
+
     def macs_before(self) -> int:
         t, s, kh, kw = self.kernel.shape
-        return t * s * kh * kw * _area(self.output_hw)
+        return t * s * kh * kw * _area(self.output_hw) // self.blocks
 
     @property
     def folds_input_stage(self) -> bool:
@@ -85,7 +110,7 @@ class ConvSite:
         )
 
     def params_before(self) -> int:
-        return int(np.prod(self.kernel.shape))
+        return int(np.prod(self.kernel.shape)) // self.blocks
 
     def params_after(self, rank: int) -> int:
         t, s, kh, kw = self.kernel.shape
@@ -127,10 +152,13 @@ def find_conv_sites(
     shapes = shapes or {}
     sites = []
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.op_type not in ("Conv", "Gemm") or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in ("Conv", "Gemm", "LSTM") or node.domain not in ("", "ai.onnx"):
             continue
         if node.op_type == "Gemm":
             sites.append(_gemm_site(node, model, shapes))
+            continue
+        if node.op_type == "LSTM":
+            sites.append(_lstm_site(node, model, shapes))
             continue
         kernel, group, refusal = _inspect(node, model.graph, model.ir_version)
         input_hw = output_hw = None
@@ -176,6 +204,8 @@ def conv_attributes(conv: ir.Node) -> dict:
 
 
 def conv_bias(site: ConvSite) -> np.ndarray | None:
+    if site.is_lstm:  # its gates' bias is added with the input projection, apart from the recurrence
+        return None
     if len(site.node.inputs) < 3 or site.node.inputs[2] is None:
         return None
     bias = constant_array(site.node.inputs[2])
@@ -223,6 +253,20 @@ def _gemm_site(node: ir.Node, model: ir.Model, shapes: Mapping[str, Sequence[int
     hw = (int(rows[0]), 1) if rows is not None and len(rows) == 2 and isinstance(rows[0], int) and rows[0] > 0 \
         else None
     return ConvSite(node, layer_name(node), kernel, 1, hw, hw, refusal)
+
+
+def _lstm_site(node: ir.Node, model: ir.Model, shapes: Mapping[str, Sequence[int]]) -> ConvSite:
+    """An LSTM as the 1x1 conv of the T*N joint states its recurrence reads."""
+    steps = lstm.sequence_length(node, shapes)
+    refusal = lstm.lstm_refusal(node, model.graph, steps)
+    if refusal is None and (model.ir_version or 4) < 4:
+        refusal = f"IR version {model.ir_version}: the unrolled LSTM's constants need IR 4 or later"
+    recurrence = constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    kernel = None
+    if recurrence is not None and recurrence.ndim == 3:
+        kernel = lstm.joint_recurrence(recurrence)[:, :, None, None]
+    hw = (steps * (lstm.batch_size(node, shapes) or 1), 1) if steps else None
+    return ConvSite(node, layer_name(node), kernel, 1, hw, hw, refusal, steps)
 
 
 def _gemm_kernel(node: ir.Node, main_graph: ir.Graph, ir_version: int | None) -> tuple[np.ndarray | None, str | None]:

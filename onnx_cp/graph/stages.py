@@ -10,7 +10,8 @@ the spatial stages as is, which stays exact with symbolic spatial sizes.
 
 A Gemm site's chain (channel SVD, its one form) is spliced as MatMuls with (in, out) weights and
 the bias added at the end instead: valid at every opset (Gemm needs its C input before opset 11),
-and onnxruntime fuses the last MatMul and the Add back into a Gemm.
+and onnxruntime fuses the last MatMul and the Add back into a Gemm. An LSTM site's SVD factors
+are its recurrence's, and its splice is the LSTM unrolled (graph/lstm.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnx_cp.graph import naming
+from onnx_cp.graph import lstm, naming
 from onnx_cp.graph.sites import ConvSite, conv_attributes
 
 NONE, VERTICAL, HORIZONTAL, BOTH = "none", "vertical", "horizontal", "both"  # the axes a stage spans
@@ -84,6 +85,9 @@ def splice(graph: ir.Graph, site: ConvSite, form: str, shapes: Sequence[StageSha
     """Replace the site's Conv by the chain of stages; the bias goes to the last stage and the
     Conv's output value (and so its name) is kept."""
     conv = site.node
+    if site.is_lstm:
+        lstm.splice_unrolled(graph, site.name, conv, site.steps, weights)
+        return
     x = conv.inputs[0]
     bias = conv.inputs[2] if len(conv.inputs) > 2 else None
     stages = _matmul_stages if site.is_gemm else _conv_stages

@@ -19,8 +19,9 @@ from onnx import helper, numpy_helper
 
 from onnx_cp.errors import OnnxCpError
 from onnx_cp.graph import ConvSite, CPConvPass, conv_attributes, find_conv_sites, plan_with
+from onnx_cp.graph.constants import constant_array
 from onnx_cp.graph.plan import CP
-from onnx_cp.lowrank import FORMS, TUCKER2, tucker2
+from onnx_cp.lowrank import FORMS, SVD, TUCKER2, tucker2
 from onnx_cp.measure import benchmark_latency
 from onnx_cp.runtime.cpu import cpu_name
 from onnx_cp.runtime.files import atomic_write
@@ -47,10 +48,15 @@ class LayerShape:
     dilations: tuple[int, ...]
     pads: tuple[int, ...]
     auto_pad: str
-    op: str = "Conv"  # or "Gemm": input_hw is then (rows, 1)
+    op: str = "Conv"  # or "Gemm" or "LSTM": input_hw is then (rows, 1)
+    recurrent: tuple[int, ...] = ()  # an LSTM's (directions, input size, time steps)
 
     @classmethod
     def of(cls, site: ConvSite) -> LayerShape:
+        if site.is_lstm:
+            inputs = constant_array(site.node.inputs[1]).shape[2]
+            return cls(tuple(site.kernel.shape), 1, site.input_hw, (1, 1), (1, 1), (0, 0, 0, 0), "NOTSET", "LSTM",
+                       (site.blocks, int(inputs), site.steps))
         attrs = conv_attributes(site.node)
         return cls(tuple(site.kernel.shape), site.group, site.input_hw or ((32, 1) if site.is_gemm else (32, 32)),
                    tuple(attrs["strides"]), tuple(attrs["dilations"]), tuple(attrs["pads"]),
@@ -58,7 +64,9 @@ class LayerShape:
 
     def key(self) -> str:
         fields = [self.kernel, self.group, self.input_hw, self.strides, self.dilations, self.pads, self.auto_pad]
-        return json.dumps(fields if self.op == "Conv" else [*fields, self.op])  # Conv keys as before
+        if self.op == "Conv":
+            return json.dumps(fields)  # Conv keys as before
+        return json.dumps([*fields, self.op, *([list(self.recurrent)] if self.recurrent else [])])
 
 
 def chain_time_ratios(shape: LayerShape, ranks: Sequence[int], *, threads: int = 1) -> dict[int, float]:
@@ -102,15 +110,22 @@ def _layer_ratio(chain_ms: float, conv_ms: float, fixed_ms: float) -> float:
 
 def pass_through_model(shape: LayerShape) -> onnx.ModelProto:
     """The fixed cost of a one-layer model of this shape: its input returned as it is."""
-    t, s, _, _ = shape.kernel
-    channels = s if shape.op == "Gemm" else s * shape.group
-    dims = [shape.input_hw[0], channels] if shape.op == "Gemm" else [1, channels, *shape.input_hw]
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "pass_through",
-                              [helper.make_tensor_value_info("x", 1, dims)],
+                              [helper.make_tensor_value_info("x", 1, _input_dims(shape))],
                               [helper.make_tensor_value_info("y", 1, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 10
     return model
+
+
+def _input_dims(shape: LayerShape, batch: int | str = 1) -> list:
+    _, s, _, _ = shape.kernel
+    if shape.op == "Gemm":
+        return [shape.input_hw[0], s]
+    if shape.op == "LSTM":
+        _, inputs, steps = shape.recurrent
+        return [steps, shape.input_hw[0] // steps, inputs]
+    return [batch, s * shape.group, *shape.input_hw]
 
 
 def single_conv_model(shape: LayerShape, seed: int = 0, kernel: np.ndarray | None = None,
@@ -120,6 +135,8 @@ def single_conv_model(shape: LayerShape, seed: int = 0, kernel: np.ndarray | Non
     t, s, kh, kw = shape.kernel
     if kernel is None:
         kernel = np.random.default_rng(seed).standard_normal(shape.kernel)
+    if shape.op == "LSTM":
+        return _lstm_model(shape, np.random.default_rng(seed))
     bias = numpy_helper.from_array(np.zeros(t, np.float32), "B")
     if shape.op == "Gemm":
         return _model(helper.make_node("Gemm", ["x", "W", "B"], ["y"], name="gemm", transB=1),
@@ -133,7 +150,23 @@ def single_conv_model(shape: LayerShape, seed: int = 0, kernel: np.ndarray | Non
     else:
         attrs["auto_pad"] = shape.auto_pad
     node = helper.make_node("Conv", ["x", "W", "B"], ["y"], name="conv", **attrs)
-    return _model(node, [batch, s * shape.group, *shape.input_hw], weight, bias)
+    return _model(node, _input_dims(shape, batch), weight, bias)
+
+
+def _lstm_model(shape: LayerShape, rng: np.random.Generator) -> onnx.ModelProto:
+    """One LSTM of this shape with random weights (small enough that its gates do not saturate)."""
+    directions, inputs, _ = shape.recurrent
+    hidden = shape.kernel[1] // directions
+    arrays = {"W": (directions, 4 * hidden, inputs), "R": (directions, 4 * hidden, hidden), "B": (directions, 8 * hidden)}
+    weights = [numpy_helper.from_array((rng.standard_normal(dims) / np.sqrt(hidden)).astype(np.float32), name)
+               for name, dims in arrays.items()]
+    node = helper.make_node("LSTM", ["x", "W", "R", "B"], ["y"], name="lstm", hidden_size=hidden,
+                            direction="bidirectional" if directions == 2 else "forward")
+    graph = helper.make_graph([node], "layer", [helper.make_tensor_value_info("x", 1, _input_dims(shape))],
+                              [helper.make_tensor_value_info("y", 1, None)], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    return model
 
 
 def _model(node: onnx.NodeProto, input_shape: list, weight: onnx.TensorProto, bias: onnx.TensorProto
@@ -153,6 +186,9 @@ def chain_model(conv: onnx.ModelProto, rank, seed: int = 0, form: str = CP) -> i
     if form == CP:
         def decomposer(k, r):
             return [rng.standard_normal((n, r)) for n in k.shape]
+    elif form == SVD:
+        def decomposer(k, r):  # [U (T, R), V (R, S, kh, kw)]: no solve (an LSTM's recurrence is 4096 x 1024)
+            return [rng.standard_normal((k.shape[0], r)), rng.standard_normal((r, *k.shape[1:]))]
     else:
         def decomposer(k, r):  # any factors of the right shapes: one cheap solve of a random kernel
             if form == TUCKER2:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnx_cp.graph import ConvSite
+from onnx_cp.graph import ConvSite, lstm
 from onnx_cp.graph.sites import conv_bias
 from onnx_cp.lowrank.forms import reconstruct
 from onnx_cp.ranks.latency_model import LayerShape, single_conv_model
@@ -37,13 +37,15 @@ class OutputError:
         input_name = single_input(model, "layer-output errors")
         proto = ir.to_proto(model)
         eligible = [s for s in sites if s.eligible]
-        feeds = [s.node.inputs[0].name for s in eligible]
+        # what each layer's weight multiplies: a Conv's or Gemm's input, an LSTM's previous states
+        feeds = [(s.node.outputs[0] if s.is_lstm else s.node.inputs[0]).name for s in eligible]
+        as_rows = [_lstm_states(s) if s.is_lstm else None for s in eligible]
         inputs = np.ascontiguousarray(inputs, dtype=np.float32)
         step = fixed_batch(model, input_name) or 1
-        one = tensor_values(proto, feeds, input_name, inputs[:step])
+        one = tensor_values(proto, feeds, input_name, inputs[:step], as_rows=as_rows)
         n = int(np.clip(step * MEMORY_BYTES // max(sum(v.nbytes for v in one), 1), MIN_SAMPLES, len(inputs)))
         self.samples = min(n, len(inputs))
-        values = tensor_values(proto, feeds, input_name, inputs[:self.samples])
+        values = tensor_values(proto, feeds, input_name, inputs[:self.samples], as_rows=as_rows)
         self.activations = {s.name: v.astype(np.float32) for s, v in zip(eligible, values)}
         self.output_norms = {s.name: self._output_norm(s) for s in eligible}
 
@@ -58,7 +60,7 @@ class OutputError:
         is a matrix product (a 1x1 Conv or a Gemm), for data-aware channel SVD; else None. Every
         input position counts (a strided 1x1 Conv reads a subset of them, alike in distribution)."""
         x = self.activations[site.name]
-        if site.is_gemm:
+        if site.is_matrix:
             rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
             return [rows.T @ rows]
         if site.kernel.shape[2:] != (1, 1):
@@ -72,6 +74,8 @@ class OutputError:
         return grams
 
     def _output_norm(self, site: ConvSite) -> float:
+        """||K x + b||: for an LSTM, of its recurrence's share of the gates (the input projection
+        and the bias, left exact, do not count)."""
         output = self._conv(site, site.kernel)
         bias = conv_bias(site)
         if bias is not None:
@@ -80,9 +84,14 @@ class OutputError:
 
     def _conv(self, site: ConvSite, kernel: np.ndarray) -> np.ndarray:
         x = self.activations[site.name]
-        if site.is_gemm:
+        if site.is_matrix:
             return x.astype(np.float64) @ np.asarray(kernel, np.float64).reshape(kernel.shape[0], -1).T
         shape = dataclasses.replace(LayerShape.of(site), input_hw=tuple(x.shape[2:]))
         model = single_conv_model(shape, kernel=kernel, batch="N")
         (output,) = tensor_values(model, ["y"], "x", x)
         return output.astype(np.float64)
+
+
+def _lstm_states(site: ConvSite):
+    reverse = [d == "reverse" for d in lstm.directions(site.node)]
+    return lambda y: lstm.joint_previous_states(y, reverse)
