@@ -698,11 +698,11 @@ def _run_shapes(model: ir.Model, proto: onnx.ModelProto, input_shapes: dict[str,
                 known: dict[str, list[int]]) -> dict[str, list[int]]:
     """The shapes of layer inputs and outputs that inference left open, from one onnxruntime run on
     random inputs (a CRNN's Gemm behind a Reshape computed from Shape ops: without its row count, its
-    MACs and isolated timing would be guesses)."""
+    MACs and isolated timing would be guesses; its LSTM's sequence length, which its splice unrolls)."""
     from onnx_cp.runtime.inputs import measured_feeds
     from onnx_cp.runtime.session import run_source
 
-    layers = [node for node in proto.graph.node if node.op_type in ("Conv", "Gemm") and node.input and node.output]
+    layers = [node for node in proto.graph.node if node.op_type in ("Conv", "Gemm", "LSTM") and node.input and node.output]
     wanted = [n for node in layers for n in (node.input[0], node.output[0]) if n and n not in known]
     if not wanted:
         return {}

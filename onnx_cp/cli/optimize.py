@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import argparse
 from pathlib import Path
 
@@ -293,10 +295,12 @@ def format_report(report: dict) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
     totals = report["totals"]
     before, after = totals["conv_macs_before"], totals["conv_macs_after"]
-    gemms = sum(row.get("op") == "Gemm" for row in report["layers"])
-    kinds = f"layers ({totals['convs'] - gemms} Conv, {gemms} Gemm)" if gemms else "Conv layers"
+    ops = Counter(row.get("op", "Conv") for row in report["layers"])
+    others = sorted(op for op in ops if op != "Conv")
+    kinds = f"layers ({', '.join(f'{ops[op]} {op}' for op in ['Conv', *others] if ops[op])})" if others \
+        else "Conv layers"
     lines.append(
-        f"\n{totals['decomposed']} of {totals['convs']} {kinds} decomposed; {'their' if gemms else 'conv'} MACs "
+        f"\n{totals['decomposed']} of {totals['convs']} {kinds} decomposed; {'their' if others else 'conv'} MACs "
         f"{_count(before)} -> {_count(after)}" + (f" ({before / after:.2f}x fewer)" if after else "")
         + f"; parameters {_count(totals['params_before'])} -> {_count(totals['params_after'])}"
     )
