@@ -36,3 +36,27 @@ def test_the_pass_through_model_takes_the_layers_input(shape):
     x = np.random.default_rng(0).standard_normal(dims).astype(np.float32)
     np.testing.assert_array_equal(passing.run(None, {"x": x})[0], x)
     assert conv.run(None, {"x": x})[0].shape[0] == dims[0]
+
+
+def test_an_lstm_is_timed_as_its_own_op_against_its_unrolled_low_rank_splice():
+    """The isolated models of an LSTM site: the LSTM op of its shape, its unrolled chain at a rank,
+    and the pass-through, all taking the site's (T, N, I) input."""
+    import onnx_ir as ir
+
+    from test_lstm import _sites, lstm_model
+    from onnx_cp.ranks.latency_model import chain_model
+
+    _, (site,) = _sites(lstm_model("bidirectional", steps=3, batch=1, inputs=5, hidden=8))
+    shape = LayerShape.of(site)
+    assert shape.op == "LSTM" and shape.recurrent == (2, 5, 3) and shape.input_hw == (3, 1)
+    layer = single_conv_model(shape)
+    chain = ir.to_proto(chain_model(layer, 4, form="svd"))
+    assert "LSTM" not in {n.op_type for n in chain.graph.node}
+    x = np.random.default_rng(0).standard_normal((3, 1, 5)).astype(np.float32)
+    for model in (layer, chain, pass_through_model(shape)):
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        assert session.get_inputs()[0].shape == [3, 1, 5]
+        session.run(None, {"x": x})
+    y_layer = ort.InferenceSession(layer.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    y_chain = ort.InferenceSession(chain.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert y_chain.shape == y_layer.shape == (3, 2, 1, 8)
