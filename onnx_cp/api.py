@@ -25,7 +25,7 @@ from onnx_cp.ranks import error_budget, search
 from onnx_cp.ranks.policy import QualityBudget
 from onnx_cp.ranks.solve import Refiner, make_solver
 from onnx_cp.runtime import model_io
-from onnx_cp.runtime.inputs import fill_input_shapes, real_inputs, set_input_shapes
+from onnx_cp.runtime.inputs import fill_input_shapes, pin_input_shapes, real_inputs, set_input_shapes
 from onnx_cp.runtime.verify import verify_rewrite
 from onnx_cp.settings import (
     AccuracyBudget,
@@ -212,6 +212,12 @@ class _Run:
         model = self.original.clone()
         plan = Plan(plan.layers, {**plan.refusals, **self.filtered})
         result = CPConvPass(plan, sites=find_conv_sites(model, self.value_shapes))(model)
+        unrolled = [o for o in result.outcomes if o.op == "LSTM" and o.status == "decomposed"]
+        if unrolled:
+            # its steps hold for these input shapes only: any other must be refused, not misread
+            fixed = pin_input_shapes(model, self.shapes)
+            for outcome in unrolled:
+                outcome.extra["inputs_fixed"] = fixed
         return model, result.outcomes
 
     def build_model(self, plan: Plan) -> ir.Model:

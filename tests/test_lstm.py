@@ -214,3 +214,30 @@ def test_layer_output_error_reads_the_states_the_recurrence_multiplies():
     approx = result.factors[0] @ result.factors[1].reshape(3, -1)
     expected = np.linalg.norm(states @ (k - approx).T) / np.linalg.norm(states @ k.T)
     assert errors(site, [result]) == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_model_whose_lstm_is_unrolled_takes_only_the_input_shape_it_was_unrolled_for(tmp_path):
+    """The sequence length is symbolic in the model and fixed by --input-shape; unrolled, the model
+    would misread any other length, so its input is pinned and onnxruntime refuses the rest."""
+    from onnx_cp import optimize
+    from onnx_cp.ranks.policy import ExplicitRanks
+    from onnx_cp.settings import MeasureSettings, SolverSettings
+
+    model = lstm_model("bidirectional", steps=6, batch=1, initial=False, outputs=("y",))
+    model.graph.input[0].name = "batch_first"
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[0].dim_value, dims[1].dim_param = 1, "T"
+    model.graph.node.insert(0, helper.make_node("Transpose", ["batch_first"], ["x"], perm=[1, 0, 2]))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", 1, ["T", 2, 1, 4]))
+    path = tmp_path / "rnn.onnx"
+    onnx.save(model, path)
+    result = optimize(str(path), ExplicitRanks(per_layer={"rnn": 4}), solver=SolverSettings(decomposition="svd", workers=1),
+                      measure=MeasureSettings(input_shapes={"batch_first": [1, 6, 3]}))
+    (row,) = [r for r in result.report["layers"] if r["name"] == "rnn"]
+    assert row["status"] == "decomposed" and row["op"] == "LSTM" and row["inputs_fixed"] == {"batch_first": [1, 6, 3]}
+    written = ir.to_proto(result.model)
+    session = ort.InferenceSession(written.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((1, 6, 3)).astype(np.float32)
+    assert session.run(None, {"batch_first": x})[0].shape == (6, 2, 1, 4)
+    with pytest.raises(Exception, match="dimensions"):
+        session.run(None, {"batch_first": np.zeros((1, 7, 3), np.float32)})

@@ -73,6 +73,18 @@ def set_input_shapes(proto: onnx.ModelProto, shapes: dict[str, list[int]]) -> No
                 dims.add().dim_value = d
 
 
+def pin_input_shapes(model: ir.Model, shapes: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Give the model's real inputs these concrete shapes (onnxruntime then refuses any other);
+    returns the shapes written."""
+    fixed = {}
+    for value in real_inputs(model):
+        dims = shapes.get(value.name)
+        if dims and all(isinstance(d, int) and d > 0 for d in dims):
+            value.shape = ir.Shape(list(dims))
+            fixed[value.name] = list(dims)
+    return fixed
+
+
 def random_inputs(
     model: ir.Model, input_shapes: dict[str, list[int]] | None = None, seed: int = 0
 ) -> dict[str, np.ndarray]:
