@@ -165,3 +165,15 @@ def test_every_form_solves_through_the_registry():
         approx = form.reconstruct(solution.factors)
         assert solution.rel_error == pytest.approx(np.linalg.norm(kernel - approx) / np.linalg.norm(kernel), rel=1e-6)
         assert 0 < solution.rel_error < 1
+
+
+def test_a_menu_solving_one_matrix_at_many_ranks_gets_each_ranks_own_svd():
+    """The SVD is kept for the last matrix: every rank is the truncation of that matrix's own
+    SVD, and a new matrix is decomposed anew (not served the last one's factors)."""
+    rng = np.random.default_rng(0)
+    first, second = rng.standard_normal((2, 40, 30, 1, 1))
+    for kernel in (first, second, first):
+        for rank in (3, 7):
+            u, v = channel_svd(kernel, rank).factors
+            left, sigma, right = np.linalg.svd(kernel[:, :, 0, 0], full_matrices=False)
+            np.testing.assert_allclose(u @ v[:, :, 0, 0], (left[:, :rank] * sigma[:rank]) @ right[:rank], atol=1e-10)

@@ -5,6 +5,8 @@ offered on the search menus as SVD only."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -199,3 +201,23 @@ def test_rows_that_shape_inference_cannot_see_come_from_a_run():
     row, = result.report["layers"]
     assert row["macs_before"] == 24 * n * k
     assert row["status"] == "decomposed" and row["macs_after"] == 24 * rank * (n + k)
+
+
+def test_a_matrix_menu_holds_every_block_multiple_where_a_conv_menu_steps_geometrically():
+    """A Gemm's time follows its rank closely: its menu takes every multiple of the channel block
+    up to 16 blocks (those that still cut its MACs enough), a 1x1 conv's only the geometric ones."""
+    from onnx_cp.ranks.forms import FINE_MULTIPLES, form_ranks
+    from onnx_cp.ranks.grid import MENU_MULTIPLES
+    from onnx_cp.runtime.cpu import channel_block
+
+    block = channel_block()
+    weight = np.random.default_rng(0).standard_normal((4096, 1024)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "B"], ["y"], name="fc", transB=1)], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [16, 1024])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(weight, "B")])
+    site, = find_conv_sites(ir.from_proto(model_factory.make_model(graph)), {"x": [16, 1024], "y": [16, 4096]})
+    ranks = form_ranks(site, SVD, 1.5)
+    assert [r // block for r in ranks if r <= FINE_MULTIPLES * block] == list(range(1, FINE_MULTIPLES + 1))
+    conv = dataclasses.replace(site, node=ir.node("Conv", []))  # the same kernel as a 1x1 conv
+    assert all(r // block in MENU_MULTIPLES for r in form_ranks(conv, SVD, 1.5))
