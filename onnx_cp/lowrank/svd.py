@@ -119,8 +119,8 @@ _LAST_SVD: dict = {}
 
 def _data_error(matrix: np.ndarray, approx: np.ndarray, gram: np.ndarray) -> float:
     """||(M - A) X|| / ||M X|| from G = X X^T."""
-    def energy(m: np.ndarray) -> float:
-        return float(np.einsum("td,de,te->", m, gram, m))
+    def energy(m: np.ndarray) -> float:  # tr(m G m^T), as one matrix product (a 3-operand einsum
+        return float(np.sum((m @ gram) * m))  # loops in C: 8 s for a CRNN's 8210 x 1024 classifier)
     total = energy(matrix)
     return math.sqrt(max(energy(matrix - approx), 0.0) / total) if total > 0 else 0.0
 

@@ -10,6 +10,7 @@ strides, pads, dilations and groups.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -48,17 +49,30 @@ class OutputError:
         values = tensor_values(proto, feeds, input_name, inputs[:self.samples], as_rows=as_rows)
         self.activations = {s.name: v.astype(np.float32) for s, v in zip(eligible, values)}
         self.output_norms = {s.name: self._output_norm(s) for s in eligible}
+        self._grams: dict[str, list[np.ndarray]] = {}
 
     def __call__(self, site: ConvSite, group_results: Sequence[object]) -> float:
         approx = np.concatenate([reconstruct(r) for r in group_results])
-        difference = self._conv(site, site.kernel.astype(np.float64) - approx)
+        delta = site.kernel.astype(np.float64) - approx
         norm = self.output_norms[site.name]
-        return float(np.linalg.norm(difference)) / norm if norm > 0 else 0.0
+        if site.is_matrix:  # ||D X|| from the Gram matrix: a CRNN's classifier reads 4896 rows of 1024
+            (gram,) = self.grams(site)
+            matrix = delta.reshape(delta.shape[0], -1)
+            moved = math.sqrt(max(float(np.sum((matrix @ gram) * matrix)), 0.0))
+        else:
+            moved = float(np.linalg.norm(self._conv(site, delta)))
+        return moved / norm if norm > 0 else 0.0
 
     def grams(self, site: ConvSite) -> list[np.ndarray] | None:
         """Each group's Gram matrix X X^T of the layer's input vectors on the samples, where the layer
         is a matrix product (a 1x1 Conv or a Gemm), for data-aware channel SVD; else None. Every
-        input position counts (a strided 1x1 Conv reads a subset of them, alike in distribution)."""
+        input position counts (a strided 1x1 Conv reads a subset of them, alike in distribution).
+        Computed once per layer."""
+        if site.name not in self._grams:
+            self._grams[site.name] = self._compute_grams(site)
+        return self._grams[site.name]
+
+    def _compute_grams(self, site: ConvSite) -> list[np.ndarray] | None:
         x = self.activations[site.name]
         if site.is_matrix:
             rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
