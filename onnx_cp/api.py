@@ -300,7 +300,7 @@ class _Run:
         result: dict = {"target_speedup": policy.target, "measured_speedup": round(speedup, 3)}
         if policy.within is None:
             return result
-        if speedup < policy.target * (1 - search.SPEEDUP_MARGIN):
+        if speedup < search.confirmed_speedup(policy.target):
             raise BudgetError(f"the final model measured {speedup:.2f}x, short of the {policy.target:g}x target; "
                               "nothing written")
         bound = _quality_limit(policy.within)
@@ -643,7 +643,7 @@ def _speed_cost(policy: SpeedupTarget, accuracy: dict | None) -> list[str]:
 def _speed_short(target: dict) -> list[str]:
     """A speed target alone is not a gate, but a final model measured short of it is said loudly."""
     measured, wanted = target["measured_speedup"], target["target_speedup"]
-    if measured >= wanted * (1 - search.SPEEDUP_MARGIN):
+    if measured >= search.confirmed_speedup(wanted):
         return []
     return [f"the final model measured {measured:.2f}x, short of the {wanted:g}x target (the search measured "
             "its plan faster; see the report's search and quantize entries)"]

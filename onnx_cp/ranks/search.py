@@ -258,6 +258,12 @@ def aimed_speedup(target: float) -> float:
     return target * (1 + SPEEDUP_MARGIN)
 
 
+def confirmed_speedup(target: float) -> float:
+    """What a model aimed at `target` must measure again to be taken: SPEEDUP_MARGIN below it, as
+    one measurement's noise on a quiet 2-core machine reaches 6%."""
+    return target * (1 - SPEEDUP_MARGIN)
+
+
 def search_speedup(
     menus: Sequence[LayerMenu],
     timing: Timing,
@@ -302,13 +308,15 @@ def search_speedup(
         bisect_frontier(len(frontier), lambda i: measure(frontier[i][1], "bisect") >= required,
                         first=predicted_fast[-1] if predicted_fast else 0, accepted_first=True)
         _spend_surplus(menus, rest, measured, required, measure)
-    # the most accurate of those with the margin, else of those without, once measured again
+    # the most accurate of those with the margin, else of those without, once measured again and
+    # held to what the final check allows (charnet's main job: its 8.84x plan read 8.34x once, and
+    # the next plan, a 20x one, then lost 1.7 points)
     met = sorted((m for m in measured if m[0] >= target), key=lambda m: (m[0] < required, m[1]))
     for _, _, plan, model in met[:CONFIRMATIONS]:
         again = measure_speedup(model)
         trace.append({**next(t for t in trace if t["ranks"] == {n: o.label for n, o in plan.items()}),
                       "attempt": len(trace) + 1, "step": "confirm", "measured": again})
-        if again >= target:
+        if again >= confirmed_speedup(target):
             return to_plan(plan, f"chosen for a measured {target:g}x speed-up", KEPT_FOR_SPEED), model, trace
     fastest = timing.total_ms / fastest_time(menus, rest)
     measured_best = max((t["measured"] for t in trace), default=None)
