@@ -15,8 +15,9 @@ site's kernel is the joint recurrence: block-diagonal, rows in the order (gate, 
 columns (direction, unit). Any rank-r factors of it are exact in this splice; its truncated SVD
 shares the rank out between the directions by their singular values, and with the states' Gram
 matrix (ranks/output_error.py) it is the rank-r recurrence that moves the gates least on that data.
-Measured on that CRNN, alone in the model (64 held-out lines, data-aware factors): rank 128 keeps
-91% of the decoded strings at 1.98x the model's speed, rank 192 95% at 1.44x, rank 256 98% at 1.20x.
+On that CRNN, with only its LSTM decomposed, the model measured 1.51x at rank 128 and 1.30x at rank
+192 [AVX-512 VNNI, AMX], keeping 87-95% of 64 held-out lines' decoded strings depending on the rank
+and on the lines its states were gathered from (benchmarks/results/real_models_notes.md).
 
 Only the LSTM the ONNX standard defines by default is taken: sigmoid/tanh/tanh, no clip, no
 peepholes, no input_forget, no sequence_lens, time-major layout, and a sequence length the model's
@@ -86,21 +87,23 @@ def lstm_refusal(node: ir.Node, main_graph: ir.Graph, steps: int | None) -> str 
 
 def sequence_length(node: ir.Node, shapes: Mapping[str, Sequence[int]]) -> int | None:
     """T of the LSTM's input X (T, N, I), when the shapes (or X's own shape) fix it."""
+    return _input_dim(node, shapes, 0)
+
+
+def batch_size(node: ir.Node, shapes: Mapping[str, Sequence[int]]) -> int | None:
+    return _input_dim(node, shapes, 1)
+
+
+def _input_dim(node: ir.Node, shapes: Mapping[str, Sequence[int]], axis: int) -> int | None:
     x = node.inputs[0] if node.inputs else None
     if x is None:
         return None
     shape = shapes.get(x.name)
     if shape is None and x.shape is not None:
         shape = [d if isinstance(d, int) else None for d in x.shape.dims]
-    if shape is None or len(shape) != 3 or not isinstance(shape[0], int) or shape[0] <= 0:
+    if shape is None or len(shape) != 3 or not isinstance(shape[axis], int) or shape[axis] <= 0:
         return None
-    return int(shape[0])
-
-
-def batch_size(node: ir.Node, shapes: Mapping[str, Sequence[int]]) -> int | None:
-    x = node.inputs[0]
-    shape = shapes.get(x.name) or ([d if isinstance(d, int) else None for d in x.shape.dims] if x.shape else None)
-    return int(shape[1]) if shape is not None and len(shape) == 3 and isinstance(shape[1], int) else None
+    return int(shape[axis])
 
 
 def joint_recurrence(recurrence: np.ndarray) -> np.ndarray:

@@ -110,12 +110,7 @@ def _layer_ratio(chain_ms: float, conv_ms: float, fixed_ms: float) -> float:
 
 def pass_through_model(shape: LayerShape) -> onnx.ModelProto:
     """The fixed cost of a one-layer model of this shape: its input returned as it is."""
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "pass_through",
-                              [helper.make_tensor_value_info("x", 1, _input_dims(shape))],
-                              [helper.make_tensor_value_info("y", 1, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 10
-    return model
+    return _one_node_model(helper.make_node("Identity", ["x"], ["y"]), _input_dims(shape), [])
 
 
 def _input_dims(shape: LayerShape, batch: int | str = 1) -> list:
@@ -139,9 +134,9 @@ def single_conv_model(shape: LayerShape, seed: int = 0, kernel: np.ndarray | Non
         return _lstm_model(shape, np.random.default_rng(seed))
     bias = numpy_helper.from_array(np.zeros(t, np.float32), "B")
     if shape.op == "Gemm":
-        return _model(helper.make_node("Gemm", ["x", "W", "B"], ["y"], name="gemm", transB=1),
-                      [shape.input_hw[0], s], numpy_helper.from_array(np.asarray(kernel, np.float32).reshape(t, s), "W"),
-                      bias)
+        return _one_node_model(helper.make_node("Gemm", ["x", "W", "B"], ["y"], name="gemm", transB=1),
+                               _input_dims(shape),
+                               [numpy_helper.from_array(np.asarray(kernel, np.float32).reshape(t, s), "W"), bias])
     weight = numpy_helper.from_array(np.asarray(kernel, dtype=np.float32), "W")
     attrs = {"kernel_shape": [kh, kw], "group": shape.group, "strides": list(shape.strides),
              "dilations": list(shape.dilations)}
@@ -150,7 +145,7 @@ def single_conv_model(shape: LayerShape, seed: int = 0, kernel: np.ndarray | Non
     else:
         attrs["auto_pad"] = shape.auto_pad
     node = helper.make_node("Conv", ["x", "W", "B"], ["y"], name="conv", **attrs)
-    return _model(node, _input_dims(shape, batch), weight, bias)
+    return _one_node_model(node, _input_dims(shape, batch), [weight, bias])
 
 
 def _lstm_model(shape: LayerShape, rng: np.random.Generator) -> onnx.ModelProto:
@@ -162,17 +157,13 @@ def _lstm_model(shape: LayerShape, rng: np.random.Generator) -> onnx.ModelProto:
                for name, dims in arrays.items()]
     node = helper.make_node("LSTM", ["x", "W", "R", "B"], ["y"], name="lstm", hidden_size=hidden,
                             direction="bidirectional" if directions == 2 else "forward")
-    graph = helper.make_graph([node], "layer", [helper.make_tensor_value_info("x", 1, _input_dims(shape))],
-                              [helper.make_tensor_value_info("y", 1, None)], weights)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 10
-    return model
+    return _one_node_model(node, _input_dims(shape), weights)
 
 
-def _model(node: onnx.NodeProto, input_shape: list, weight: onnx.TensorProto, bias: onnx.TensorProto
-           ) -> onnx.ModelProto:
+def _one_node_model(node: onnx.NodeProto, input_shape: list, initializers: list) -> onnx.ModelProto:
+    """A model of one node from input x to output y."""
     graph = helper.make_graph([node], "layer", [helper.make_tensor_value_info("x", 1, input_shape)],
-                              [helper.make_tensor_value_info("y", 1, None)], [weight, bias])
+                              [helper.make_tensor_value_info("y", 1, None)], initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 10
     return model

@@ -499,28 +499,23 @@ def search_quality(
     Also returns the menus, with the curves the search ended with."""
     rest = timing.rest_ms(menus)
     trace: list[dict] = []
-    scored: dict[tuple, tuple[float, ir.Model]] = {}
+    scored: dict[tuple, float] = {}  # a plan's measure; its model is kept only while it is the best
     best = None
 
-    def measure(plan: dict[str, Option], speedup: float) -> float:
+    def within(index: int) -> bool:
+        nonlocal best
+        speedup, plan = frontier[index]
         key = _plan_key(plan)
-        if key not in scored:
-            scored[key] = tune_and_score(build(to_plan(plan, "", KEPT_FOR_ACCURACY)))
-            trace.append({"predicted_speedup": speedup, limit.key: scored[key][0],
+        if key not in scored:  # a plan's predicted speed-up does not change between rounds
+            scored[key], model = tune_and_score(build(to_plan(plan, "", KEPT_FOR_ACCURACY)))
+            trace.append({"predicted_speedup": speedup, limit.key: scored[key],
                           "ranks": {n: o.label for n, o in plan.items()}})
-        return scored[key][0]
+            if scored[key] <= limit.limit and (best is None or speedup > best[2]):
+                best = (plan, model, speedup)
+        return scored[key] <= limit.limit
 
     for round_ in range(PROBE_ROUNDS + 1):
-        frontier = plan_frontier(menus, timing, rest)
-
-        def within(index: int) -> bool:
-            nonlocal best
-            speedup, plan = frontier[index]
-            measured = measure(plan, speedup)
-            if measured <= limit.limit and (best is None or speedup > best[2]):
-                best = (plan, scored[_plan_key(plan)][1], speedup)
-            return measured <= limit.limit
-
+        frontier = plan_frontier(menus, timing, rest)  # read by within()
         if frontier:
             bisect_frontier(len(frontier), within, first=0, accepted_first=False)
         faster = [s for s, _ in frontier if best is None or s > best[2] * (1 + 1e-9)]
