@@ -241,3 +241,35 @@ def test_a_model_whose_lstm_is_unrolled_takes_only_the_input_shape_it_was_unroll
     assert session.run(None, {"batch_first": x})[0].shape == (6, 2, 1, 4)
     with pytest.raises(Exception, match="dimensions"):
         session.run(None, {"batch_first": np.zeros((1, 7, 3), np.float32)})
+
+
+def test_int8_leaves_an_unrolled_lstm_float_and_quantizes_the_rest():
+    """A conv before the LSTM is quantized; the unrolled steps, whose states feed every later
+    step, stay float."""
+    from onnx_cp.graph import CPConvPass, plan_with
+    from onnx_cp.lowrank import channel_svd
+    from onnx_cp.quantize import quantize_int8
+
+    rng = np.random.default_rng(0)
+    model = lstm_model("bidirectional", steps=6, batch=1, inputs=8, hidden=4, initial=False, outputs=("y",))
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("img", 1, [1, 4, 1, 6]))
+    model.graph.initializer.append(numpy_helper.from_array(rng.standard_normal((8, 4, 1, 1)).astype(np.float32), "K"))
+    model.graph.node.insert(0, helper.make_node("Conv", ["img", "K"], ["c"], name="conv"))
+    model.graph.node.insert(1, helper.make_node("Transpose", ["c"], ["t"], perm=[3, 0, 1, 2]))  # (6, 1, 8, 1)
+    model.graph.node.insert(2, helper.make_node("Reshape", ["t", "shape"], ["x"]))
+    model.graph.initializer.append(numpy_helper.from_array(np.array([6, 1, 8], np.int64), "shape"))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", 1, [6, 2, 1, 4]))
+    ir_model, sites = _sites(model)
+    lstm_site = next(s for s in sites if s.is_lstm)
+    plan = plan_with([lstm_site], lambda site: 4, lambda k, r: channel_svd(k, r).factors, form="svd")
+    CPConvPass(plan, sites=[lstm_site])(ir_model)
+    quantized = ir.to_proto(quantize_int8(ir_model, rng.standard_normal((32, 4, 1, 6)).astype(np.float32),
+                                          max_output_error=10.0))
+    producers = {o: n for n in quantized.graph.node for o in n.output}
+    unrolled = [n for n in quantized.graph.node if "/lstm/" in n.name and n.op_type == "MatMul"]
+    floats = {i.name for i in quantized.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    assert unrolled and all(n.input[1] in floats for n in unrolled)  # float weights, no DequantizeLinear
+    steps = [n for n in unrolled if "/step" in n.name]
+    assert not any(producers[n.input[0]].op_type == "DequantizeLinear" for n in steps)  # states stay float
+    conv = next(n for n in quantized.graph.node if n.op_type == "Conv")
+    assert producers[conv.input[0]].op_type == "DequantizeLinear"

@@ -45,7 +45,7 @@ from onnx_cp.errors import OnnxCpError, UsageError, first_line
 from onnx_cp.graph import naming
 from onnx_cp.quantize.check import DEFAULT_MAX_OUTPUT_ERROR, Int8Check, measure_int8, raise_if_broken
 from onnx_cp.quantize.equalize import equalize_chains
-from onnx_cp.quantize.mixed import COMPUTE_OPS, float_islands, float_tail, name_unnamed_nodes
+from onnx_cp.quantize.mixed import COMPUTE_OPS, float_islands, float_tail, name_unnamed_nodes, recurrent_nodes
 from onnx_cp.quantize.sensitivity import rank_by_added_error
 from onnx_cp.quantize.target import DEFAULT_TARGET, check_target, weight_precision
 from onnx_cp.runtime import model_io
@@ -195,7 +195,7 @@ def quantize_for_timing(model: model_io.ModelLike, samples: np.ndarray, *, targe
     batches = _calibration_source(samples, len(samples), prepared, input_name)
     with tempfile.TemporaryDirectory(prefix="onnx-cp-calibration-") as folder:
         return _qdq(prepared, _Batches(input_name, batches()), scheme,
-                    {**kept, **float_tail(prepared)}, Path(folder) / "ranges.json")
+                    {**kept, **float_tail(prepared), **recurrent_nodes(prepared)}, Path(folder) / "ranges.json")
 
 
 # The search keeps at most this share of the compute nodes float: beyond it INT8 is not INT8.
@@ -212,7 +212,7 @@ def _quantize_checked(source: ir.Model, input_name: str, batches, scheme: Int8Sc
     a bisection between the last count that failed and the first that passed, since every node kept
     float costs speed (YOLOv8n: 32 float Convs left INT8 at 1.07x, where all INT8 is 1.81x)."""
     prepared = _prepared(source)
-    tail = float_tail(prepared) if keep_float_tail else {}
+    tail = {**(float_tail(prepared) if keep_float_tail else {}), **recurrent_nodes(prepared)}
     with tempfile.TemporaryDirectory(prefix="onnx-cp-calibration-") as folder:
         cache = Path(folder) / "ranges.json"
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from onnx_cp.graph import naming
+from onnx_cp.graph import lstm, naming
 
 # Nodes whose output is a fresh mix of their inputs' channels: each gets its own output scale, and the
 # walk from the outputs stops there. The rest of the tail only moves, merges or maps values.
@@ -31,6 +31,15 @@ SHAPE_OPS = frozenset({"Shape", "Size"})
 def name_unnamed_nodes(model: ir.Model) -> None:
     """Give every unnamed node of the main graph a unique name: onnxruntime excludes nodes by name."""
     naming.name_unnamed_nodes(model.graph, lambda node, index: f"onnx_cp_node_{index}")
+
+
+def recurrent_nodes(model: ir.Model) -> dict[str, str]:
+    """The nodes of an unrolled LSTM (graph/lstm.py), which stay float: name -> why. Not measured
+    in INT8: each step's state feeds every later one, so its rounding would compound over the
+    sequence, and an unrolled LSTM is there for its recurrence's rank, not its precision."""
+    marker = naming.separator(lstm.FORM_NAME)
+    return {node.name: "an unrolled LSTM: its states feed every later step" for node in model.graph
+            if marker in (node.name or "")}
 
 
 def float_tail(model: ir.Model) -> dict[str, str]:
