@@ -221,3 +221,26 @@ def test_a_matrix_menu_holds_every_block_multiple_where_a_conv_menu_steps_geomet
     assert [r // block for r in ranks if r <= FINE_MULTIPLES * block] == list(range(1, FINE_MULTIPLES + 1))
     conv = dataclasses.replace(site, node=ir.node("Conv", []))  # the same kernel as a 1x1 conv
     assert all(r // block in MENU_MULTIPLES for r in form_ranks(conv, SVD, 1.5))
+
+
+def test_a_gemms_output_error_on_data_is_its_rows_error_over_its_biased_outputs():
+    """||(K - K') x|| / ||K x + b|| over every sample's rows, from the rows' statistics alone."""
+    from onnx_cp.ranks.forms import solve_form
+    from onnx_cp.ranks.output_error import OutputError
+
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((24, 40)).astype(np.float32)
+    bias = rng.standard_normal(24).astype(np.float32) * 3
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "B", "C"], ["y"], name="fc", transB=1)], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 40])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 24])],
+                              [numpy_helper.from_array(weight, "B"), numpy_helper.from_array(bias, "C")])
+    model = ir.from_proto(model_factory.make_model(graph))
+    site, = find_conv_sites(model, {"x": [100, 40], "y": [100, 24]})
+    xs = (rng.standard_normal((100, 40)) @ rng.standard_normal((40, 40)) * 0.3).astype(np.float32)
+    errors = OutputError(model, [site], xs)
+    solution = solve_form(site, SVD, 5)
+    u, v = solution[0].factors
+    approx = u @ v.reshape(5, -1)
+    expected = np.linalg.norm(xs @ (weight - approx).T) / np.linalg.norm(xs @ weight.T + bias)
+    assert errors(site, solution) == pytest.approx(expected, rel=1e-5)

@@ -20,8 +20,8 @@ from onnx_cp.graph import ConvSite, lstm
 from onnx_cp.graph.sites import conv_bias
 from onnx_cp.lowrank.forms import reconstruct
 from onnx_cp.ranks.latency_model import LayerShape, single_conv_model
-from onnx_cp.runtime.inputs import fixed_batch
-from onnx_cp.runtime.tensors import single_input, tensor_values
+from onnx_cp.runtime.inputs import fixed_batch, model_batches
+from onnx_cp.runtime.tensors import iter_tensor_values, single_input, tensor_values
 
 DEFAULT_SAMPLES = 256
 # The activations feeding every eligible layer are held in memory: fewer samples for big maps.
@@ -38,18 +38,24 @@ class OutputError:
         input_name = single_input(model, "layer-output errors")
         proto = ir.to_proto(model)
         eligible = [s for s in sites if s.eligible]
-        # what each layer's weight multiplies: a Conv's or Gemm's input, an LSTM's previous states
-        feeds = [(s.node.outputs[0] if s.is_lstm else s.node.inputs[0]).name for s in eligible]
-        as_rows = [_lstm_states(s) if s.is_lstm else None for s in eligible]
+        convs = [s for s in eligible if not s.is_matrix]
         inputs = np.ascontiguousarray(inputs, dtype=np.float32)
+        # a matrix layer (Gemm, LSTM) needs only its rows' Gram matrix, summed over every sample
+        self._rows = _row_statistics(proto, [s for s in eligible if s.is_matrix], input_name, inputs)
+        feeds = [s.node.inputs[0].name for s in convs]
         step = fixed_batch(model, input_name) or 1
-        one = tensor_values(proto, feeds, input_name, inputs[:step], as_rows=as_rows)
+        one = tensor_values(proto, feeds, input_name, inputs[:step]) if convs else []
         n = int(np.clip(step * MEMORY_BYTES // max(sum(v.nbytes for v in one), 1), MIN_SAMPLES, len(inputs)))
-        self.samples = min(n, len(inputs))
-        values = tensor_values(proto, feeds, input_name, inputs[:self.samples], as_rows=as_rows)
-        self.activations = {s.name: v.astype(np.float32) for s, v in zip(eligible, values)}
-        self.output_norms = {s.name: self._output_norm(s) for s in eligible}
+        self.samples = min(n, len(inputs))  # a conv's; a matrix layer's are all of `inputs`
+        self._all_samples = len(inputs)
+        values = tensor_values(proto, feeds, input_name, inputs[:self.samples]) if convs else []
+        self.activations = {s.name: v.astype(np.float32) for s, v in zip(convs, values)}
         self._grams: dict[str, list[np.ndarray]] = {}
+        self.output_norms = {s.name: self._output_norm(s) for s in eligible}
+
+    def samples_for(self, site: ConvSite) -> int:
+        """How many samples the layer's errors are measured on."""
+        return self._all_samples if site.is_matrix else self.samples
 
     def __call__(self, site: ConvSite, group_results: Sequence[object]) -> float:
         approx = np.concatenate([reconstruct(r) for r in group_results])
@@ -73,10 +79,9 @@ class OutputError:
         return self._grams[site.name]
 
     def _compute_grams(self, site: ConvSite) -> list[np.ndarray] | None:
-        x = self.activations[site.name]
         if site.is_matrix:
-            rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
-            return [rows.T @ rows]
+            return [self._rows[site.name].gram]
+        x = self.activations[site.name]
         if site.kernel.shape[2:] != (1, 1):
             return None
         per_group = site.kernel.shape[1]
@@ -90,20 +95,55 @@ class OutputError:
     def _output_norm(self, site: ConvSite) -> float:
         """||K x + b||: for an LSTM, of its recurrence's share of the gates (the input projection
         and the bias, left exact, do not count)."""
-        output = self._conv(site, site.kernel)
         bias = conv_bias(site)
+        if site.is_matrix:  # from the rows' statistics: tr(K G K^T) + 2 b.(K sum x) + n b.b
+            rows = self._rows[site.name]
+            k = site.kernel.astype(np.float64).reshape(site.kernel.shape[0], -1)
+            energy = float(np.sum((k @ rows.gram) * k))
+            if bias is not None:
+                b = bias.astype(np.float64)
+                energy += 2 * float(b @ (k @ rows.total)) + rows.count * float(b @ b)
+            return math.sqrt(max(energy, 0.0))
+        output = self._conv(site, site.kernel)
         if bias is not None:
             output += bias.reshape(1, -1, *([1] * (output.ndim - 2)))
         return float(np.linalg.norm(output))
 
     def _conv(self, site: ConvSite, kernel: np.ndarray) -> np.ndarray:
         x = self.activations[site.name]
-        if site.is_matrix:
-            return x.astype(np.float64) @ np.asarray(kernel, np.float64).reshape(kernel.shape[0], -1).T
         shape = dataclasses.replace(LayerShape.of(site), input_hw=tuple(x.shape[2:]))
         model = single_conv_model(shape, kernel=kernel, batch="N")
         (output,) = tensor_values(model, ["y"], "x", x)
         return output.astype(np.float64)
+
+
+@dataclasses.dataclass
+class _RowStatistics:
+    """A matrix layer's input rows over the samples: X^T X, the sum of the rows, their count."""
+
+    gram: np.ndarray
+    total: np.ndarray
+    count: int
+
+
+def _row_statistics(proto, sites: Sequence[ConvSite], input_name: str, inputs: np.ndarray
+                    ) -> dict[str, _RowStatistics]:
+    """Each matrix layer's row statistics, accumulated batch by batch over every input: what its
+    weight multiplies (a Gemm's input rows, an LSTM's previous joint states)."""
+    if not sites:
+        return {}
+    feeds = [(s.node.outputs[0] if s.is_lstm else s.node.inputs[0]).name for s in sites]
+    convert = [_lstm_states(s) if s.is_lstm else None for s in sites]
+    stats = {s.name: _RowStatistics(0.0, 0.0, 0) for s in sites}
+    batches = model_batches(ir.serde.deserialize_model(proto), input_name, inputs, 64)
+    for part in iter_tensor_values(proto, feeds, input_name, batches):
+        for site, value, rows_of in zip(sites, part, convert):
+            value = rows_of(value) if rows_of else value
+            rows = value.reshape(-1, value.shape[-1]).astype(np.float64)
+            current = stats[site.name]
+            stats[site.name] = _RowStatistics(current.gram + rows.T @ rows, current.total + rows.sum(0),
+                                              current.count + len(rows))
+    return stats
 
 
 def _lstm_states(site: ConvSite):

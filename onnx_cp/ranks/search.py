@@ -151,7 +151,8 @@ def layer_menus(
         shape = latency_model.LayerShape.of(site)
         grams = error_of.grams(site) if error_of is not None else None
         error = error_of if error_of is not None else kernel_error
-        measure = f"layer output error on {error_of.samples} samples" if error_of is not None else "kernel error"
+        measure = f"layer output error on {error_of.samples_for(site)} samples" if error_of is not None \
+            else "kernel error"
         for form in forms:
             ranks = candidate_ranks(site, form)
             ratios = latency_model.form_time_ratios(shape, form, ranks, threads=threads) if ranks else {}
