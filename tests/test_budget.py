@@ -151,17 +151,23 @@ def test_speedup_search_with_the_original_keeps_it_when_it_measures_fast_enough(
     assert not bisected_the_original(without)  # the frontier alone holds plans that decompose something
 
 
-def test_speedup_search_confirms_its_choice_by_measuring_it_again():
-    # the most accurate plan is lucky once (2.2x), then measures its true 1.8x: the next one is chosen
+def _accurate_plans_read(first: float, then: float):
+    """Speed-ups by plan error: the accurate plans (error < 0.35) read `first` once, then `then`;
+    the others always 2.5x."""
     readings: dict[float, int] = {}
 
     def noisy(error):
         readings[error] = readings.get(error, 0) + 1
         if error < 0.35:
-            return 2.2 if readings[error] == 1 else 1.8
+            return first if readings[error] == 1 else then
         return 2.5
 
-    _, _, model, trace = _speed_search(2.0, noisy)
+    return noisy
+
+
+def test_speedup_search_confirms_its_choice_by_measuring_it_again():
+    # the most accurate plan is lucky once (2.2x), then measures its true 1.8x: the next one is chosen
+    _, _, model, trace = _speed_search(2.0, _accurate_plans_read(2.2, then=1.8))
     confirms = [t for t in trace if t["step"] == "confirm"]
     readings = [t["measured"] for t in confirms]
     assert model >= 0.35 and len(readings) >= 2 and readings[-1] == 2.5 and set(readings[:-1]) == {1.8}
@@ -169,15 +175,7 @@ def test_speedup_search_confirms_its_choice_by_measuring_it_again():
 
 def test_a_confirmation_within_the_noise_the_final_check_allows_keeps_the_accurate_plan():
     # 2.1x, then 1.96x again (within 3% of the 2x target): not traded for a faster, worse plan
-    readings: dict[float, int] = {}
-
-    def noisy(error):
-        readings[error] = readings.get(error, 0) + 1
-        if error < 0.35:
-            return 2.1 if readings[error] == 1 else 1.96
-        return 2.5
-
-    _, _, model, trace = _speed_search(2.0, noisy)
+    _, _, model, trace = _speed_search(2.0, _accurate_plans_read(2.1, then=1.96))
     confirms = [t["measured"] for t in trace if t["step"] == "confirm"]
     assert model < 0.35 and confirms == [1.96]
 

@@ -40,16 +40,12 @@ class OutputError:
         eligible = [s for s in sites if s.eligible]
         convs = [s for s in eligible if not s.is_matrix]
         inputs = np.ascontiguousarray(inputs, dtype=np.float32)
-        # a matrix layer (Gemm, LSTM) needs only its rows' Gram matrix, summed over every sample
-        self._rows = _row_statistics(proto, [s for s in eligible if s.is_matrix], input_name, inputs)
-        feeds = [s.node.inputs[0].name for s in convs]
         step = fixed_batch(model, input_name) or 1
-        one = tensor_values(proto, feeds, input_name, inputs[:step]) if convs else []
+        one = tensor_values(proto, [s.node.inputs[0].name for s in convs], input_name, inputs[:step]) if convs else []
         n = int(np.clip(step * MEMORY_BYTES // max(sum(v.nbytes for v in one), 1), MIN_SAMPLES, len(inputs)))
         self.samples = min(n, len(inputs))  # a conv's; a matrix layer's are all of `inputs`
         self._all_samples = len(inputs)
-        values = tensor_values(proto, feeds, input_name, inputs[:self.samples]) if convs else []
-        self.activations = {s.name: v.astype(np.float32) for s, v in zip(convs, values)}
+        self.activations, self._rows = _collect(proto, eligible, input_name, inputs, self.samples)
         self._grams: dict[str, list[np.ndarray]] = {}
         self.output_norms = {s.name: self._output_norm(s) for s in eligible}
 
@@ -126,24 +122,31 @@ class _RowStatistics:
     count: int
 
 
-def _row_statistics(proto, sites: Sequence[ConvSite], input_name: str, inputs: np.ndarray
-                    ) -> dict[str, _RowStatistics]:
-    """Each matrix layer's row statistics, accumulated batch by batch over every input: what its
-    weight multiplies (a Gemm's input rows, an LSTM's previous joint states)."""
-    if not sites:
-        return {}
+def _collect(proto, sites: Sequence[ConvSite], input_name: str, inputs: np.ndarray, conv_samples: int
+             ) -> tuple[dict[str, np.ndarray], dict[str, _RowStatistics]]:
+    """One pass of the model over `inputs`: each conv's input on the first `conv_samples` (held
+    in memory), and each matrix layer's row statistics over all of them, batch by batch (what its
+    weight multiplies: a Gemm's input rows, an LSTM's previous joint states)."""
     feeds = [(s.node.outputs[0] if s.is_lstm else s.node.inputs[0]).name for s in sites]
     convert = [_lstm_states(s) if s.is_lstm else None for s in sites]
-    stats = {s.name: _RowStatistics(0.0, 0.0, 0) for s in sites}
+    held: dict[str, list[np.ndarray]] = {s.name: [] for s in sites if not s.is_matrix}
+    stats = {s.name: _RowStatistics(0.0, 0.0, 0) for s in sites if s.is_matrix}
     batches = model_batches(ir.serde.deserialize_model(proto), input_name, inputs, 64)
-    for part in iter_tensor_values(proto, feeds, input_name, batches):
+    seen = 0
+    for batch, part in zip(batches, iter_tensor_values(proto, feeds, input_name, batches)):
         for site, value, rows_of in zip(sites, part, convert):
+            if not site.is_matrix:
+                if seen < conv_samples:
+                    held[site.name].append(value)
+                continue
             value = rows_of(value) if rows_of else value
             rows = value.reshape(-1, value.shape[-1]).astype(np.float64)
             current = stats[site.name]
             stats[site.name] = _RowStatistics(current.gram + rows.T @ rows, current.total + rows.sum(0),
                                               current.count + len(rows))
-    return stats
+        seen += len(batch)
+    activations = {name: np.concatenate(parts)[:conv_samples].astype(np.float32) for name, parts in held.items()}
+    return activations, stats
 
 
 def _lstm_states(site: ConvSite):

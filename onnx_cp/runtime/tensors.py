@@ -3,7 +3,7 @@ and calibration)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -34,16 +34,12 @@ def iter_tensor_values(model: onnx.ModelProto, names: Sequence[str], input_name:
 
 
 def tensor_values(model: onnx.ModelProto, names: Sequence[str], input_name: str, inputs: np.ndarray,
-                  batch_size: int = 64, as_rows: Sequence[Callable[[np.ndarray], np.ndarray] | None] | None = None,
-                  ) -> list[np.ndarray]:
+                  batch_size: int = 64) -> list[np.ndarray]:
     """The intermediate tensors `names` of a one-input `model` on all of `inputs`, in batches of
     `batch_size` or of the model's fixed batch size (a CRNN exported for exactly 1 line; see
-    inputs.model_batches), joined on their first axis; `as_rows[i]`, when given, converts tensor i
-    batch by batch first (an LSTM's Y holds its batch on axis 2)."""
+    inputs.model_batches)."""
     batches = model_batches(ir.serde.deserialize_model(model), input_name, inputs, batch_size)
-    convert = list(as_rows or []) + [None] * len(names)
-    parts = [[convert[i](v) if convert[i] else v for i, v in enumerate(part)]
-             for part in iter_tensor_values(model, names, input_name, batches)]
+    parts = list(iter_tensor_values(model, names, input_name, batches))
     return [np.concatenate([part[i] for part in parts]) for i in range(len(names))]
 
 
