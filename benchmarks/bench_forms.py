@@ -69,6 +69,7 @@ def run_one(path: Path, target: float | OutputErrorBudget, decomposition: str, w
             "forms": dict(Counter(r["form"] for r in rows)),
             "layers": {r["name"]: [r["form"], r["rank"], round(r["rel_error"], 3)] for r in rows},
             "search_measured": max((t.get("measured", 0) for t in _attempts(result.report["search"])), default=None),
+            "trace": [{k: v for k, v in t.items() if k != "sensitivity"} for t in _attempts(result.report["search"])],
             "kernel_error_sum": round(sum(r["rel_error"] for r in rows), 3)}
 
 

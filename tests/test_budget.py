@@ -17,7 +17,7 @@ from onnx_cp.errors import BudgetError
 from onnx_cp.measure.outputs import compare_on_data
 from onnx_cp.lowrank.forms import SVD
 from onnx_cp.ranks.forms import rank_label
-from onnx_cp.ranks.search import (SPEEDUP_MARGIN, LayerMenu, LossCurve, Option, QualityLimit, Timing,
+from onnx_cp.ranks.search import (FINALISTS, SPEEDUP_MARGIN, LayerMenu, LossCurve, Option, QualityLimit, Timing,
                                   plan_for_time, plan_frontier, probe_planned_options, search_quality,
                                   search_speedup, with_sensitivities)
 from onnx_cp.ranks.solve import Solved
@@ -404,6 +404,36 @@ def test_quality_search_reaches_the_most_accurate_plan_when_every_faster_one_fai
     assert sum(o.error for o in most_accurate.values()) == pytest.approx(0.1)
     assert measured[-1] == tuple(sorted((n, o.rank) for n, o in most_accurate.items() if o.rank is not None))
     assert len(measured) == len(set(measured))
+
+
+def test_a_quality_search_measures_its_finalists_together_and_keeps_the_fastest_measured():
+    """Only the plan predicted fastest fails, so the bisection accepts several on its way back; the
+    ones predicted fastest are measured in one run, where the prediction's order is reversed."""
+    timing = Timing(total_ms=14.0, layer_ms={"big": 10.0, "small": 2.0})
+    limit = QualityLimit("output_error", 1.0, "output error")
+    frontier = plan_frontier(MENUS, timing, timing.rest_ms(MENUS))
+    fastest = {n: o.rank for n, o in frontier[0][1].items() if o.rank is not None}
+    runs = []
+
+    def score(plan):
+        return (2.0 if {n: lp.rank for n, lp in plan.layers.items()} == fastest else 0.5), plan
+
+    def measure_speedups(plans):  # measured order: the reverse of the predicted one
+        runs.append(plans)
+        return [1.0 + k for k in range(len(plans))]
+
+    plan, _, trace, _ = search_quality(MENUS, timing, limit, lambda plan: plan, score,
+                                       measure_speedups=measure_speedups)
+    assert len(runs) == 1 and 1 < len(runs[0]) <= FINALISTS
+    chosen = runs[0][-1]
+    assert plan.layers.keys() == chosen.layers.keys()
+    assert all("fastest measured" in lp.note for lp in plan.layers.values())
+    measured = [t for t in trace if "measured_speedup" in t]
+    assert len(measured) == len(runs[0])
+    best = max(measured, key=lambda t: t["measured_speedup"])
+    assert best["predicted_speedup"] == min(t["predicted_speedup"] for t in measured)
+    assert {n: lp.rank for n, lp in plan.layers.items()} == \
+        {n: label for n, label in best["ranks"].items() if label is not None}
 
 
 def test_quality_search_refuses_when_no_plan_fits():
