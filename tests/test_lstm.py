@@ -101,6 +101,35 @@ def test_low_rank_factors_of_the_joint_recurrence_are_what_the_unrolled_lstm_com
     np.testing.assert_allclose(got, _numpy_lstm(model, x, factors[0] @ factors[1]), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("within_directions", [True, False])
+def test_factors_within_directions_take_a_product_per_direction_and_others_the_joint_one(within_directions):
+    """The SVD of the block-diagonal recurrence keeps each component in one direction: the splice
+    then multiplies by each direction's U_d (r_d x 4H) and drops the joint U, half of it zeros.
+    Factors that span directions keep the joint product. Both equal the numpy LSTM."""
+    model = lstm_model("bidirectional", steps=4, batch=2, initial=False)
+    v, u = exact_factors(model)
+    left, s, right = np.linalg.svd(u.T @ v.T, full_matrices=False)  # the joint matrix (4DH, DH)
+    rank = 5
+    factors = ((right[:rank].T * s[:rank]), left[:, :rank].T)  # V (DH, r), U (r, 4DH)
+    if not within_directions:
+        factors = (factors[0] + 0.1 * np.random.default_rng(0).standard_normal(factors[0].shape), factors[1])
+    split = lstm.direction_factors(*factors, 2)
+    assert (split is not None) == within_directions
+    proto = unrolled(model, factors)
+    names = {n.name for n in proto.graph.node}
+    initializers = {i.name: tuple(i.dims) for i in proto.graph.initializer}
+    if within_directions:
+        assert {"rnn/lstm/step1/out0", "rnn/lstm/step1/out1"} <= names and "u" not in initializers
+        assert sorted(initializers[f"rnn/lstm/u{k}"][0] for k in (0, 1)) == sorted(f[0].shape[1] for f in split)
+        assert sum(initializers[f"rnn/lstm/u{k}"][0] for k in (0, 1)) == rank
+        assert all(initializers[f"rnn/lstm/u{k}"][1] == 4 * 4 for k in (0, 1))  # 4H, hidden 4
+    else:
+        assert "rnn/lstm/step1/out0" not in names and initializers["u"] == (rank, 4 * 2 * 4)
+    x = feeds(model)["x"]
+    (got, *_) = run(proto, {"x": x})
+    np.testing.assert_allclose(got, _numpy_lstm(model, x, factors[0] @ factors[1]), rtol=1e-4, atol=1e-5)
+
+
 def _numpy_lstm(model, x, joint_t):
     arrays = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
     w_t, bias = lstm.joint_input_weights(arrays["W"], arrays["B"])
@@ -208,7 +237,9 @@ def test_layer_output_error_reads_the_states_the_recurrence_multiplies():
                              for x in xs])
     assert states.shape == (10 * 5, 8)
     (gram,) = errors.grams(site)
-    np.testing.assert_allclose(gram, states.T.astype(np.float64) @ states, rtol=1e-4)
+    full = states.T.astype(np.float64) @ states
+    np.testing.assert_allclose(gram, lstm.within_directions(full, 2), rtol=1e-4)
+    assert np.abs(full[:4, 4:]).max() > 0 and not gram[:4, 4:].any()  # the blocks between directions are left out
     result = solve_form(site, "svd", 3, grams=[gram])[0]
     k = site.kernel[:, :, 0, 0].astype(np.float64)
     approx = result.factors[0] @ result.factors[1].reshape(3, -1)

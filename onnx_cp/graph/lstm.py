@@ -136,6 +136,47 @@ def joint_previous_states(y: np.ndarray, reverse: Sequence[bool]) -> np.ndarray:
     return np.concatenate(steps) if steps else np.zeros((0, d * h), y.dtype)
 
 
+def within_directions(gram: np.ndarray, d: int) -> np.ndarray:
+    """The joint states' Gram matrix (DH, DH) without its blocks between directions. The recurrence
+    and its factors from site_factors are block-diagonal, so the error they make,
+    tr(D G D^T), reads only the blocks within a direction; solved against this Gram, the SVD keeps
+    to those blocks too, which the splice's per-direction products need."""
+    h = gram.shape[0] // d
+    masked = np.zeros_like(gram)
+    for k in range(d):
+        masked[k * h:(k + 1) * h, k * h:(k + 1) * h] = gram[k * h:(k + 1) * h, k * h:(k + 1) * h]
+    return masked
+
+
+def direction_factors(v: np.ndarray, u: np.ndarray, d: int) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """The joint factors (V: DH x r, U: r x 4DH, rows (gate, direction, unit)) as each direction's
+    own (V_d: H x r_d, U_d: r_d x 4H) when every rank component lies within one direction (the SVD
+    of the block-diagonal recurrence, with or without within_directions' Gram, up to rounding);
+    None when some component spans directions. Why: each step then reads two matrices of r_d x 4H
+    where the joint product read one of r x 4DH, half of it zeros, and on a 2 MB L2 cache the
+    joint one spills (the CRNN's r = 176: a (176 x 4096) product takes 84 us a step, two (88 x 2048)
+    ones 13 us [AVX-512 VNNI, AMX])."""
+    if d == 1:
+        return [(v, u)]
+    h = v.shape[0] // d
+    v_energy = np.stack([np.square(v[k * h:(k + 1) * h]).sum(0) for k in range(d)])  # (D, r)
+    u_rows = u.reshape(u.shape[0], _GATES, d, h)
+    u_energy = np.stack([np.square(u_rows[:, :, k]).sum((1, 2)) for k in range(d)])  # (D, r)
+    owner = np.argmax(v_energy, axis=0)
+    for energy in (v_energy, u_energy):
+        own = energy[owner, np.arange(energy.shape[1])]
+        if np.any(energy.sum(0) - own > DIRECTION_LEAK * np.maximum(own, np.finfo(np.float64).tiny)):
+            return None
+    factors = []
+    for k in range(d):
+        mine = np.flatnonzero(owner == k)
+        factors.append((v[k * h:(k + 1) * h][:, mine], u_rows[mine][:, :, k].reshape(len(mine), _GATES * h)))
+    return factors
+
+
+DIRECTION_LEAK = 1e-8  # relative energy outside a component's direction that still counts as rounding
+
+
 class _Builder:
     """Nodes and constants of one unrolled LSTM, named <layer>/lstm/<label> and tagged with the layer."""
 
@@ -206,14 +247,13 @@ def splice_unrolled(graph: ir.Graph, layer: str, node: ir.Node, steps: int, weig
     xw = b.one("Add", "x.bias", [projected, b.const("bias", joint_bias)])
     h_prev = _joint_initial(b, inputs[5], "h0", d * hidden)
     c_prev = _joint_initial(b, inputs[6], "c0", d * hidden)
-    v, u = weights
+    recurrence = _Recurrence(b, weights, d, hidden)
     hs = []
     for k in range(steps):
         s = f"step{k}"
         gates = b.one("Gather", f"{s}/x", [xw, b.const(f"{s}/index", np.asarray(k, np.int64))], axis=0)
         if h_prev is not None:
-            recurrent = b.one("MatMul", f"{s}/out", [b.one("MatMul", f"{s}/in", [h_prev, v]), u])
-            gates = b.one("Add", f"{s}/gates", [gates, recurrent])
+            gates = b.one("Add", f"{s}/gates", [gates, recurrence.gates(s, h_prev)])
         i, o, f, c = b.split4(f"{s}/split", gates)
         i, o, f = (b.one("Sigmoid", f"{s}/{g}", [x]) for g, x in (("i", i), ("o", o), ("f", f)))
         cell = b.one("Mul", f"{s}/ic", [i, b.one("Tanh", f"{s}/c", [c])])
@@ -233,6 +273,44 @@ def splice_unrolled(graph: ir.Graph, layer: str, node: ir.Node, steps: int, weig
             per_direction = b.one("Reshape", label, [last, b.ints(label + ".shape", [0, d, hidden])])
             new.append(b.one("Transpose", label + ".layout", [per_direction], perm=[1, 0, 2]))
     ir.convenience.replace_nodes_and_values(graph, node, [node], b.nodes, old, new)
+
+
+class _Recurrence:
+    """h V U, the recurrence's share of the gates (N, 4DH): one product through the joint factors,
+    or, when they lie within directions (direction_factors), h V then each direction's U_d on its
+    components, laid back in the joint order (gate, direction, unit)."""
+
+    def __init__(self, b: _Builder, weights: Sequence[ir.Value], d: int, hidden: int) -> None:
+        self.b, self.d, self.hidden = b, d, hidden
+        self.v, self.u = weights
+        split = direction_factors(constant_array(self.v), constant_array(self.u), d) if d > 1 else None
+        self.parts = None
+        if split is not None and all(v_d.shape[1] for v_d, _ in split):
+            # V's columns in direction order, so that each direction's components are one slice; the
+            # joint U gives way to the U_d
+            by_direction = np.concatenate([np.pad(v_d, ((k * hidden, (d - 1 - k) * hidden), (0, 0)))
+                                           for k, (v_d, _) in enumerate(split)], axis=1)
+            self.v.const_value = ir.tensor(by_direction.astype(constant_array(self.v).dtype), name=self.v.name)
+            b.graph.initializers.pop(self.u.name)
+            ends = np.cumsum([v_d.shape[1] for v_d, _ in split])
+            self.parts = [(b.ints(f"u{k}.starts", [end - v_d.shape[1]]), b.ints(f"u{k}.ends", [end]),
+                           b.const(f"u{k}", u_d)) for k, ((v_d, u_d), end) in enumerate(zip(split, ends))]
+            self.axes = b.ints("u.axes", [1])
+            self.gate_shape = b.ints("u.gates", [0, _GATES, 1, hidden])
+            self.joint_shape = b.ints("u.joint", [0, _GATES * d * hidden])
+
+    def gates(self, step: str, h: ir.Value) -> ir.Value:
+        b = self.b
+        reduced = b.one("MatMul", f"{step}/in", [h, self.v])
+        if self.parts is None:
+            return b.one("MatMul", f"{step}/out", [reduced, self.u])
+        per_direction = []
+        for k, (start, end, u_d) in enumerate(self.parts):
+            mine = b.one("Slice", f"{step}/r{k}", [reduced, start, end, self.axes])
+            gates = b.one("MatMul", f"{step}/out{k}", [mine, u_d])  # (N, 4H), gate-major
+            per_direction.append(b.one("Reshape", f"{step}/g{k}", [gates, self.gate_shape]))
+        joint = b.one("Concat", f"{step}/g", per_direction, axis=2)  # (N, 4, D, H)
+        return b.one("Reshape", f"{step}/out", [joint, self.joint_shape])
 
 
 def _wanted(graph: ir.Graph, value: ir.Value | None) -> bool:

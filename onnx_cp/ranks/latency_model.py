@@ -66,7 +66,9 @@ class LayerShape:
         fields = [self.kernel, self.group, self.input_hw, self.strides, self.dilations, self.pads, self.auto_pad]
         if self.op == "Conv":
             return json.dumps(fields)  # Conv keys as before
-        return json.dumps([*fields, self.op, *([list(self.recurrent)] if self.recurrent else [])])
+        if self.op == "LSTM":  # timed with the per-direction recurrence (graph/lstm.direction_factors)
+            return json.dumps([*fields, self.op, list(self.recurrent), "per direction"])
+        return json.dumps([*fields, self.op])
 
 
 def chain_time_ratios(shape: LayerShape, ranks: Sequence[int], *, threads: int = 1) -> dict[int, float]:
@@ -177,8 +179,11 @@ def chain_model(conv: onnx.ModelProto, rank, seed: int = 0, form: str = CP) -> i
     if form == CP:
         def decomposer(k, r):
             return [rng.standard_normal((n, r)) for n in k.shape]
+    elif form == SVD and sites[0].is_lstm:
+        def decomposer(k, r):  # solved: the SVD of the block-diagonal recurrence keeps to its directions,
+            return FORMS[SVD].solve(k, r)  # which the splice times as per-direction products
     elif form == SVD:
-        def decomposer(k, r):  # [U (T, R), V (R, S, kh, kw)]: no solve (an LSTM's recurrence is 4096 x 1024)
+        def decomposer(k, r):  # [U (T, R), V (R, S, kh, kw)]: no solve (a CRNN's classifier is 8210 x 1024)
             return [rng.standard_normal((k.shape[0], r)), rng.standard_normal((r, *k.shape[1:]))]
     else:
         def decomposer(k, r):  # any factors of the right shapes: one cheap solve of a random kernel

@@ -75,6 +75,8 @@ class OutputError:
         return self._grams[site.name]
 
     def _compute_grams(self, site: ConvSite) -> list[np.ndarray] | None:
+        if site.is_lstm:
+            return [lstm.within_directions(self._rows[site.name].gram, site.blocks)]
         if site.is_matrix:
             return [self._rows[site.name].gram]
         x = self.activations[site.name]
