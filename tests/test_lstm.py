@@ -10,6 +10,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from onnx_cp.graph import lstm
+from onnx_cp.graph.forms import macs_after
 
 
 def lstm_model(direction="bidirectional", steps=5, batch=2, inputs=3, hidden=4, *, initial=True, bias=True,
@@ -180,6 +181,8 @@ def test_an_lstm_is_a_site_whose_kernel_is_its_joint_recurrence():
     np.testing.assert_array_equal(site.kernel[:4, :4, 0, 0], r[0, :4])  # input gate, forward block
     assert not site.kernel[:4, 4:].any()  # no coupling between the directions
     assert site.macs_before() == 5 * 2 * 2 * 16 * 4  # T N D 4H H
+    # rank 3: the joint state through V (DH x 3), then each component into its own direction's 4H gates
+    assert macs_after(site, "svd", 3) == 5 * 2 * (8 * 3 + 3 * 16)
     assert site.refusal_for("cp") and site.refusal_for("svd") is None
 
 

@@ -3,6 +3,7 @@ stage weights from per-group factors, and what a chain costs (MACs, parameters).
 
 from __future__ import annotations
 
+import dataclasses
 from types import ModuleType
 
 from onnx_cp.graph import cp_chain, spatial_svd_chain, svd_chain, tucker2_chain
@@ -14,8 +15,18 @@ Rank = int | tuple[int, int]
 
 
 def macs_after(site: ConvSite, form: str, rank: Rank) -> int:
-    return chain_macs(site, SPLICES[form].layout(site, rank))
+    return chain_macs(site, _layout(site, form, rank))
 
 
 def params_after(site: ConvSite, form: str, rank: Rank) -> int:
-    return chain_params(SPLICES[form].layout(site, rank))
+    return chain_params(_layout(site, form, rank))
+
+
+def _layout(site: ConvSite, form: str, rank: Rank):
+    """The form's stages; an LSTM's last one as its splice runs it, each rank component feeding only
+    its own direction's gates (graph/lstm.direction_factors)."""
+    shapes = SPLICES[form].layout(site, rank)
+    if site.is_lstm:
+        last = shapes[-1]
+        shapes = [*shapes[:-1], dataclasses.replace(last, out_channels=last.out_channels // site.blocks)]
+    return shapes

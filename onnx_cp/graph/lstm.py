@@ -10,11 +10,13 @@ op has no way to take that matrix in factors, so the splice writes the LSTM out 
     i, o, f = sigmoid, c~ = tanh (of the gates' four blocks); C_k = f C_{k-1} + i c~; h_k = o tanh(C_k)
 
 Both directions of a bidirectional LSTM run in lockstep (step k reads time k forwards and time
-T-1-k backwards), so the joint state h = [h_fw, h_bw] (N x DH) takes one product per step, and the
-site's kernel is the joint recurrence: block-diagonal, rows in the order (gate, direction, unit),
-columns (direction, unit). Any rank-r factors of it are exact in this splice; its truncated SVD
-shares the rank out between the directions by their singular values, and with the states' Gram
-matrix (ranks/output_error.py) it is the rank-r recurrence that moves the gates least on that data.
+T-1-k backwards) on the joint state h = [h_fw, h_bw] (N x DH), and the site's kernel is the joint
+recurrence: block-diagonal, rows in the order (gate, direction, unit), columns (direction, unit).
+Any rank-r factors of it are exact in this splice; its truncated SVD shares the rank out between
+the directions by their singular values, and with the states' Gram matrix within directions
+(ranks/output_error.py) it is the rank-r recurrence that moves the gates least on that data. Such
+factors keep every component in one direction, and each direction's U is then its own product
+(direction_factors).
 On that CRNN, with only its LSTM decomposed, the model measured 1.51x at rank 128 and 1.30x at rank
 192 [AVX-512 VNNI, AMX], keeping 87-95% of 64 held-out lines' decoded strings depending on the rank
 and on the lines its states were gathered from (benchmarks/results/real_models_notes.md).
