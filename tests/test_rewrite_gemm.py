@@ -205,7 +205,7 @@ def test_rows_that_shape_inference_cannot_see_come_from_a_run():
 
 def test_a_matrix_menu_holds_every_block_multiple_where_a_conv_menu_steps_geometrically():
     """A Gemm's time follows its rank closely: its menu takes every multiple of the channel block
-    up to 16 blocks (those that still cut its MACs enough), a 1x1 conv's only the geometric ones."""
+    up to FINE_MULTIPLES blocks (those that still cut its MACs enough), a 1x1 conv's only the geometric ones."""
     from onnx_cp.ranks.forms import FINE_MULTIPLES, form_ranks
     from onnx_cp.ranks.grid import MENU_MULTIPLES
     from onnx_cp.runtime.cpu import channel_block

@@ -19,7 +19,7 @@ from onnx_cp.runtime.cpu import channel_block
 # Forms whose solver is closed-form: a menu's solution is already the final one (and with data, the
 # data-aware one), so refinement keeps it.
 EXACT_FORMS = (SVD, SPATIAL_SVD)
-FINE_MULTIPLES = 16  # a matrix's menu holds every multiple of the channel block up to this many
+FINE_MULTIPLES = 32  # a matrix's menu holds every multiple of the channel block up to this many
 QUICK_HOOI_SWEEPS = 10  # from the HOSVD start, trained kernels are within ~1e-3 of converged by then
 Rank = int | tuple[int, int]
 ErrorOf = Callable[[ConvSite, Sequence[object]], float]
@@ -99,7 +99,8 @@ def _grid(limit: int, menu: bool, fine: bool = False) -> list[int]:
     """Ranks up to `limit` on the channel grid (every rank below one block; a menu takes the
     geometric multiples, or the largest power of two below one block; `fine`: every multiple up to
     FINE_MULTIPLES too, for a matrix, whose time follows its rank closely and whose solves are cheap:
-    a CRNN's LSTM measured 1.60x at rank 128 and 1.32x at 192, and a 1.3x target had nothing between)."""
+    a CRNN's LSTM measured 1.60x at rank 128 and 1.32x at 192, and a 1.3x target had nothing between;
+    with per-direction products, rank 256 measured 1.50x and the next option was 384)."""
     if limit < 1:
         return []
     block = channel_block()
