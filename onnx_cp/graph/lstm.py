@@ -138,11 +138,14 @@ def joint_previous_states(y: np.ndarray, reverse: Sequence[bool]) -> np.ndarray:
     return np.concatenate(steps) if steps else np.zeros((0, d * h), y.dtype)
 
 
+DIRECTION_LEAK = 1e-8  # relative energy outside a component's direction that still counts as rounding
+
+
 def within_directions(gram: np.ndarray, d: int) -> np.ndarray:
     """The joint states' Gram matrix (DH, DH) without its blocks between directions. The recurrence
-    and its factors from site_factors are block-diagonal, so the error they make,
-    tr(D G D^T), reads only the blocks within a direction; solved against this Gram, the SVD keeps
-    to those blocks too, which the splice's per-direction products need."""
+    is block-diagonal, and so is any approximation the splice multiplies per direction, so the
+    error D makes, tr(D G D^T), reads only the blocks within a direction; solved against this Gram,
+    the SVD keeps to those blocks too, as direction_factors needs."""
     h = gram.shape[0] // d
     masked = np.zeros_like(gram)
     for k in range(d):
@@ -174,9 +177,6 @@ def direction_factors(v: np.ndarray, u: np.ndarray, d: int) -> list[tuple[np.nda
         mine = np.flatnonzero(owner == k)
         factors.append((v[k * h:(k + 1) * h][:, mine], u_rows[mine][:, :, k].reshape(len(mine), _GATES * h)))
     return factors
-
-
-DIRECTION_LEAK = 1e-8  # relative energy outside a component's direction that still counts as rounding
 
 
 class _Builder:
@@ -283,7 +283,7 @@ class _Recurrence:
     components, laid back in the joint order (gate, direction, unit)."""
 
     def __init__(self, b: _Builder, weights: Sequence[ir.Value], d: int, hidden: int) -> None:
-        self.b, self.d, self.hidden = b, d, hidden
+        self.b = b
         self.v, self.u = weights
         split = direction_factors(constant_array(self.v), constant_array(self.u), d) if d > 1 else None
         self.parts = None
