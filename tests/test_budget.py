@@ -15,7 +15,8 @@ from onnx_cp import api, optimize
 from onnx_cp.cli import main
 from onnx_cp.errors import BudgetError
 from onnx_cp.measure.outputs import compare_on_data
-from onnx_cp.lowrank.forms import SVD
+from onnx_cp.graph.plan import CP
+from onnx_cp.lowrank.forms import SPATIAL_SVD, SVD
 from onnx_cp.ranks.forms import rank_label
 from onnx_cp.ranks.search import (FINALISTS, SPEEDUP_MARGIN, LayerMenu, LossCurve, Option, QualityLimit, Timing,
                                   plan_for_time, plan_frontier, probe_planned_options, search_quality,
@@ -434,6 +435,37 @@ def test_a_quality_search_measures_its_finalists_together_and_keeps_the_fastest_
     assert best["predicted_speedup"] == min(t["predicted_speedup"] for t in measured)
     assert {n: lp.rank for n, lp in plan.layers.items()} == \
         {n: label for n, label in best["ranks"].items() if label is not None}
+
+
+def test_a_quality_search_measures_each_forms_own_plan_beside_the_mixed_ones():
+    """Spatial SVD is predicted faster and more accurate than CP on both layers, so every plan of the
+    whole menus' frontier is SVD; CP alone's plan within the limit is measured beside them, and
+    chosen when it measures fastest (predictions can rank forms wrongly)."""
+    def two_forms(name, original_ms, cp, svd):
+        return LayerMenu(_Site(name), [Option(None, 0.0, original_ms), Option(*cp, form=CP),
+                                       Option(*svd, form=SPATIAL_SVD)])
+
+    menus = [two_forms("big", 10.0, (16, 0.5, 4.0), (16, 0.3, 3.0)),
+             two_forms("small", 2.0, (16, 0.5, 1.5), (8, 0.3, 1.0))]
+    timing = Timing(total_ms=14.0, layer_ms={"big": 10.0, "small": 2.0})
+    limit = QualityLimit("output_error", 1.0, "output error")
+    runs = []
+
+    def score(plan):
+        return sum({CP: 0.5, SPATIAL_SVD: 0.3}[lp.form] for lp in plan.layers.values()), plan
+
+    def measure_speedups(plans):  # the plan of CP alone measures fastest
+        runs.append([{lp.form for lp in p.layers.values()} for p in plans])
+        return [3.0 if forms == {CP} else 2.0 for forms in runs[-1]]
+
+    plan, _, trace, _ = search_quality(menus, timing, limit, lambda plan: plan, score,
+                                       measure_speedups=measure_speedups)
+    assert all(o.form == SPATIAL_SVD for _, p in plan_frontier(menus, timing, 2.0) for o in p.values()
+               if o.rank is not None)
+    assert len(runs) == 1 and {CP} in runs[0] and {SPATIAL_SVD} in runs[0]
+    assert {lp.form for lp in plan.layers.values()} == {CP} and set(plan.layers) == {"big", "small"}
+    assert "each form's alone" in plan.layers["big"].note
+    assert any(t.get("form") == CP and t["measured_speedup"] == 3.0 for t in trace)
 
 
 def test_quality_search_refuses_when_no_plan_fits():
