@@ -505,8 +505,8 @@ def search_quality(
     output error of 0.1 were slower than CP alone's, though every CP plan was on their menu.
     With `measure_speedups(models)` (their measured speed-ups, in one interleaved run), the
     FINALISTS plans within the limit predicted fastest are measured and the fastest is chosen; with
-    several forms on the menus, beside them the plan each form alone reaches within the limit (its
-    own frontier, bisected the same way), so a menu that holds CP's options can never choose slower
+    several forms on the menus, beside them the FINALISTS plans each form alone reaches within the
+    limit (its own frontier, with its own curve rounds), so a menu that holds CP's options can never choose slower
     than CP alone because predictions rank forms wrongly (charresnet at an output error of 0.2: CP
     plans measured 1.49x-1.58x faster than predicted, mixed ones 1.47x-1.52x, and auto's three
     finalists, all mixed, measured 4.06x where CP alone reached 4.29x-4.52x).
@@ -535,28 +535,29 @@ def search_quality(
         found = [accepted[k] for k in reached.get(pool, ()) if k in accepted]
         return sorted(found, key=lambda f: -f.speedup)[:count]
 
-    kept = FINALISTS if measure_speedups is not None else 1
-    for round_ in range(PROBE_ROUNDS + 1):
-        frontier = plan_frontier(menus, timing, rest)
-        if frontier:
-            bisect_frontier(len(frontier), within_on(frontier, ""), first=0, accepted_first=False)
-        best = fastest_of("", 1)
-        faster = [s for s, _ in frontier if not best or s > best[0].speedup * (1 + 1e-9)]
-        if probe is None or not faster or round_ == PROBE_ROUNDS:
-            break
-        probed = probe(list(menus), min(faster))
-        if probed == list(menus):
-            break
-        menus = probed
-    forms = _forms_of(menus)
-    if measure_speedups is not None and len(forms) > 1:
-        for form in forms:  # each form's own frontier (see the docstring)
-            frontier = plan_frontier(_one_form(menus, form), timing, rest)
+    def bisect_rounds(menus: list[LayerMenu], pool: str) -> list[LayerMenu]:
+        for round_ in range(PROBE_ROUNDS + 1):
+            frontier = plan_frontier(menus, timing, rest)
             if frontier:
-                bisect_frontier(len(frontier), within_on(frontier, form), first=0, accepted_first=False)
+                bisect_frontier(len(frontier), within_on(frontier, pool), first=0, accepted_first=False)
+            best = fastest_of(pool, 1)
+            faster = [s for s, _ in frontier if not best or s > best[0].speedup * (1 + 1e-9)]
+            if probe is None or not faster or round_ == PROBE_ROUNDS:
+                break
+            probed = probe(list(menus), min(faster))
+            if probed == menus:
+                break
+            menus = probed
+        return menus
+
+    menus = bisect_rounds(list(menus), "")
+    kept = FINALISTS if measure_speedups is not None else 1
+    forms = _forms_of(menus) if measure_speedups is not None else []
+    for form in forms if len(forms) > 1 else ():  # each form's own frontier (see the docstring)
+        bisect_rounds(_one_form(menus, form), form)
     finalists = fastest_of("", kept)
     for form in forms:
-        finalists += [f for f in fastest_of(form, 1) if all(f.step is not g.step for g in finalists)]
+        finalists += [f for f in fastest_of(form, kept) if all(f.step is not g.step for g in finalists)]
     if not finalists:
         smallest = min((t[limit.key] for t in trace), default=float("nan"))
         raise BudgetError(f"no decomposed model stays within {limit.limit:g} {limit.unit} "
