@@ -512,8 +512,8 @@ def search_quality(
     With `measure_speedups(models)` (their measured speed-ups, in one interleaved run), the
     FINALISTS plans within the limit predicted fastest are measured and the fastest is chosen; with
     several forms on the menus, beside them the FINALISTS plans each form alone reaches within the
-    limit (its own frontier, with its own curve rounds, from its fastest plan down to
-    FORM_MISRANKING below the best plan found), so a menu that holds CP's options can never choose slower
+    limit (its own frontier, from its fastest plan down to FORM_MISRANKING below the best plan
+    found, with its own curve rounds where it has a plan within the limit there), so a menu that holds CP's options can never choose slower
     than CP alone because predictions rank forms wrongly (charresnet at an output error of 0.2: CP
     plans measured 1.49x-1.58x faster than predicted, mixed ones 1.47x-1.52x, and auto's three
     finalists, all mixed, measured 4.06x where CP alone reached 4.29x-4.52x).
@@ -549,8 +549,8 @@ def search_quality(
                 bisect_frontier(len(frontier), within_on(frontier, pool), first=0, accepted_first=False)
             best = fastest_of(pool, 1)
             faster = [s for s, _ in frontier if not best or s > best[0].speedup * (1 + 1e-9)]
-            if probe is None or not faster or round_ == PROBE_ROUNDS:
-                break
+            if probe is None or not faster or round_ == PROBE_ROUNDS or (pool and not best):
+                break  # a form whose plans above the floor all fail gets no curve rounds
             probed = probe(list(menus), min(faster))
             if probed == menus:
                 break
