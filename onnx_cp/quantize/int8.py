@@ -188,7 +188,7 @@ def quantize_for_timing(model: model_io.ModelLike, samples: np.ndarray, *, targe
     check_target(target)
     prepared = _prepared(model_io.to_ir(model))
     kept = {node.name: "kept float by the input model's INT8 check" for node in prepared.graph
-            if node.name in keep_float or (naming.split_name(node.name) or ("",))[0] in keep_float}
+            if naming.layer_of(node.name) in keep_float - {""}}
     scheme = Int8Scheme(weight_bits=weight_precision(target).weight_bits, calibration="minmax",
                         samples=len(samples), target=target)
     input_name = single_input(prepared, "INT8 timing")
@@ -268,8 +268,9 @@ def _prepared(source: ir.Model) -> ir.Model:
         model_io.save_model(source, fp32_path, external_data=False)
         prepared = model_io.load_model(_preprocessed(fp32_path, Path(folder) / "prepared.onnx"))
         ir.external_data.load_to_model(prepared)  # the temporary folder goes away
-    name_unnamed_nodes(prepared)
-    return _at_least_opset(prepared, _QDQ_OPSET)
+    prepared = _at_least_opset(prepared, _QDQ_OPSET)
+    name_unnamed_nodes(prepared)  # after the conversion, which adds unnamed nodes (the CRNN: 1)
+    return prepared
 
 
 # Per-channel DequantizeLinear (its axis attribute) needs opset 13: older models (ddddocr's CRNN
