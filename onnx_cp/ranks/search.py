@@ -510,13 +510,14 @@ def search_quality(
     curves: priced on one point per layer and form, charresnet's plans with mixed forms within an
     output error of 0.1 were slower than CP alone's, though every CP plan was on their menu.
     With `measure_speedups(models)` (their measured speed-ups, in one interleaved run), the
-    FINALISTS plans within the limit predicted fastest are measured and the fastest is chosen; with
-    several forms on the menus, beside them the FINALISTS plans each form alone reaches within the
-    limit (its own frontier, from its fastest plan down to FORM_MISRANKING below the best plan
-    found, with its own curve rounds where it has a plan within the limit there), so a menu that holds CP's options can never choose slower
-    than CP alone because predictions rank forms wrongly (charresnet at an output error of 0.2: CP
-    plans measured 1.49x-1.58x faster than predicted, mixed ones 1.47x-1.52x, and auto's three
-    finalists, all mixed, measured 4.06x where CP alone reached 4.29x-4.52x).
+    FINALISTS plans within the limit predicted fastest are measured and the fastest is chosen.
+    With several forms on the menus, the FINALISTS plans each form alone reaches within the limit
+    are measured beside them: its own frontier, from its fastest plan down to FORM_MISRANKING below
+    the best plan found, with its own curve rounds where it has a plan within the limit there. So a
+    menu that holds CP's options does not end slower than CP alone because predictions rank forms
+    wrongly (charresnet within an output error of 0.2 on Intel AMX: CP plans measured 1.49x-1.58x
+    their predictions, mixed ones 1.47x-1.52x, and auto's three finalists, all mixed, measured
+    4.06x where CP alone reached 4.29x-4.52x).
     Also returns the menus, with the curves the search ended with."""
     rest = timing.rest_ms(menus)
     trace: list[dict] = []
@@ -545,6 +546,8 @@ def search_quality(
     def bisect_rounds(menus: list[LayerMenu], pool: str, floor: float = 0.0) -> list[LayerMenu]:
         for round_ in range(PROBE_ROUNDS + 1):
             frontier = [f for f in plan_frontier(menus, timing, rest) if f[0] >= floor]
+            if pool and frontier and not within_on(frontier, pool)(len(frontier) - 1):
+                break  # one form's most accurate plan above the floor fails: the faster ones would too
             if frontier:
                 bisect_frontier(len(frontier), within_on(frontier, pool), first=0, accepted_first=False)
             best = fastest_of(pool, 1)
@@ -560,9 +563,11 @@ def search_quality(
     menus = bisect_rounds(list(menus), "")
     kept = FINALISTS if measure_speedups is not None else 1
     forms = _forms_of(menus) if measure_speedups is not None else []
-    best = fastest_of("", 1)
-    for form in forms if len(forms) > 1 and best else ():  # each form's own frontier (see the docstring)
-        bisect_rounds(_one_form(menus, form), form, floor=best[0].speedup * (1 - FORM_MISRANKING))
+    found = fastest_of("", 1)
+    if len(forms) > 1 and found:  # each form's own frontier (see the docstring)
+        floor = found[0].speedup * (1 - FORM_MISRANKING)
+        for form in forms:
+            bisect_rounds(_one_form(menus, form), form, floor)
     finalists = fastest_of("", kept)
     for form in forms:
         finalists += [f for f in fastest_of(form, kept) if all(f.step is not g.step for g in finalists)]
