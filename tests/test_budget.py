@@ -561,6 +561,15 @@ def test_a_speed_target_alone_warns_about_the_top1_it_cost():
     assert api._speed_cost(SpeedupTarget(8.5), {"original": {"top1": None}, "finetuned": {"top1": None}}) == []
 
 
+def test_a_speed_target_alone_met_by_int8_says_what_the_int8_check_saw_the_task_lose():
+    check = {"samples": 256, "agreement": {"387: strings": 0.926, "387: other": 0.995}}
+    (warning,) = api._int8_cost(SpeedupTarget(1.3), {"kind": "int8", "check": check})
+    assert "92.6% of 387: strings" in warning and "256 calibration samples" in warning
+    assert api._int8_cost(SpeedupTarget(1.3, within=OutputErrorBudget(0.1)), {"check": check}) == []
+    assert api._int8_cost(SpeedupTarget(1.3), {"kind": "int8", "skipped": "slower"}) == []
+    assert api._int8_cost(SpeedupTarget(1.3), None) == []
+
+
 def test_a_bounded_speed_target_fails_when_the_final_model_is_measured_short(tmp_path, monkeypatch):
     monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
     real_search = api.search.search_speedup

@@ -57,7 +57,8 @@ FINALISTS = 3
 # predictions misrank forms by a few percent (charresnet: CP plans measured 1.49x-1.58x their
 # predictions, mixed ones 1.47x-1.52x), and trying every form's whole frontier with its curve rounds
 # made YOLOv8n's auto search take 742 s, where CP alone took 280 s, for plans of svd or tucker2
-# alone predicted 20% slower than the best, which measured as much slower.
+# alone predicted 20% slower than the best, which measured as much slower (with this floor and a
+# form dropped when its most accurate plan above it fails: 475 s).
 FORM_MISRANKING = 0.1
 # Without data, a form other than CP stays on a menu where CP has options only when it is this close
 # to exact: kernel errors of different forms do not measure the same damage (charresnet at 3x: the
