@@ -649,9 +649,9 @@ def _int8_cost(policy: SpeedupTarget, quantize: dict | None) -> list[str]:
     """A speed target alone met by INT8 still says what its check saw the task lose (ddddocr's CRNN
     at 1.3x: INT8 alone at 2.1x, 92.6% of the calibration lines decoded as before, where the float
     plan kept 95%)."""
-    check = (quantize or {}).get("check") or {}
     if policy.within is not None:
         return []
+    check = (quantize or {}).get("check") or {}
     return [f"INT8 kept {100 * share:.1f}% of {name} on its {check['samples']} calibration samples; bound the "
             "loss with --max-output-error or --max-accuracy-drop beside --target-speedup"
             for name, share in check.get("agreement", {}).items() if 100 * (1 - share) > SPEED_COST_WARNING]
