@@ -98,7 +98,8 @@ def test_int8_preparation_names_the_nodes_an_opset_conversion_adds():
     from onnx import TensorProto, helper
     from onnx_cp.quantize.int8 import _prepared
 
-    weight = onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    kernel = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    weight = onnx.numpy_helper.from_array(kernel, "w")
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
              helper.make_node("ReduceMean", ["c"], ["m"], name="mean", axes=[2, 3], keepdims=0),
              helper.make_node("Unsqueeze", ["m"], ["u"], name="unsqueeze", axes=[2]),  # axes become inputs at 13

@@ -188,7 +188,7 @@ def quantize_for_timing(model: model_io.ModelLike, samples: np.ndarray, *, targe
     check_target(target)
     prepared = _prepared(model_io.to_ir(model))
     kept = {node.name: "kept float by the input model's INT8 check" for node in prepared.graph
-            if naming.layer_of(node.name) in keep_float - {""}}
+            if naming.layer_of(node.name) in keep_float}
     scheme = Int8Scheme(weight_bits=weight_precision(target).weight_bits, calibration="minmax",
                         samples=len(samples), target=target)
     input_name = single_input(prepared, "INT8 timing")

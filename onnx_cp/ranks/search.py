@@ -523,7 +523,7 @@ def search_quality(
     rest = timing.rest_ms(menus)
     trace: list[dict] = []
     scored: dict[tuple, float] = {}  # a plan's measure
-    accepted: dict[tuple, Finalist] = {}  # the plans within the limit, with their models
+    accepted: dict[tuple, Finalist] = {}  # the plans within the limit, with their models (for the finalists)
     reached: dict[str, set[tuple]] = {}  # per frontier ("": the whole menus'), the plans it scored
 
     def within_on(frontier: list[tuple[float, dict]], pool: str) -> Callable[[int], bool]:
@@ -540,19 +540,21 @@ def search_quality(
             return scored[key] <= limit.limit
         return within
 
-    def fastest_of(pool: str, count: int) -> list[Finalist]:
-        found = [accepted[k] for k in reached.get(pool, ()) if k in accepted]
-        return sorted(found, key=lambda f: -f.speedup)[:count]
+    def fastest_of(pool: str, count: int) -> list[tuple]:
+        """The keys of the `count` plans within the limit that the pool's frontier reached, predicted fastest."""
+        found = [k for k in reached.get(pool, ()) if k in accepted]
+        return sorted(found, key=lambda k: -accepted[k].speedup)[:count]
 
     def bisect_rounds(menus: list[LayerMenu], pool: str, floor: float = 0.0) -> list[LayerMenu]:
         for round_ in range(PROBE_ROUNDS + 1):
             frontier = [f for f in plan_frontier(menus, timing, rest) if f[0] >= floor]
-            if pool and frontier and not within_on(frontier, pool)(len(frontier) - 1):
+            within = within_on(frontier, pool)
+            if pool and frontier and not within(len(frontier) - 1):
                 break  # one form's most accurate plan above the floor fails: the faster ones would too
             if frontier:
-                bisect_frontier(len(frontier), within_on(frontier, pool), first=0, accepted_first=False)
+                bisect_frontier(len(frontier), within, first=0, accepted_first=False)
             best = fastest_of(pool, 1)
-            faster = [s for s, _ in frontier if not best or s > best[0].speedup * (1 + 1e-9)]
+            faster = [s for s, _ in frontier if not best or s > accepted[best[0]].speedup * (1 + 1e-9)]
             if probe is None or not faster or round_ == PROBE_ROUNDS or (pool and not best):
                 break  # a form whose plans above the floor all fail gets no curve rounds
             probed = probe(list(menus), min(faster))
@@ -566,12 +568,11 @@ def search_quality(
     forms = _forms_of(menus) if measure_speedups is not None else []
     found = fastest_of("", 1)
     if len(forms) > 1 and found:  # each form's own frontier (see the docstring)
-        floor = found[0].speedup * (1 - FORM_MISRANKING)
+        floor = accepted[found[0]].speedup * (1 - FORM_MISRANKING)
         for form in forms:
             bisect_rounds(_one_form(menus, form), form, floor)
-    finalists = fastest_of("", kept)
-    for form in forms:
-        finalists += [f for f in fastest_of(form, kept) if all(f.step is not g.step for g in finalists)]
+    keys = fastest_of("", kept) + [k for form in forms for k in fastest_of(form, kept)]
+    finalists = [accepted[k] for k in dict.fromkeys(keys)]  # a plan reached by two frontiers counts once
     if not finalists:
         smallest = min((t[limit.key] for t in trace), default=float("nan"))
         raise BudgetError(f"no decomposed model stays within {limit.limit:g} {limit.unit} "
