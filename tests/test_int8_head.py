@@ -205,7 +205,7 @@ def test_mixed_precision_keeps_as_few_layers_float_as_the_check_allows(monkeypat
     from onnx_cp.quantize import check, int8
 
     ranking = [f"conv{i}" for i in (5, 2, 6, 1, 0, 3, 4, 7)]
-    monkeypatch.setattr(int8, "rank_by_added_error", lambda *args, **kw: ranking)
+    monkeypatch.setattr(int8, "_sensitivity_ranking", lambda *args, **kw: ranking)
 
     def float_convs(model) -> set[str]:
         dequantized = {n.outputs[0].name for n in model.graph if n.op_type == "DequantizeLinear"}
@@ -225,3 +225,52 @@ def test_mixed_precision_keeps_as_few_layers_float_as_the_check_allows(monkeypat
     kept = {name for name in scheme.float_nodes if name.startswith("conv")}
     # counts 1, 2, 4 (each with the convs writing their inputs), then 3: fewer float convs than 4's
     assert len(tried) == 5 and tried[-1] < tried[-2] and len(kept) == tried[-1] and set(ranking[:3]) <= kept
+
+
+def two_branch_model(loud_q: float = 1000.0) -> onnx.ModelProto:
+    """y = q2(relu(q1(x))) + 0.001 * p2(relu(p1(x))), 1x1 convs of 8 channels. Both branches have one
+    loud channel that the next conv reads back quietly (as in loud_channel_model), so INT8 rounds the
+    quiet channels of q1's and p1's outputs away; but branch p barely reaches y."""
+    rng = np.random.default_rng(0)
+
+    def loud(factor: float) -> np.ndarray:
+        gains = np.ones(8, np.float32)
+        gains[0] = factor
+        return gains
+
+    weights = {"q1": rng.standard_normal((8, 3, 1, 1)) * loud(loud_q).reshape(8, 1, 1, 1),
+               "q2": rng.standard_normal((8, 8, 1, 1)) / 3 / loud(loud_q).reshape(1, 8, 1, 1),
+               "p1": rng.standard_normal((8, 3, 1, 1)) * loud(1e4).reshape(8, 1, 1, 1),
+               "p2": rng.standard_normal((8, 8, 1, 1)) / 3 / loud(1e4).reshape(1, 8, 1, 1)}
+    inits = [numpy_helper.from_array(w.astype(np.float32), f"{name}.w") for name, w in weights.items()]
+    inits.append(numpy_helper.from_array(np.array(1e-3, np.float32), "quiet"))
+    nodes = []
+    for branch in "qp":
+        nodes += [helper.make_node("Conv", ["x", f"{branch}1.w"], [f"{branch}1"], name=f"{branch}1"),
+                  helper.make_node("Relu", [f"{branch}1"], [f"{branch}r"], name=f"relu_{branch}"),
+                  helper.make_node("Conv", [f"{branch}r", f"{branch}2.w"], [f"{branch}2"], name=f"{branch}2")]
+    nodes += [helper.make_node("Mul", ["p2", "quiet"], ["p_quiet"], name="mul"),
+              helper.make_node("Add", ["q2", "p_quiet"], ["y"], name="add")]
+    graph = helper.make_graph(nodes, "branches", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8, 8])], inits)
+    return model_factory.make_model(graph)
+
+
+def test_layers_are_kept_float_by_their_measured_effect_on_the_outputs_not_by_their_own_error():
+    """Branch p's second conv loses the most of its own output to INT8, and a local estimate ranks it
+    first; but only branch q moves y. Measured at the outputs, q2 alone is kept float."""
+    from onnx_cp.quantize import int8
+    from onnx_cp.quantize.sensitivity import rank_by_added_error
+
+    model = two_branch_model()
+    calibration = np.random.default_rng(1).standard_normal((64, 3, 8, 8)).astype(np.float32)
+    tail_only = int8.quantize_for_timing(model, calibration)  # every conv INT8, unchecked
+    prepared = int8._prepared(model_io.to_ir(model))
+    assert rank_by_added_error(prepared, tail_only, calibration[:8])[0] == "p2"  # the local estimate's pick
+
+    quantized = quantize_int8(model, calibration)
+    scheme = int8_scheme(quantized)
+    assert {"q2", "relu_q"} <= set(scheme.float_nodes) and not {"p1", "p2"} & set(scheme.float_nodes)
+    x = np.random.default_rng(2).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    assert compare_output("y", run(model, x), run(quantized, x)).worst_group_error < 0.15
+    assert compare_output("y", run(model, x), run(tail_only, x)).worst_group_error > 0.15

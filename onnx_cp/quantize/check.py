@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onnx_cp.errors import OnnxCpError
-from onnx_cp.measure.outputs import compare_on_data
+from onnx_cp.measure.outputs import ReferenceOutputs
 from onnx_cp.runtime.model_io import ModelLike
 from onnx_cp.settings import DEFAULT_INT8_MAX_ERROR
 
@@ -43,6 +43,13 @@ class Int8Check:
                 "worst_group": self.worst_group, "agreement": {k: round(v, 4) for k, v in self.agreement.items()},
                 "max_output_error": self.max_output_error}
 
+    def shortfall(self) -> float:
+        """How far the model is from passing, as one number: the largest of the worst group error over
+        its limit and each headline agreement's loss over the loss allowed (1.0 or less passes)."""
+        losses = [(1.0 - share) / (1.0 - MIN_AGREEMENT) for share in self.agreement.values()]
+        shortfall = max([self.worst_group_error / self.max_output_error, *losses])
+        return shortfall if np.isfinite(shortfall) else np.inf  # NaN outputs are as far off as it gets
+
     def failures(self) -> list[str]:
         found = []
         if not self.worst_group_error <= self.max_output_error:  # NaN fails too
@@ -56,7 +63,13 @@ class Int8Check:
 def measure_int8(quantized: ModelLike, reference: ModelLike, inputs: np.ndarray,
                  max_output_error: float = DEFAULT_MAX_OUTPUT_ERROR) -> Int8Check:
     """Compare `quantized` with `reference` on `inputs` (see Int8Check.failures)."""
-    agreement = compare_on_data(quantized, reference, inputs, samples=len(inputs))
+    return check_against(ReferenceOutputs(reference, inputs, samples=len(inputs)), quantized, max_output_error)
+
+
+def check_against(expected: ReferenceOutputs, quantized: ModelLike,
+                  max_output_error: float = DEFAULT_MAX_OUTPUT_ERROR) -> Int8Check:
+    """measure_int8 against reference outputs computed once (a sensitivity scan checks many models)."""
+    agreement = expected.compare(quantized)
     worst_group, worst = "", 0.0
     shares: dict[str, float] = {}
     for output in agreement.outputs:
@@ -64,7 +77,7 @@ def measure_int8(quantized: ModelLike, reference: ModelLike, inputs: np.ndarray,
             if not error <= worst:
                 worst_group, worst = f"{output.name}: {group}", error
         shares.update({f"{output.name}: {k}": v for k, v in output.agreement.items() if k in HEADLINE_AGREEMENTS})
-    return Int8Check(len(inputs), worst, worst_group, shares, max_output_error)
+    return Int8Check(agreement.samples, worst, worst_group, shares, max_output_error)
 
 
 def raise_if_broken(check: Int8Check, float_nodes: int) -> None:

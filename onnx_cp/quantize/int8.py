@@ -43,10 +43,17 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from onnx_cp.errors import OnnxCpError, UsageError, first_line
 from onnx_cp.graph import naming
-from onnx_cp.quantize.check import DEFAULT_MAX_OUTPUT_ERROR, Int8Check, measure_int8, raise_if_broken
+from onnx_cp.measure.outputs import ReferenceOutputs
+from onnx_cp.quantize.check import (
+    DEFAULT_MAX_OUTPUT_ERROR,
+    Int8Check,
+    check_against,
+    measure_int8,
+    raise_if_broken,
+)
 from onnx_cp.quantize.equalize import equalize_chains
 from onnx_cp.quantize.mixed import COMPUTE_OPS, float_islands, float_tail, name_unnamed_nodes, recurrent_nodes
-from onnx_cp.quantize.sensitivity import rank_by_added_error
+from onnx_cp.quantize.sensitivity import rank_by_added_error, rank_by_measured_gain
 from onnx_cp.quantize.target import DEFAULT_TARGET, check_target, weight_precision
 from onnx_cp.runtime import model_io
 from onnx_cp.runtime.inputs import model_batches
@@ -201,6 +208,10 @@ def quantize_for_timing(model: model_io.ModelLike, samples: np.ndarray, *, targe
 # The search keeps at most this share of the compute nodes float: beyond it INT8 is not INT8.
 MAX_FLOAT_COMPUTE_SHARE = 0.5
 _SENSITIVITY_SAMPLES = 8  # enough to rank layers; their tensors are held in memory
+# Each candidate scanned costs one quantization (calibration ranges cached) and one check on this many
+# samples: YOLOv8n's 64 convs take about a minute. Past this many, the local estimate's first are.
+_SCANNED_CANDIDATES = 64
+_SCAN_SAMPLES = 32
 _BISECTION_STEPS = 3  # fewer float nodes once a count passes: each step is one quantization and check
 
 
@@ -208,38 +219,37 @@ def _quantize_checked(source: ir.Model, input_name: str, batches, scheme: Int8Sc
                       reference, data: np.ndarray, max_output_error: float
                       ) -> tuple[ir.Model, dict[str, str], Int8Check]:
     """Quantize; while the outputs miss `max_output_error` (or a task agreement), keep float the
-    compute nodes whose INT8 adds the most error (quantize.sensitivity): 1, 2, 4, ... of them, then
-    a bisection between the last count that failed and the first that passed, since every node kept
-    float costs speed (YOLOv8n: 32 float Convs left INT8 at 1.07x, where all INT8 is 1.81x)."""
+    compute nodes whose float takes the most off the outputs' error (quantize.sensitivity): 1, 2, 4, ...
+    of them, then a bisection between the last count that failed and the first that passed, since
+    every node kept float costs speed (YOLOv8n: 32 float Convs left INT8 at 1.07x, where all INT8 is 1.81x)."""
     prepared = _prepared(source)
     tail = {**(float_tail(prepared) if keep_float_tail else {}), **recurrent_nodes(prepared)}
     with tempfile.TemporaryDirectory(prefix="onnx-cp-calibration-") as folder:
         cache = Path(folder) / "ranges.json"
 
-        def attempt(kept: dict[str, str]) -> tuple[ir.Model, dict[str, str], Int8Check]:
-            quantized = _qdq(prepared, _Batches(input_name, batches()), scheme, kept, cache)
+        def quantized_keeping(compute_nodes: list[str]) -> tuple[ir.Model, dict[str, str]]:
+            kept = {**float_islands(prepared, compute_nodes, "INT8 adds the most output error here"), **tail}
+            return _qdq(prepared, _Batches(input_name, batches()), scheme, kept, cache), kept
+
+        def attempt(compute_nodes: list[str]) -> tuple[ir.Model, dict[str, str], Int8Check]:
+            quantized, kept = quantized_keeping(compute_nodes)
             return quantized, kept, measure_int8(quantized, reference, data, max_output_error)
 
-        best = attempt(dict(tail))
+        best = attempt([])
         if best[2].failures() and keep_float_tail:
-            ranking = rank_by_added_error(prepared, best[0], data[:_SENSITIVITY_SAMPLES])
+            ranking = _sensitivity_ranking(prepared, best[0], data, reference, max_output_error, quantized_keeping)
             computes = sum(n.op_type in COMPUTE_OPS for n in prepared.graph)
             limit = min(len(ranking), int(MAX_FLOAT_COMPUTE_SHARE * computes))
-
-            def keeping(count: int) -> tuple[ir.Model, dict[str, str], Int8Check]:
-                return attempt({**float_islands(prepared, ranking[:count], "INT8 adds the most output error here"),
-                                **tail})
-
             failed, count = 0, 0
             while best[2].failures() and count < limit:
                 failed, count = count, min(2 * count or 1, limit)
-                best = keeping(count)
+                best = attempt(ranking[:count])
             passed = count if not best[2].failures() else None
             for _ in range(_BISECTION_STEPS if passed else 0):
                 if passed - failed <= 1:
                     break
                 middle = (failed + passed) // 2
-                tried = keeping(middle)
+                tried = attempt(ranking[:middle])
                 if tried[2].failures():
                     failed = middle
                 else:
@@ -247,6 +257,21 @@ def _quantize_checked(source: ir.Model, input_name: str, batches, scheme: Int8Sc
     quantized, kept, check = best
     raise_if_broken(check, len(kept))
     return quantized, kept, check
+
+
+def _sensitivity_ranking(prepared: ir.Model, quantized: ir.Model, data: np.ndarray, reference, max_output_error: float,
+                         quantized_keeping: Callable[[list[str]], tuple[ir.Model, dict[str, str]]]) -> list[str]:
+    """The compute nodes still INT8 in `quantized`, in the order to keep them float: the first
+    _SCANNED_CANDIDATES by the local estimate ordered by their measured gain at the outputs."""
+    local = rank_by_added_error(prepared, quantized, data[:_SENSITIVITY_SAMPLES])
+    scan = ReferenceOutputs(reference, data[:_SCAN_SAMPLES], samples=_SCAN_SAMPLES)
+
+    def shortfall(model: ir.Model) -> float:
+        return check_against(scan, model, max_output_error).shortfall()
+
+    scanned = rank_by_measured_gain(local[:_SCANNED_CANDIDATES],
+                                    lambda name: shortfall(quantized_keeping([name])[0]), shortfall(quantized))
+    return scanned + local[_SCANNED_CANDIDATES:]
 
 
 def _check_options(weights: str, calibration_method: str, target: str, max_output_error: float) -> None:
