@@ -14,6 +14,7 @@ import model_factory
 from onnx_cp import api, optimize
 from onnx_cp.cli import main
 from onnx_cp.errors import BudgetError
+from onnx_cp.ranks.search import KEPT_FOR_INT8
 from onnx_cp.measure.outputs import compare_on_data
 from onnx_cp.graph.plan import CP
 from onnx_cp.lowrank.forms import SPATIAL_SVD, SVD
@@ -304,27 +305,35 @@ def _fake_int8_timing(monkeypatch, speedups):
     monkeypatch.setattr(api._Int8Timing, "speedup_of", speedup_of)
 
 
-@pytest.mark.parametrize("faster", ["float", "int8"])
+@pytest.mark.parametrize("faster", ["float", "int8", "decomposed int8"])
 def test_a_speed_target_with_int8_writes_the_precision_measured_faster(tmp_path, monkeypatch, faster):
     monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
     proto, x, _ = tiny_with_val(tmp_path)
     if faster == "float":  # INT8 slows every plan down, as on charnet's CP chains
         _fake_int8_timing(monkeypatch, lambda decomposed: (1.5, 1.3) if decomposed else (1.0, 0.9))
-    else:  # INT8 alone meets the target: nothing need be decomposed
+    elif faster == "int8":  # INT8 alone meets the target: nothing need be decomposed, no menu solved
         _fake_int8_timing(monkeypatch, lambda decomposed: (1.5, 3.0) if decomposed else (1.0, 2.0))
+        monkeypatch.setattr(api._Run, "menus", lambda *args: pytest.fail("menus solved"))
+    else:  # INT8 alone falls short: the search goes on from its two measurements
+        _fake_int8_timing(monkeypatch, lambda decomposed: (1.1, 3.0) if decomposed else (1.0, 1.15))
     result = optimize(proto, SpeedupTarget(1.2), quantize=QuantizeSettings(calibration_data=x))
     ops = {node.op_type for node in result.model.graph.node}
     trace = result.report["search"]
     assert all(step["precision"] == ("int8" if step["measured_int8"] > step["measured_float"] else "float")
                for step in trace)
+    assert [step["attempt"] for step in trace] == list(range(1, len(trace) + 1))
     if faster == "float":
         assert "QuantizeLinear" not in ops and "skipped" in result.report["quantize"]
         assert result.report["totals"]["decomposed"] >= 1
         assert any("not quantized" in warning for warning in result.report["warnings"])
-    else:
+    elif faster == "int8":
         assert "QuantizeLinear" in ops and result.report["quantize"]["weight_bits"] in (7, 8)
         assert result.report["totals"]["decomposed"] == 0
-        assert all(rank is None for rank in trace[-1]["ranks"].values())
+        assert [step["step"] for step in trace] == ["int8 alone", "confirm"]
+        assert all(row["reason"] == KEPT_FOR_INT8 for row in result.report["layers"])
+    else:
+        assert [step["step"] for step in trace[:1]] == ["int8 alone"] and len(trace) > 2
+        assert "QuantizeLinear" in ops and result.report["totals"]["decomposed"] >= 1
 
 
 def test_int8_timing_quantizes_what_quantize_int8_does():

@@ -251,7 +251,8 @@ def two_branch_model(loud_q: float = 1000.0) -> onnx.ModelProto:
                   helper.make_node("Conv", [f"{branch}r", f"{branch}2.w"], [f"{branch}2"], name=f"{branch}2")]
     nodes += [helper.make_node("Mul", ["p2", "quiet"], ["p_quiet"], name="mul"),
               helper.make_node("Add", ["q2", "p_quiet"], ["y"], name="add")]
-    graph = helper.make_graph(nodes, "branches", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+    graph = helper.make_graph(nodes, "branches",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8, 8])], inits)
     return model_factory.make_model(graph)
 

@@ -88,7 +88,8 @@ class Int8Scheme:
 
     def describe(self) -> str:
         chains = f", {len(self.equalized_layers)} CP chain(s) equalized" if self.equalized_layers else ""
-        tail = f", {len(self.float_nodes)} head node(s) kept float" if self.float_nodes else ""
+        kept = len(self.float_nodes)
+        tail = f", {kept} node(s) kept float (the head, the layers INT8 hurts most)" if kept else ""
         granularity = "per-channel" if self.per_channel else "per-tensor"
         signed = "signed" if self.weights == "int8" else "unsigned"
         features = ", ".join(self.cpu_features) or "no SIMD flags read"
