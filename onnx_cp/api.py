@@ -405,6 +405,9 @@ class _Run:
 _INT8_SLOWER = ("the chosen plan measured faster in float than in INT8 on this CPU, so it was written in float "
                 "(the search measured both for every plan: see its trace)")
 QAT_EPOCHS = 2  # quantization-aware fine-tuning starts near its optimum: the calibrated INT8 model
+# Its peak rate when nothing was fine-tuned in float (INT8 alone), in place of a probe: on NudeNet's
+# YOLOv8n the probe chose its lowest rate (about 3e-5) in both runs, and took 3 of QAT's 4.5 minutes.
+QAT_LR_ALONE = 3e-5
 QAT_CHECK_SAMPLES = 64  # without validation data, QAT and PTQ are compared on this many samples
 # Distillation without validation data holds out this share of the samples (within the bounds) to
 # choose the epoch, epoch 0 included: on 400 text lines, 5 epochs of a CRNN took the decoded strings
@@ -576,9 +579,9 @@ class _Tuner:
     def quantization_aware(self, ptq: ir.Model, float_tuning: dict | None) -> tuple[ir.Model, dict]:
         """Quantization-aware fine-tuning of the INT8 model `ptq` (onnx_cp.quantize.qat): its weights
         trained through fake quantization at the calibrated scales, QAT_EPOCHS at a tenth of the float
-        run's learning rate (the probe's choice without one). Kept only where it measures better than
-        `ptq`: on the validation data (its epoch 0 is `ptq`), else by output fidelity against the input
-        model on the first samples of the training data."""
+        run's learning rate (or of the one given; QAT_LR_ALONE without either). Kept only where it
+        measures better than `ptq`: on the validation data (its epoch 0 is `ptq`), else by output
+        fidelity against the input model on the first samples of the training data."""
         from onnx_cp.finetune import finetune
         from onnx_cp.quantize.qat import quantized, trainable
 
@@ -588,7 +591,8 @@ class _Tuner:
         train = self.run.data.open("quantization-aware fine-tuning", settings.data,
                                    labels=not settings.teacher_from_input)
         val = self.run.data.open("validation", settings.val) if settings.val is not None else None
-        lr = float_tuning["lr"] / 10 if float_tuning and float_tuning.get("lr") else None
+        tuned_lr = (float_tuning or {}).get("lr") or settings.lr
+        lr = tuned_lr / 10 if tuned_lr else QAT_LR_ALONE
         schedule = {**settings.schedule(), "epochs": QAT_EPOCHS, "steps": None, "lr": lr}
         try:
             tuned = finetune(form, train, val=val, teacher=teacher, seed=self.run.seed, **schedule)

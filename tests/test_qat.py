@@ -164,3 +164,16 @@ def test_seven_bit_weights_fold_back_to_the_full_span_of_reduce_range():
     form, weights = trainable(model)
     folded = initializers(quantized(form, weights))
     assert all(np.array_equal(folded[k], expected[k]) for k in expected)
+
+
+def test_int8_alone_is_trained_at_a_set_rate_without_a_probe():
+    """Nothing fine-tuned in float, no rate given: QAT starts from the calibrated model at QAT_LR_ALONE
+    (a probe tried five rates first, each a tenth of the run)."""
+    from onnx_cp.api import QAT_LR_ALONE
+    from onnx_cp.settings import LayerSelection
+
+    x = model_factory.smooth_inputs(64, seed=1)
+    result = optimize(model_factory.tiny_cnn(), 4, layers=LayerSelection(include="^$"),
+                      finetune=FinetuneSettings(x, teacher_from_input=True, epochs=1), quantize=QuantizeSettings())
+    assert result.report["totals"]["decomposed"] == 0 and "finetune" not in result.report
+    assert result.report["qat"]["lr"] == pytest.approx(QAT_LR_ALONE)
