@@ -277,7 +277,7 @@ def _sensitivity_rankings(prepared: ir.Model, quantized: ir.Model, data: np.ndar
     with 4 float convs where the local order needed 30. Then by the local estimate alone, for models
     whose error falls only once many nodes are float together: on PP-OCRv4's detector two convs
     take most of the error off alone, the next scanned gain little one by one, and the measured
-    order missed the check with half its convs float where the local one passed with 16."""
+    order missed the check with half its convs float where the local one passes."""
     local = rank_by_added_error(prepared, quantized, data[:_SENSITIVITY_SAMPLES])
     scan = ReferenceOutputs(reference, data[:_SCAN_SAMPLES], samples=_SCAN_SAMPLES)
 
