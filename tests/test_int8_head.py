@@ -213,13 +213,13 @@ def test_mixed_precision_keeps_as_few_layers_float_as_the_check_allows(monkeypat
 
     tried = []
 
-    def fake_check(quantized, reference, inputs, max_output_error):
+    def fake_check(expected, quantized, max_output_error):
         floats = float_convs(model_io.to_ir(quantized))
         tried.append(len(floats))
         error = 0.01 if set(ranking[:3]) <= floats else 0.5
-        return check.Int8Check(len(inputs), error, "y: mean channel", {}, max_output_error)
+        return check.Int8Check(len(expected.inputs), error, "y: mean channel", {}, max_output_error)
 
-    monkeypatch.setattr(int8, "measure_int8", fake_check)
+    monkeypatch.setattr(int8, "check_against", fake_check)
     calibration = np.random.default_rng(1).standard_normal((32, 3, 8, 8)).astype(np.float32)
     scheme = int8_scheme(quantize_int8(conv_chain_model(), calibration))
     kept = {name for name in scheme.float_nodes if name.startswith("conv")}

@@ -60,15 +60,10 @@ class Int8Check:
         return found
 
 
-def measure_int8(quantized: ModelLike, reference: ModelLike, inputs: np.ndarray,
-                 max_output_error: float = DEFAULT_MAX_OUTPUT_ERROR) -> Int8Check:
-    """Compare `quantized` with `reference` on `inputs` (see Int8Check.failures)."""
-    return check_against(ReferenceOutputs(reference, inputs, samples=len(inputs)), quantized, max_output_error)
-
-
 def check_against(expected: ReferenceOutputs, quantized: ModelLike,
                   max_output_error: float = DEFAULT_MAX_OUTPUT_ERROR) -> Int8Check:
-    """measure_int8 against reference outputs computed once (a sensitivity scan checks many models)."""
+    """Compare `quantized` with the reference outputs `expected` (computed once: the mixed-precision
+    search checks many models against them; see Int8Check.failures)."""
     agreement = expected.compare(quantized)
     worst_group, worst = "", 0.0
     shares: dict[str, float] = {}

@@ -44,13 +44,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnx_cp.errors import OnnxCpError, UsageError, first_line
 from onnx_cp.graph import naming
 from onnx_cp.measure.outputs import ReferenceOutputs
-from onnx_cp.quantize.check import (
-    DEFAULT_MAX_OUTPUT_ERROR,
-    Int8Check,
-    check_against,
-    measure_int8,
-    raise_if_broken,
-)
+from onnx_cp.quantize.check import DEFAULT_MAX_OUTPUT_ERROR, Int8Check, check_against, raise_if_broken
 from onnx_cp.quantize.equalize import equalize_chains
 from onnx_cp.quantize.mixed import COMPUTE_OPS, float_islands, float_tail, name_unnamed_nodes, recurrent_nodes
 from onnx_cp.quantize.sensitivity import rank_by_added_error, rank_by_measured_gain
@@ -230,9 +224,11 @@ def _quantize_checked(source: ir.Model, input_name: str, batches, scheme: Int8Sc
             kept = {**float_islands(prepared, compute_nodes, "INT8 adds the most output error here"), **tail}
             return _qdq(prepared, _Batches(input_name, batches()), scheme, kept, cache), kept
 
+        expected = ReferenceOutputs(reference, data, samples=len(data))  # once for every attempt
+
         def attempt(compute_nodes: list[str]) -> tuple[ir.Model, dict[str, str], Int8Check]:
             quantized, kept = quantized_keeping(compute_nodes)
-            return quantized, kept, measure_int8(quantized, reference, data, max_output_error)
+            return quantized, kept, check_against(expected, quantized, max_output_error)
 
         best = attempt([])
         if best[2].failures() and keep_float_tail:
