@@ -284,7 +284,7 @@ def test_when_the_measured_order_misses_the_check_the_local_estimates_order_is_t
 
     tried = []
 
-    def useless_order(candidates, shortfall_with_float, baseline):
+    def useless_order(candidates, shortfall_with_float):
         tried.append(list(candidates))
         return list(reversed(candidates))  # the least sensitive first
 

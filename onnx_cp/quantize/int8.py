@@ -208,11 +208,12 @@ _SENSITIVITY_SAMPLES = 8  # enough to rank layers; their tensors are held in mem
 _SCANNED_CANDIDATES = 64
 _SCAN_SAMPLES = 32
 _BISECTION_STEPS = 3  # fewer float nodes once a count passes: each step is one quantization and check
+# One try of the mixed-precision search: the QDQ model, the nodes it keeps float (and why), its check.
+Attempt = tuple[ir.Model, dict[str, str], Int8Check]
 
 
 def _quantize_checked(source: ir.Model, input_name: str, batches, scheme: Int8Scheme, keep_float_tail: bool,
-                      reference, data: np.ndarray, max_output_error: float
-                      ) -> tuple[ir.Model, dict[str, str], Int8Check]:
+                      reference, data: np.ndarray, max_output_error: float) -> Attempt:
     """Quantize; while the outputs miss `max_output_error` (or a task agreement), keep float the
     compute nodes first in an order of sensitivity (_sensitivity_rankings), as few as pass."""
     prepared = _prepared(source)
@@ -226,7 +227,7 @@ def _quantize_checked(source: ir.Model, input_name: str, batches, scheme: Int8Sc
 
         expected = ReferenceOutputs(reference, data, samples=len(data))  # once for every attempt
 
-        def attempt(compute_nodes: list[str]) -> tuple[ir.Model, dict[str, str], Int8Check]:
+        def attempt(compute_nodes: list[str]) -> Attempt:
             quantized, kept = quantized_keeping(compute_nodes)
             return quantized, kept, check_against(expected, quantized, max_output_error)
 
@@ -243,7 +244,7 @@ def _quantize_checked(source: ir.Model, input_name: str, batches, scheme: Int8Sc
     return quantized, kept, check
 
 
-def _fewest_float(ranking: list[str], attempt: Callable, failing: tuple) -> tuple:
+def _fewest_float(ranking: list[str], attempt: Callable[[list[str]], Attempt], failing: Attempt) -> Attempt:
     """The attempt keeping the fewest of `ranking`'s first nodes float that passes: 1, 2, 4, ... of
     them, then a bisection between the last count that failed and the first that passed, since every
     float node costs speed (YOLOv8n: 32 float Convs left INT8 at 1.07x, where all INT8 is 1.81x).
@@ -277,11 +278,10 @@ def _sensitivity_rankings(prepared: ir.Model, quantized: ir.Model, data: np.ndar
     local = rank_by_added_error(prepared, quantized, data[:_SENSITIVITY_SAMPLES])
     scan = ReferenceOutputs(reference, data[:_SCAN_SAMPLES], samples=_SCAN_SAMPLES)
 
-    def shortfall(model: ir.Model) -> float:
-        return check_against(scan, model, max_output_error).shortfall()
+    def shortfall_with_float(name: str) -> float:
+        return check_against(scan, quantized_keeping([name])[0], max_output_error).shortfall()
 
-    yield rank_by_measured_gain(local[:_SCANNED_CANDIDATES], lambda name: shortfall(quantized_keeping([name])[0]),
-                                shortfall(quantized)) + local[_SCANNED_CANDIDATES:]
+    yield rank_by_measured_gain(local[:_SCANNED_CANDIDATES], shortfall_with_float) + local[_SCANNED_CANDIDATES:]
     yield local
 
 

@@ -28,14 +28,12 @@ _TENSORS_PER_RUN = 32
 _BATCH = 4
 
 
-def rank_by_measured_gain(candidates: list[str], shortfall_with_float: Callable[[str], float],
-                          baseline: float) -> list[str]:
-    """`candidates` in the order to keep them float: the one whose float alone takes the most off the
-    quantized model's `baseline` shortfall (quantize.check.Int8Check.shortfall) first. Ties keep the
-    given order."""
-    gains = {name: baseline - shortfall_with_float(name)
-             for name in progress(candidates, desc="INT8 sensitivity")}
-    return sorted(candidates, key=lambda name: -gains[name])
+def rank_by_measured_gain(candidates: list[str], shortfall_with_float: Callable[[str], float]) -> list[str]:
+    """`candidates` in the order to keep them float: the one whose float alone leaves the quantized
+    model's check the least short (quantize.check.Int8Check.shortfall), which is the one that takes
+    the most off it, first. Ties keep the given order."""
+    shortfalls = {name: shortfall_with_float(name) for name in progress(candidates, desc="INT8 sensitivity")}
+    return sorted(candidates, key=shortfalls.__getitem__)
 
 
 def rank_by_added_error(prepared: ir.Model, quantized: ir.Model, inputs: np.ndarray,
