@@ -294,3 +294,61 @@ def test_when_the_measured_order_misses_the_check_the_local_estimates_order_is_t
     scheme = int8_scheme(quantize_int8(model, calibration))
     assert tried and set(scheme.float_nodes) == {"conv2", "relu2", "conv1"}
     assert scheme.check["worst_group_error"] < 0.15
+
+
+def cancelling_chain_model() -> onnx.ModelProto:
+    """x -> stem (1x1, 3 -> 3) -> Relu -> a/tucker2/{in, core, out} + b/tucker2/{in, core, out} -> y,
+    1x1 convs. Chain a computes its small result as differences of large, nearly equal channels
+    (in: pairs 100 u.x + v.x and 100 u.x; core: identity; out: the pair's difference), as a
+    degenerate low-rank fit does: one 8-bit scale per tensor rounds the difference away in every
+    tensor between its stages, so no one stage kept float repairs it. Chain b is benign."""
+    rng = np.random.default_rng(0)
+    u, v = rng.standard_normal((4, 3)), rng.standard_normal((4, 3))
+    a_in = np.stack([row for k in range(4) for row in (100 * u[k] + v[k], 100 * u[k])])[:, :, None, None]
+    a_out = np.zeros((4, 8, 1, 1))
+    for k in range(4):
+        a_out[k, 2 * k], a_out[k, 2 * k + 1] = 1.0, -1.0
+    weights = {"stem": rng.standard_normal((3, 3, 1, 1)),
+               "a/tucker2/in": a_in, "a/tucker2/core": np.eye(8)[:, :, None, None], "a/tucker2/out": a_out,
+               "b/tucker2/in": rng.standard_normal((4, 3, 1, 1)), "b/tucker2/core": rng.standard_normal((4, 4, 1, 1)),
+               "b/tucker2/out": rng.standard_normal((4, 4, 1, 1)) / 2}
+    inits = [numpy_helper.from_array(w.astype(np.float32), f"{name}.weight") for name, w in weights.items()]
+    nodes = [helper.make_node("Conv", ["x", "stem.weight"], ["s"], name="stem"),
+             helper.make_node("Relu", ["s"], ["r"], name="stem_relu")]
+    for chain in "ab":
+        previous = "r"
+        for stage in ("in", "core", "out"):
+            name = f"{chain}/tucker2/{stage}"
+            nodes.append(helper.make_node("Conv", [previous, f"{name}.weight"], [name], name=name))
+            previous = name
+    nodes.append(helper.make_node("Add", ["a/tucker2/out", "b/tucker2/out"], ["y"], name="add"))
+    graph = helper.make_graph(nodes, "chains", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits)
+    return model_factory.make_model(graph)
+
+
+def test_a_decomposed_layers_chain_is_kept_float_as_one_unit(monkeypatch):
+    from onnx_cp.quantize import int8
+    from onnx_cp.quantize import sensitivity
+
+    model = cancelling_chain_model()
+    assert int8._float_units(int8._prepared(model_io.to_ir(model))) == {
+        "stem": ["stem"], "a": [f"a/tucker2/{s}" for s in ("in", "core", "out")],
+        "b": [f"b/tucker2/{s}" for s in ("in", "core", "out")]}
+    scanned = []
+
+    def spy(candidates, shortfall_with_float):
+        scanned.append(list(candidates))
+        return sensitivity.rank_by_measured_gain(candidates, shortfall_with_float)
+
+    monkeypatch.setattr(int8, "rank_by_measured_gain", spy)
+    calibration = np.random.default_rng(1).standard_normal((64, 3, 8, 8)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    assert compare_output("y", run(model, x), run(int8.quantize_for_timing(model, calibration), x)
+                          ).worst_group_error > 0.15  # every chain in INT8
+    quantized = quantize_int8(model, calibration)
+    kept = set(int8_scheme(quantized).float_nodes)
+    assert scanned and set(scanned[0]) <= {"stem", "a", "b"}  # units, not their stages
+    assert {"a/tucker2/in", "a/tucker2/core", "a/tucker2/out"} <= kept
+    assert not {"b/tucker2/in", "b/tucker2/core"} & kept  # (stem is float: it writes a's input)
+    assert compare_output("y", run(model, x), run(quantized, x)).worst_group_error < 0.15
