@@ -328,8 +328,7 @@ def cancelling_chain_model() -> onnx.ModelProto:
 
 
 def test_a_decomposed_layers_chain_is_kept_float_as_one_unit(monkeypatch):
-    from onnx_cp.quantize import int8
-    from onnx_cp.quantize import sensitivity
+    from onnx_cp.quantize import int8, sensitivity
 
     model = cancelling_chain_model()
     assert int8._float_units(int8._prepared(model_io.to_ir(model))) == {
