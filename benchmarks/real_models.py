@@ -20,6 +20,8 @@ pages rendered in onnx_cp/data/fonts; seeded). For each model and each configura
     speed+ft  onnx-cp optimize IN OUT --target-speedup 1.5 --finetune-data TRAIN --teacher-from-input
     int8      onnx-cp optimize IN OUT --layers '^$' --quantize int8 --calibration-data TRAIN   (INT8 alone)
     speed+int8 onnx-cp optimize IN OUT --target-speedup 1.5 --quantize int8 --calibration-data TRAIN (CP + INT8)
+    bound+int8 onnx-cp optimize IN OUT --max-output-error 0.05 --eval-data TRAIN --quantize int8 --int8-max-error 0.1
+               (a light CP plan, then INT8)
 
 (plus the model's preprocessing options and --input-shape, --workers 1), the script records the wall
 time of each stage, `onnx-cp bench IN OUT` (1 thread, batch 1), and on a held-out set the output
@@ -124,6 +126,9 @@ CONFIGS = {
     # The rival, and both together: INT8 alone decomposes nothing (no layer name matches).
     "int8": ["--layers", "^$", "--quantize", "int8", "--calibration-data", "{train}"],
     "speed+int8": ["--target-speedup", "1.5", "--quantize", "int8", "--calibration-data", "{train}"],
+    # A light plan in INT8: the fastest within 0.05 of the outputs, then INT8 within 0.1 of that.
+    "bound+int8": ["--max-output-error", "0.05", "--eval-data", "{train}", "--quantize", "int8",
+                   "--int8-max-error", "0.1"],
 }
 
 
@@ -400,7 +405,7 @@ def run_model(cache: Path, model: Model, configs: list[str], args, results_dir: 
         for stale in (out, report_path):
             stale.unlink(missing_ok=True)
         extra = [a.format(train=train) for a in CONFIGS[config]]
-        reads_data = "--finetune-data" in extra or "--calibration-data" in extra
+        reads_data = any(option in extra for option in ("--finetune-data", "--calibration-data", "--eval-data"))
         prep = ["--size", f"{model.size[0]},{model.size[1]}", *model.prep] if reads_data else []
         cmd = ["optimize", str(path), str(out), "--workers", "1", "--seed", str(args.seed),
                "--input-shape", f"{model.input_name}:{','.join(map(str, model.shape))}", *prep, *extra,
