@@ -200,8 +200,8 @@ def quantize_for_timing(model: model_io.ModelLike, samples: np.ndarray, *, targe
                     {**kept, **float_tail(prepared), **recurrent_nodes(prepared)}, Path(folder) / "ranges.json")
 
 
-# The search keeps at most this share of the units of compute nodes float: beyond it INT8 is not INT8.
-MAX_FLOAT_COMPUTE_SHARE = 0.5
+# The search keeps at most this share of the units (_float_units) float: beyond it INT8 is not INT8.
+MAX_FLOAT_UNIT_SHARE = 0.5
 _SENSITIVITY_SAMPLES = 8  # enough to rank layers; their tensors are held in memory
 # Each candidate scanned costs one quantization (calibration ranges cached) and one check on this many
 # samples: YOLOv8n's 64 convs take about a minute. Past this many, the local estimate's first are.
@@ -229,14 +229,20 @@ def _quantize_checked(source: ir.Model, input_name: str, batches, scheme: Int8Sc
             return _qdq(prepared, _Batches(input_name, batches()), scheme, kept, cache), kept
 
         expected = ReferenceOutputs(reference, data, samples=len(data))  # once for every attempt
+        # The local order's doubling tries again the sets the measured order tried when their
+        # first units agree: each set is quantized and checked once.
+        tried: dict[frozenset[str], Attempt] = {}
 
         def attempt(unit_names: list[str]) -> Attempt:
-            quantized, kept = quantized_keeping(unit_names)
-            return quantized, kept, check_against(expected, quantized, max_output_error)
+            key = frozenset(unit_names)
+            if key not in tried:
+                quantized, kept = quantized_keeping(unit_names)
+                tried[key] = quantized, kept, check_against(expected, quantized, max_output_error)
+            return tried[key]
 
         best = attempt([])
         if best[2].failures() and keep_float_tail:
-            most = int(MAX_FLOAT_COMPUTE_SHARE * len(units))
+            most = int(MAX_FLOAT_UNIT_SHARE * len(units))
             for ranking in _sensitivity_rankings(prepared, best[0], data, reference, max_output_error,
                                                  quantized_keeping, units):
                 best = _fewest_float(ranking[:most], attempt, best)
