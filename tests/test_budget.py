@@ -299,8 +299,8 @@ def _fake_int8_timing(monkeypatch, speedups):
     """_Int8Timing.speedup_of answering (float, INT8) speed-ups from `speedups(decomposed)`."""
     def speedup_of(self, model):
         decomposed = any(node.op_type == "Conv" and "/" in node.name for node in model.graph)
-        self.measured.append((model, *speedups(decomposed)))
-        return max(self.measured[-1][1:])
+        self.measured.append(api._Int8Measured(model, *speedups(decomposed)))
+        return max(self.measured[-1].float_speedup, self.measured[-1].int8_speedup)
     monkeypatch.setattr(api._Int8Timing, "speedup_of", speedup_of)
 
 
@@ -335,6 +335,37 @@ def test_a_speed_target_with_int8_writes_the_precision_measured_faster(tmp_path,
         assert "QuantizeLinear" in ops and result.report["totals"]["decomposed"] >= 1
 
 
+def test_chains_timed_float_in_int8_are_written_float(tmp_path, monkeypatch):
+    """A plan whose chains the search timed float in INT8 (they broke there) is quantized with them
+    float: the written model is the one timed."""
+    from onnx_cp import measure
+    from onnx_cp.graph import naming
+    from onnx_cp.quantize import int8_scheme
+
+    real = measure.benchmark_latency
+
+    class Timed:  # float 1.5x, INT8 with its chains INT8 3x, with them float 2x; nothing faster undecomposed
+        def __init__(self, models):
+            graph = models[1].graph
+            self.decomposed = bool(naming.find_chains(graph.node if isinstance(graph, onnx.GraphProto) else graph))
+
+        def fast_speedup(self, index):
+            return {1: 1.5, 2: 3.0, 3: 2.0}[index] if self.decomposed else 1.0
+
+    monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(measure, "benchmark_latency",
+                        lambda models, **kw: real(models, **kw) if len(models) == 1 else Timed(models))
+    monkeypatch.setattr(api._Int8Timing, "_chains_lose_most", lambda *args: True)
+    proto, x, _ = tiny_with_val(tmp_path)
+    result = optimize(proto, SpeedupTarget(1.2), quantize=QuantizeSettings(calibration_data=x),
+                      measure=MeasureSettings(latency=False))
+    decomposed = [step for step in result.report["search"] if any(step["ranks"].values())]
+    assert decomposed and all(step["measured_int8"] == 2.0 and step["chains_float"] for step in decomposed)
+    chains = naming.find_chains(result.model.graph.node)
+    assert chains and result.report["quantize"]["weight_bits"] in (7, 8)
+    assert {node.name for nodes in chains.values() for node in nodes} <= set(int8_scheme(result.model).float_nodes)
+
+
 def test_int8_timing_quantizes_what_quantize_int8_does():
     from onnx_cp.quantize import quantize_for_timing, quantize_int8
 
@@ -356,6 +387,51 @@ def test_max_output_error_stays_within_budget(tmp_path, monkeypatch):
     assert result.report["totals"]["decomposed"] >= 1
     measured = compare_on_data(result.model, proto, str(tmp_path / "samples.npz"))
     assert measured.worst_group_error <= 0.5
+
+
+def _zero_weights(model):
+    """A copy of `model` whose Conv and Gemm weights are all 0: its outputs are far from the original's."""
+    import onnx_ir as ir
+
+    broken = model.clone()
+    for node in broken.graph:
+        if node.op_type in ("Conv", "Gemm") and node.inputs[1].const_value is not None:
+            weight = node.inputs[1].const_value.numpy()
+            node.inputs[1].const_value = ir.tensor(np.zeros_like(weight), name=node.inputs[1].name)
+    return broken
+
+
+@pytest.mark.parametrize("int8_breaks", [False, True])
+def test_a_quality_bound_with_int8_judges_the_model_written(tmp_path, monkeypatch, int8_breaks):
+    """Each plan is quantized in the search: INT8 is written only within the bound (before, the plan was
+    chosen in float and quantized after: charnet within 0.3 points lost 3.15 in INT8, exit 0)."""
+    monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(api._Run, "speedups_of", lambda self, models: [1.0 + i for i in range(len(models))])
+    if int8_breaks:  # INT8 of every plan is its zero-weight copy: far over any bound
+        quantize = api._quantize
+        monkeypatch.setattr(api, "_quantize", lambda model, data, settings: quantize(_zero_weights(model), data,
+                                                                                      settings))
+    proto = model_factory.tiny_cnn()
+    x, _ = labelled_by_model(proto)
+    np.savez(tmp_path / "samples.npz", x=x)
+    onnx.save(proto, tmp_path / "in.onnx")
+    assert main(["optimize", str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"), "--max-output-error", "0.5",
+                 "--eval-data", str(tmp_path / "samples.npz"), "--quantize", "int8",
+                 "--report", str(tmp_path / "r.json"), "-q"]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    written = onnx.load(tmp_path / "out.onnx")
+    assert compare_on_data(written, proto, str(tmp_path / "samples.npz")).worst_group_error <= 0.5
+    steps = [step for step in report["search"]["trace"] if step["output_error"] <= 0.5]
+    assert steps and all("precision" in step for step in report["search"]["trace"])
+    quantized = any(node.op_type == "QuantizeLinear" for node in written.graph.node)
+    if int8_breaks:
+        assert not quantized and "over the 0.5 allowed" in report["quantize"]["skipped"]
+        assert all(step["precision"]["written"] == "float" and step["precision"]["output_error_int8"] > 0.5
+                   for step in steps)
+    else:  # INT8 measures faster (speedups_of above) and stays within the bound
+        assert quantized and report["quantize"]["weight_bits"] in (7, 8)
+        assert all(step["precision"]["written"] == "int8" for step in steps)
+        assert list(report["accuracy"]) == ["original", "decomposed", "decomposed+int8"]
 
 
 def test_output_error_gate_exit_code_3_and_no_output(tmp_path, monkeypatch, capsys):

@@ -351,3 +351,32 @@ def test_a_decomposed_layers_chain_is_kept_float_as_one_unit(monkeypatch):
     assert {"a/tucker2/in", "a/tucker2/core", "a/tucker2/out"} <= kept
     assert not {"b/tucker2/in", "b/tucker2/core"} & kept  # (stem is float: it writes a's input)
     assert compare_output("y", run(model, x), run(quantized, x)).worst_group_error < 0.15
+
+
+def test_a_chain_the_plan_keeps_float_is_float_from_the_start(monkeypatch):
+    from onnx_cp.quantize import int8
+
+    scanned = []
+    monkeypatch.setattr(int8, "rank_by_measured_gain", lambda candidates, _: scanned.append(candidates) or candidates)
+    model = cancelling_chain_model()
+    calibration = np.random.default_rng(1).standard_normal((64, 3, 8, 8)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    quantized = quantize_int8(model, calibration, keep_float={"a"})
+    assert {"a/tucker2/in", "a/tucker2/core", "a/tucker2/out"} <= set(int8_scheme(quantized).float_nodes)
+    assert not scanned  # the check passed at once: no mixed-precision search
+    assert compare_output("y", run(model, x), run(quantized, x)).worst_group_error < 0.15
+
+
+def test_the_speed_search_times_chains_float_where_int8_would_break_them():
+    from types import SimpleNamespace
+
+    from onnx_cp import api
+    from onnx_cp.quantize import quantize_for_timing
+
+    model = model_io.to_ir(cancelling_chain_model())
+    samples = np.random.default_rng(1).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    chains_int8 = quantize_for_timing(model, samples)
+    chains_float = quantize_for_timing(model, samples, keep_float=frozenset({"a", "b"}))
+    timing = SimpleNamespace(samples=samples, max_output_error=0.15)
+    assert api._Int8Timing._chains_lose_most(timing, model, chains_int8, chains_float)
+    assert not api._Int8Timing._chains_lose_most(timing, model, chains_float, chains_int8)

@@ -335,8 +335,12 @@ def _measurement_lines(report: dict) -> list[str]:
                          f"measured {step['measured']:.2f}x{precisions}")
     elif search:  # --max-accuracy-drop / --max-output-error bisection
         for step in search["trace"]:
-            measured = (f"accuracy drop {step['accuracy_drop']:.2f} points" if "accuracy_drop" in step
-                        else f"output error {step['output_error']:.3f}")
+            measured = _quality_text(step)
+            precision = step.get("precision")
+            if precision and precision["written"] == "int8":
+                measured += f" in INT8 ({_quality_text(step, 'float')} in float)"
+            elif precision:
+                measured += f", float ({precision['why_float']})"
             lines.append(f"quality search: predicted {step['predicted_speedup']:.2f}x -> {measured}")
     target = report.get("target") or {}
     if "limit" in target:  # a bounded speed target, measured again on the final model
@@ -350,7 +354,8 @@ def _measurement_lines(report: dict) -> list[str]:
         lines.append(f"quantized to INT8 (onnxruntime static quantization, QDQ): {report['quantize']['scheme']}")
     qat = report.get("qat")
     if qat and not qat.get("failed"):
-        verdict = "kept" if qat["kept"] == "qat" else "not kept: the calibrated INT8 model measured better"
+        verdict = "kept" if qat["kept"] == "qat" else f"not kept: {qat['over_bound']}" if qat.get("over_bound") \
+            else "not kept: the calibrated INT8 model measured better"
         lines.append(f"quantization-aware fine-tuning: {qat['epochs']} epoch(s) of {qat['weights']} INT8 weights at "
                      f"lr {qat['lr']:.0e}, {verdict} (judged by {qat['judged_by']})")
     fitted = [f for f in (report.get("reconstruction") or {}).get("layers", []) if f["status"] == "fitted"]
@@ -394,6 +399,13 @@ def _measurement_lines(report: dict) -> list[str]:
             f"{original['median_ms']:.3f} ms -> {optimized['median_ms']:.3f} ms "
             f"({original['median_ms'] / optimized['median_ms']:.2f}x faster)")
     return lines
+
+
+def _quality_text(step: dict, precision: str | None = None) -> str:
+    """A quality search step's measure: of the model it keeps, or of its float or INT8 model."""
+    key = "accuracy_drop" if "accuracy_drop" in step else "output_error"
+    value = step["precision"][f"{key}_{precision}"] if precision else step[key]
+    return f"accuracy drop {value:.2f} points" if key == "accuracy_drop" else f"output error {value:.3f}"
 
 
 def _count(n: int | None) -> str:

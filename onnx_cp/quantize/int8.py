@@ -24,7 +24,7 @@ import io
 import json
 import logging
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -146,6 +146,7 @@ def quantize_int8(
     calibration_method: str = DEFAULT_CALIBRATION_METHOD,
     keep_float_tail: bool = True,
     max_output_error: float = DEFAULT_MAX_OUTPUT_ERROR,
+    keep_float: Collection[str] = (),
 ) -> ir.Model:
     """A QDQ INT8 copy of `model`, its activation ranges calibrated on `calibration`
     (a dataset path, a Dataset, or an array of inputs) with at most `samples` samples, checked
@@ -157,8 +158,9 @@ def quantize_int8(
     speed-up). equalize: rescale CP chains first (see equalize_chains). calibration_method:
     "percentile", "minmax" or "entropy". keep_float_tail: leave the nodes between the last compute
     nodes and the outputs in float (quantize.mixed). max_output_error: the largest channel-group
-    error the check accepts. The scheme used and the check's figures are recorded in the result's
-    metadata: read them with int8_scheme()."""
+    error the check accepts. keep_float: layers kept float from the start (a decomposed layer's
+    name keeps its whole chain float), beside those the check adds. The scheme used and the check's
+    figures are recorded in the result's metadata: read them with int8_scheme()."""
     _check_options(weights, calibration_method, target, max_output_error)
     source = model_io.to_ir(model)
     reference = ir.to_proto(source)  # before equalization: the check compares with the model as given
@@ -172,7 +174,7 @@ def quantize_int8(
                         equalized_layers=tuple(equalized), target=target, cpu_features=precision.cpu_features)
     data = np.concatenate(list(batches()))
     quantized, kept, check = _quantize_checked(source, input_name, batches, scheme, keep_float_tail,
-                                               reference, data, max_output_error)
+                                               reference, data, max_output_error, frozenset(keep_float))
     scheme = replace(scheme, float_nodes=tuple(kept), check=check.to_json())
     quantized.metadata_props[SCHEME_METADATA_KEY] = json.dumps(asdict(scheme))
     return quantized
@@ -213,19 +215,22 @@ Attempt = tuple[ir.Model, dict[str, str], Int8Check]
 
 
 def _quantize_checked(source: ir.Model, input_name: str, batches, scheme: Int8Scheme, keep_float_tail: bool,
-                      reference, data: np.ndarray, max_output_error: float) -> Attempt:
-    """Quantize; while the outputs miss `max_output_error` (or a task agreement), keep float the
-    units of compute nodes (_float_units) first in an order of sensitivity (_sensitivity_rankings),
-    as few as pass."""
+                      reference, data: np.ndarray, max_output_error: float, keep_float: frozenset[str]) -> Attempt:
+    """Quantize, the units named in `keep_float` float; while the outputs miss `max_output_error` (or
+    a task agreement), keep float other units of compute nodes (_float_units) too, first in an order
+    of sensitivity (_sensitivity_rankings), as few as pass."""
     prepared = _prepared(source)
     tail = {**(float_tail(prepared) if keep_float_tail else {}), **recurrent_nodes(prepared)}
     units = _float_units(prepared)
+    planned = float_islands(prepared, [node for unit in sorted(keep_float & units.keys()) for node in units[unit]],
+                            "kept float by the plan")
+    units = {name: nodes for name, nodes in units.items() if name not in keep_float}
     with tempfile.TemporaryDirectory(prefix="onnx-cp-calibration-") as folder:
         cache = Path(folder) / "ranges.json"
 
         def quantized_keeping(unit_names: list[str]) -> tuple[ir.Model, dict[str, str]]:
             compute_nodes = [node for unit in unit_names for node in units[unit]]
-            kept = {**float_islands(prepared, compute_nodes, "INT8 adds the most output error here"), **tail}
+            kept = {**planned, **float_islands(prepared, compute_nodes, "INT8 adds the most output error here"), **tail}
             return _qdq(prepared, _Batches(input_name, batches()), scheme, kept, cache), kept
 
         expected = ReferenceOutputs(reference, data, samples=len(data))  # once for every attempt
@@ -301,7 +306,7 @@ def _sensitivity_rankings(prepared: ir.Model, quantized: ir.Model, data: np.ndar
     its first node does in the local estimate."""
     unit_of = {node: unit for unit, nodes in units.items() for node in nodes}
     nodes = rank_by_added_error(prepared, quantized, data[:_SENSITIVITY_SAMPLES])
-    local = list(dict.fromkeys(unit_of[node] for node in nodes))
+    local = list(dict.fromkeys(unit_of[node] for node in nodes if node in unit_of))  # not the plan's float
     scan = ReferenceOutputs(reference, data[:_SCAN_SAMPLES], samples=_SCAN_SAMPLES)
 
     def shortfall_with_float(name: str) -> float:

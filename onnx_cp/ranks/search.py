@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import onnx_ir as ir
 
@@ -69,6 +69,7 @@ KEPT_FOR_INT8 = "kept: the input model in INT8 met the speed-up target alone"
 KEPT_FOR_ACCURACY = "kept: decomposing it cost more accuracy than it saved time"
 
 BuildModel = Callable[[Plan], ir.Model]
+Scored = TypeVar("Scored")  # what a quality search's tune_and_score returns beside its measure
 
 
 @dataclass(frozen=True)
@@ -495,13 +496,13 @@ def search_quality(
     timing: Timing,
     limit: QualityLimit,
     build: BuildModel,
-    tune_and_score: Callable[[ir.Model], tuple[float, ir.Model]],
+    tune_and_score: Callable[[ir.Model], tuple[float, Scored]],
     probe: Callable[[list[LayerMenu], float], list[LayerMenu]] | None = None,
-    measure_speedups: Callable[[list[ir.Model]], list[float]] | None = None,
-) -> tuple[Plan, ir.Model, list[dict], list[LayerMenu]]:
+    measure_speedups: Callable[[list[Scored]], list[float]] | None = None,
+) -> tuple[Plan, Scored, list[dict], list[LayerMenu]]:
     """The fastest plan of the predicted frontier whose measure stays within the limit, by a
     bisection from the fastest plan; `tune_and_score(model)` fine-tunes (when there is data for it)
-    and returns (measure, model). Bisecting over plans rather than over speed-ups never measures one
+    and returns (measure, what was measured: a model, or the models it chose between). Bisecting over plans rather than over speed-ups never measures one
     plan twice and reaches the most accurate plan when every faster one fails (a bisection on
     speed-ups spent 2 of its 5 steps on one plan and, on a CI machine, never reached it).
 
@@ -596,7 +597,7 @@ def search_quality(
 class Finalist(NamedTuple):
     speedup: float  # predicted
     plan: dict[str, Option]
-    model: ir.Model
+    model: Any  # what tune_and_score returned for the plan
     step: dict  # its entry in the search trace
 
 
