@@ -359,13 +359,15 @@ class _Run:
         measure_on_full = self._meter(policy)(self.data.open("evaluation", eval_data))
         limit = _quality_limit(policy)
         tuning_reports: list[dict] = []
+        float_units = [frozenset()]  # of the last plan quantized: where the next one's INT8 check starts
 
         def tune_and_score(model: ir.Model) -> tuple[float, _Candidate]:
             tuned, tuning = tune(model)  # built from refined factors (see build_refined)
             tuned = model if tuned is None else tuned
             score, candidate = measure_on_full(tuned), _Candidate(tuned)
             if int8 is not None:
-                score, candidate = self.with_int8(candidate, score, measure_on_full, limit, int8)
+                score, candidate = self.with_int8(candidate, score, measure_on_full, limit, int8, float_units[-1])
+                float_units.append(frozenset((candidate.quantize or {}).get("float_units", float_units[-1])))
                 tuning.report["precision"] = candidate.precision_step(limit.key)
             tuning_reports.append(tuning.report)
             return score, candidate
@@ -380,20 +382,23 @@ class _Run:
                  "sensitivity": {m.site.name: {f: c.points for f, c in m.curves.items()} for m in menus}})
 
     def with_int8(self, candidate: _Candidate, score: float, measure: Callable[[ir.Model], float],
-                  limit: search.QualityLimit, int8: _Int8Calibration) -> tuple[float, _Candidate]:
+                  limit: search.QualityLimit, int8: _Int8Calibration, float_units: frozenset[str] = frozenset()
+                  ) -> tuple[float, _Candidate]:
         """A plan's candidate in INT8 when its quantized model stays within `limit` and measures faster
         than its float one, with that model's measure; else the float candidate, saying why. The bound
         is then met by the model written, not only by the float model quantization starts from
         (before, charnet within 0.3 points of top-1 was planned in float, then quantized under INT8's
-        own check: written 3.15 points below the original, with exit 0)."""
+        own check: written 3.15 points below the original, with exit 0). INT8's check starts with
+        `float_units` float (those of the plan quantized before: its mixed-precision search is most
+        of a quantization's time on YOLOv8n)."""
         if score > limit.limit:  # quantization only adds error
             return score, replace(candidate, skipped="over the limit in float, not quantized")
         try:
-            quantized, report = _quantize(candidate.tuned, int8.data(), int8.settings)
+            quantized, report = _quantize(candidate.tuned, int8.data(), int8.settings, float_units)
         except OnnxCpError as error:
             return score, replace(candidate, skipped=f"INT8 broke the model: {error}")
         int8_score = measure(quantized)
-        candidate = replace(candidate, float_score=score, int8_score=int8_score)
+        candidate = replace(candidate, float_score=score, int8_score=int8_score, quantize=report)
         if int8_score > limit.limit:
             return score, replace(candidate, skipped=f"in INT8 its {limit.key.replace('_', ' ')} measured "
                                                      f"{int8_score:.3g}, over the {limit.limit:g} allowed")
@@ -402,7 +407,7 @@ class _Run:
         if int8_speedup <= float_speedup:
             return score, replace(candidate, skipped=f"measured faster in float ({float_speedup:.2f}x) than in "
                                                      f"INT8 ({int8_speedup:.2f}x) on this CPU")
-        return int8_score, replace(candidate, int8=quantized, quantize=report)
+        return int8_score, replace(candidate, int8=quantized)
 
     def _with_sensitivities(self, menus: list[search.LayerMenu], meter: Callable, data, timing: search.Timing
                             ) -> tuple[list[search.LayerMenu], Callable[[list, float], list]]:
@@ -566,7 +571,7 @@ class _Candidate:
 
     tuned: ir.Model
     int8: ir.Model | None = None
-    quantize: dict | None = None  # _quantize's report on `int8`
+    quantize: dict | None = None  # _quantize's report on its INT8 model (written only if `int8` is set)
     skipped: str | None = None  # why the float model is written
     float_score: float | None = None
     int8_score: float | None = None
@@ -847,7 +852,8 @@ def _quantize(model: ir.Model, data, settings: QuantizeSettings, keep_float: fro
     scheme = int8_scheme(quantized)
     return quantized, {"kind": "int8", "format": "QDQ", "scheme": scheme.describe(), "target": scheme.target,
                        "weight_bits": scheme.weight_bits, "cpu_features": list(scheme.cpu_features),
-                       "float_nodes": len(scheme.float_nodes), "check": scheme.check,
+                       "float_nodes": len(scheme.float_nodes), "float_units": list(scheme.float_units),
+                       "check": scheme.check,
                        "seconds": round(time.perf_counter() - started, 3)}
 
 

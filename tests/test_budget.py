@@ -409,8 +409,7 @@ def test_a_quality_bound_with_int8_judges_the_model_written(tmp_path, monkeypatc
     monkeypatch.setattr(api._Run, "speedups_of", lambda self, models: [1.0 + i for i in range(len(models))])
     if int8_breaks:  # INT8 of every plan is its zero-weight copy: far over any bound
         quantize = api._quantize
-        monkeypatch.setattr(api, "_quantize", lambda model, data, settings: quantize(_zero_weights(model), data,
-                                                                                      settings))
+        monkeypatch.setattr(api, "_quantize", lambda model, *rest: quantize(_zero_weights(model), *rest))
     proto = model_factory.tiny_cnn()
     x, _ = labelled_by_model(proto)
     np.savez(tmp_path / "samples.npz", x=x)

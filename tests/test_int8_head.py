@@ -350,6 +350,7 @@ def test_a_decomposed_layers_chain_is_kept_float_as_one_unit(monkeypatch):
     assert scanned and set(scanned[0]) <= {"stem", "a", "b"}  # units, not their stages
     assert {"a/tucker2/in", "a/tucker2/core", "a/tucker2/out"} <= kept
     assert not {"b/tucker2/in", "b/tucker2/core"} & kept  # (stem is float: it writes a's input)
+    assert "a" in int8_scheme(quantized).float_units and "b" not in int8_scheme(quantized).float_units
     assert compare_output("y", run(model, x), run(quantized, x)).worst_group_error < 0.15
 
 
@@ -363,7 +364,7 @@ def test_a_chain_the_plan_keeps_float_is_float_from_the_start(monkeypatch):
     x = np.random.default_rng(2).standard_normal((16, 3, 8, 8)).astype(np.float32)
     quantized = quantize_int8(model, calibration, keep_float={"a"})
     assert {"a/tucker2/in", "a/tucker2/core", "a/tucker2/out"} <= set(int8_scheme(quantized).float_nodes)
-    assert not scanned  # the check passed at once: no mixed-precision search
+    assert not scanned and int8_scheme(quantized).float_units == ("a",)  # passed at once: no search
     assert compare_output("y", run(model, x), run(quantized, x)).worst_group_error < 0.15
 
 

@@ -78,6 +78,8 @@ class Int8Scheme:
     target: str = "portable"
     cpu_features: tuple[str, ...] = field(default_factory=tuple)  # of the machine that quantized
     float_nodes: tuple[str, ...] = field(default_factory=tuple)  # the float tail (quantize.mixed)
+    # the layers kept float whole, by the plan or the check (a decomposed layer's chain by its name)
+    float_units: tuple[str, ...] = field(default_factory=tuple)
     check: dict = field(default_factory=dict)  # Int8Check.to_json() on the calibration samples
 
     def describe(self) -> str:
@@ -98,7 +100,7 @@ def int8_scheme(model: model_io.ModelLike) -> Int8Scheme | None:
     if text is None:
         return None
     fields = json.loads(text)
-    for key in ("equalized_layers", "cpu_features", "float_nodes"):
+    for key in ("equalized_layers", "cpu_features", "float_nodes", "float_units"):
         fields[key] = tuple(fields.get(key, ()))
     return Int8Scheme(**fields)
 
@@ -173,9 +175,9 @@ def quantize_int8(
                         per_channel=per_channel, calibration=calibration_method, samples=samples,
                         equalized_layers=tuple(equalized), target=target, cpu_features=precision.cpu_features)
     data = np.concatenate(list(batches()))
-    quantized, kept, check = _quantize_checked(source, input_name, batches, scheme, keep_float_tail,
-                                               reference, data, max_output_error, frozenset(keep_float))
-    scheme = replace(scheme, float_nodes=tuple(kept), check=check.to_json())
+    quantized, kept, check, units = _quantize_checked(source, input_name, batches, scheme, keep_float_tail,
+                                                      reference, data, max_output_error, frozenset(keep_float))
+    scheme = replace(scheme, float_nodes=tuple(kept), float_units=units, check=check.to_json())
     quantized.metadata_props[SCHEME_METADATA_KEY] = json.dumps(asdict(scheme))
     return quantized
 
@@ -210,8 +212,9 @@ _SENSITIVITY_SAMPLES = 8  # enough to rank layers; their tensors are held in mem
 _SCANNED_CANDIDATES = 64
 _SCAN_SAMPLES = 32
 _BISECTION_STEPS = 3  # fewer float nodes once a count passes: each step is one quantization and check
-# One try of the mixed-precision search: the QDQ model, the nodes it keeps float (and why), its check.
-Attempt = tuple[ir.Model, dict[str, str], Int8Check]
+# One try of the mixed-precision search: the QDQ model, the nodes it keeps float (and why), its check,
+# and the units (_float_units) it keeps float.
+Attempt = tuple[ir.Model, dict[str, str], Int8Check, tuple[str, ...]]
 
 
 def _quantize_checked(source: ir.Model, input_name: str, batches, scheme: Int8Scheme, keep_float_tail: bool,
@@ -222,7 +225,8 @@ def _quantize_checked(source: ir.Model, input_name: str, batches, scheme: Int8Sc
     prepared = _prepared(source)
     tail = {**(float_tail(prepared) if keep_float_tail else {}), **recurrent_nodes(prepared)}
     units = _float_units(prepared)
-    planned = float_islands(prepared, [node for unit in sorted(keep_float & units.keys()) for node in units[unit]],
+    planned_units = keep_float & units.keys()
+    planned = float_islands(prepared, [node for unit in sorted(planned_units) for node in units[unit]],
                             "kept float by the plan")
     units = {name: nodes for name, nodes in units.items() if name not in keep_float}
     with tempfile.TemporaryDirectory(prefix="onnx-cp-calibration-") as folder:
@@ -242,7 +246,8 @@ def _quantize_checked(source: ir.Model, input_name: str, batches, scheme: Int8Sc
             key = frozenset(unit_names)
             if key not in tried:
                 quantized, kept = quantized_keeping(unit_names)
-                tried[key] = quantized, kept, check_against(expected, quantized, max_output_error)
+                tried[key] = (quantized, kept, check_against(expected, quantized, max_output_error),
+                              tuple(sorted(planned_units)) + tuple(unit_names))
             return tried[key]
 
         best = attempt([])
@@ -253,9 +258,8 @@ def _quantize_checked(source: ir.Model, input_name: str, batches, scheme: Int8Sc
                 best = _fewest_float(ranking[:most], attempt, best)
                 if not best[2].failures():
                     break
-    quantized, kept, check = best
-    raise_if_broken(check, len(kept))
-    return quantized, kept, check
+    raise_if_broken(best[2], len(best[1]))
+    return best
 
 
 def _fewest_float(ranking: list[str], attempt: Callable[[list[str]], Attempt], failing: Attempt) -> Attempt:
