@@ -48,8 +48,8 @@ import platform
 import re
 import shutil
 import subprocess
-import tarfile
 import sys
+import tarfile
 import time
 import zipfile
 from dataclasses import dataclass, field

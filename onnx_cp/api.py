@@ -884,7 +884,8 @@ def _run_shapes(model: ir.Model, proto: onnx.ModelProto, input_shapes: dict[str,
     from onnx_cp.runtime.inputs import measured_feeds
     from onnx_cp.runtime.session import run_source
 
-    layers = [node for node in proto.graph.node if node.op_type in ("Conv", "Gemm", "LSTM") and node.input and node.output]
+    layers = [node for node in proto.graph.node
+              if node.op_type in ("Conv", "Gemm", "LSTM") and node.input and node.output]
     wanted = [n for node in layers for n in (node.input[0], node.output[0]) if n and n not in known]
     if not wanted:
         return {}

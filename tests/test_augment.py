@@ -6,14 +6,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
+from test_distill import SGD, classifier, detector_model, group_errors, images, outputs, perturbed  # noqa: F401 - images is a fixture
 
 from onnx_cp.errors import UsageError
 from onnx_cp.finetune import distributed, finetune
-from onnx_cp.finetune.augment import (MIXED_AUGMENTATION, Augmentation, augmentation_for, augmented,
-                                      spatial_axes)
+from onnx_cp.finetune.augment import MIXED_AUGMENTATION, Augmentation, augmentation_for, augmented, spatial_axes
 from onnx_cp.finetune.train import _prepare_data, _Views
-from test_distill import (  # noqa: F401 - images is a fixture
-    SGD, classifier, detector_model, group_errors, images, outputs, perturbed)
 
 SHIFT_ONLY = Augmentation(max_shift=0.25, contrast=0.0, brightness=0.0)
 

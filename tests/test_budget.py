@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import onnx
@@ -13,18 +12,37 @@ import pytest
 import model_factory
 from onnx_cp import api, optimize
 from onnx_cp.cli import main
+from onnx_cp.data.datasets import Preprocessing
 from onnx_cp.errors import BudgetError
-from onnx_cp.measure.outputs import compare_on_data
 from onnx_cp.graph.plan import CP
 from onnx_cp.lowrank.forms import SPATIAL_SVD, SVD
+from onnx_cp.measure.outputs import compare_on_data
 from onnx_cp.ranks.forms import rank_label
-from onnx_cp.ranks.search import (FINALISTS, KEPT_FOR_INT8, SPEEDUP_MARGIN, LayerMenu, LossCurve, Option,
-                                  QualityLimit, Timing, plan_for_time, plan_frontier, probe_planned_options,
-                                  search_quality, search_speedup, with_sensitivities)
+from onnx_cp.ranks.search import (
+    FINALISTS,
+    KEPT_FOR_INT8,
+    SPEEDUP_MARGIN,
+    LayerMenu,
+    LossCurve,
+    Option,
+    QualityLimit,
+    Timing,
+    plan_for_time,
+    plan_frontier,
+    probe_planned_options,
+    search_quality,
+    search_speedup,
+    with_sensitivities,
+)
 from onnx_cp.ranks.solve import Solved
-from onnx_cp.data.datasets import Preprocessing
-from onnx_cp.settings import (AccuracyBudget, LayerSelection, MeasureSettings, OutputErrorBudget, QuantizeSettings,
-                              SpeedupTarget)
+from onnx_cp.settings import (
+    AccuracyBudget,
+    LayerSelection,
+    MeasureSettings,
+    OutputErrorBudget,
+    QuantizeSettings,
+    SpeedupTarget,
+)
 
 
 class _Site:

@@ -268,6 +268,9 @@ def test_distillation_without_validation_data_judges_epochs_on_held_out_samples(
     assert len(errors) == 3 and errors[0] < min(errors[1:])  # the training only hurt, on held-out samples
     assert tuned["best_epoch"] == 0 and tuned["metric"] == "val_worst_group_error"
     probe = model_factory.smooth_inputs(8, seed=5)
-    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"x": probe})[0]
+
+    def run(m):
+        session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": probe})[0]
+
     np.testing.assert_allclose(run(result.model), run(decomposed), rtol=0, atol=1e-5)

@@ -42,8 +42,8 @@ def test_an_lstm_is_timed_as_its_own_op_against_its_unrolled_low_rank_splice():
     """The isolated models of an LSTM site: the LSTM op of its shape, its unrolled chain at a rank,
     and the pass-through, all taking the site's (T, N, I) input."""
     import onnx_ir as ir
-
     from test_lstm import _sites, lstm_model
+
     from onnx_cp.ranks.latency_model import chain_model
 
     _, (site,) = _sites(lstm_model("bidirectional", steps=3, batch=1, inputs=5, hidden=8))

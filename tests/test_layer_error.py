@@ -85,7 +85,7 @@ def test_search_menus_with_data_hold_data_aware_svd_that_the_final_model_keeps(t
     rank on inputs that span that many directions. The plan's refinement keeps those factors, so the
     rewritten model (onnxruntime) shows the error the menu promised."""
     monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
-    from onnx_cp.graph import CPConvPass, Plan
+    from onnx_cp.graph import CPConvPass
     from onnx_cp.ranks import search
     from onnx_cp.ranks.solve import Refiner, make_solver
 

@@ -138,8 +138,8 @@ def test_data_aware_channel_svd_is_optimal_on_the_data():
         assert np.linalg.norm((matrix - left @ right) @ x) / np.linalg.norm(matrix @ x) >= aware.rel_error
     # whitened data: the data-aware solve is the weight's own SVD (up to the small ridge)
     same = channel_svd(kernel, 5, gram=np.eye(12) * 7.0)
-    np.testing.assert_allclose(FORMS[SVD].reconstruct(same.factors), FORMS[SVD].reconstruct(channel_svd(kernel, 5).factors),
-                               atol=1e-8)
+    np.testing.assert_allclose(FORMS[SVD].reconstruct(same.factors),
+                               FORMS[SVD].reconstruct(channel_svd(kernel, 5).factors), atol=1e-8)
     with pytest.raises(UsageError, match="Gram matrix"):
         channel_svd(kernel, 3, gram=np.eye(5))
 

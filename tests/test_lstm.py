@@ -265,7 +265,8 @@ def test_a_model_whose_lstm_is_unrolled_takes_only_the_input_shape_it_was_unroll
     model.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", 1, ["T", 2, 1, 4]))
     path = tmp_path / "rnn.onnx"
     onnx.save(model, path)
-    result = optimize(str(path), ExplicitRanks(per_layer={"rnn": 4}), solver=SolverSettings(decomposition="svd", workers=1),
+    result = optimize(str(path), ExplicitRanks(per_layer={"rnn": 4}),
+                      solver=SolverSettings(decomposition="svd", workers=1),
                       measure=MeasureSettings(input_shapes={"batch_first": [1, 6, 3]}))
     (row,) = [r for r in result.report["layers"] if r["name"] == "rnn"]
     assert row["status"] == "decomposed" and row["op"] == "LSTM" and row["inputs_fixed"] == {"batch_first": [1, 6, 3]}

@@ -96,6 +96,7 @@ def test_timing_quantization_reads_no_layer_into_an_empty_float_node_name():
 
 def test_int8_preparation_names_the_nodes_an_opset_conversion_adds():
     from onnx import TensorProto, helper
+
     from onnx_cp.quantize.int8 import _prepared
 
     kernel = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)

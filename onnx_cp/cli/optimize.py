@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import argparse
+from collections import Counter
 from pathlib import Path
 
 from onnx_cp import api, config, settings

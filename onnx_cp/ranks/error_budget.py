@@ -11,8 +11,8 @@ layer output's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from onnx_cp.graph import ConvSite, LayerPlan, Plan

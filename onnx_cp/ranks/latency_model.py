@@ -154,7 +154,8 @@ def _lstm_model(shape: LayerShape, rng: np.random.Generator) -> onnx.ModelProto:
     """One LSTM of this shape with random weights (small enough that its gates do not saturate)."""
     directions, inputs, _ = shape.recurrent
     hidden = shape.kernel[1] // directions
-    arrays = {"W": (directions, 4 * hidden, inputs), "R": (directions, 4 * hidden, hidden), "B": (directions, 8 * hidden)}
+    arrays = {"W": (directions, 4 * hidden, inputs), "R": (directions, 4 * hidden, hidden),
+              "B": (directions, 8 * hidden)}
     weights = [numpy_helper.from_array((rng.standard_normal(dims) / np.sqrt(hidden)).astype(np.float32), name)
                for name, dims in arrays.items()]
     node = helper.make_node("LSTM", ["x", "W", "R", "B"], ["y"], name="lstm", hidden_size=hidden,

@@ -502,9 +502,10 @@ def search_quality(
 ) -> tuple[Plan, Scored, list[dict], list[LayerMenu]]:
     """The fastest plan of the predicted frontier whose measure stays within the limit, by a
     bisection from the fastest plan; `tune_and_score(model)` fine-tunes (when there is data for it)
-    and returns (measure, what was measured: a model, or the models it chose between). Bisecting over plans rather than over speed-ups never measures one
-    plan twice and reaches the most accurate plan when every faster one fails (a bisection on
-    speed-ups spent 2 of its 5 steps on one plan and, on a CI machine, never reached it).
+    and returns (measure, what was measured: a model, or the models it chose between). Bisecting over
+    plans rather than over speed-ups never measures one plan twice and reaches the most accurate plan
+    when every faster one fails (a bisection on speed-ups spent 2 of its 5 steps on one plan and, on a
+    CI machine, never reached it).
 
     With `probe(menus, speedup)` (the menus with their curves measured where the plan for that
     speed-up goes, see probe_planned_options), the loss curves are then measured at the first plan
