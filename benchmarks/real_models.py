@@ -20,8 +20,8 @@ pages rendered in onnx_cp/data/fonts; seeded). For each model and each configura
     speed+ft  onnx-cp optimize IN OUT --target-speedup 1.5 --finetune-data TRAIN --teacher-from-input
     int8      onnx-cp optimize IN OUT --layers '^$' --quantize int8 --calibration-data TRAIN   (INT8 alone)
     speed+int8 onnx-cp optimize IN OUT --target-speedup 1.5 --quantize int8 --calibration-data TRAIN (CP + INT8)
-    bound+int8 onnx-cp optimize IN OUT --max-output-error 0.05 --eval-data TRAIN --quantize int8 --int8-max-error 0.1
-               (a light CP plan, then INT8)
+    bound+int8 onnx-cp optimize IN OUT --max-output-error 0.15 --eval-data TRAIN --quantize int8 --int8-max-error 0.1
+               (the fastest plan whose written model, INT8 where within the bound, stays within it)
 
 (plus the model's preprocessing options and --input-shape, --workers 1), the script records the wall
 time of each stage, `onnx-cp bench IN OUT` (1 thread, batch 1), and on a held-out set the output
@@ -126,8 +126,9 @@ CONFIGS = {
     # The rival, and both together: INT8 alone decomposes nothing (no layer name matches).
     "int8": ["--layers", "^$", "--quantize", "int8", "--calibration-data", "{train}"],
     "speed+int8": ["--target-speedup", "1.5", "--quantize", "int8", "--calibration-data", "{train}"],
-    # A light plan in INT8: the fastest within 0.05 of the outputs, then INT8 within 0.1 of that.
-    "bound+int8": ["--max-output-error", "0.05", "--eval-data", "{train}", "--quantize", "int8",
+    # The fastest plan whose written model stays within 0.15 of the outputs: each plan is quantized in
+    # the search (INT8's own check at 0.1) and written in INT8 where that is within the bound and faster.
+    "bound+int8": ["--max-output-error", "0.15", "--eval-data", "{train}", "--quantize", "int8",
                    "--int8-max-error", "0.1"],
 }
 

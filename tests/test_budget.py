@@ -384,6 +384,27 @@ def test_chains_timed_float_in_int8_are_written_float(tmp_path, monkeypatch):
     assert {node.name for nodes in chains.values() for node in nodes} <= set(int8_scheme(result.model).float_nodes)
 
 
+def test_a_speed_target_writes_its_plan_in_float_when_int8_breaks_it(tmp_path, monkeypatch):
+    from onnx_cp.errors import OnnxCpError
+
+    def broken(*args):
+        raise OnnxCpError("INT8 broke the model on 8 calibration samples (3 node(s) kept float): y moved by 0.9; "
+                          "nothing written (a larger --int8-max-error accepts more)")
+
+    monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
+    _fake_int8_timing(monkeypatch, lambda decomposed: (1.3, 3.0) if decomposed else (1.0, 1.1))
+    monkeypatch.setattr(api, "_quantize", broken)
+    proto, x, _ = tiny_with_val(tmp_path)
+    result = optimize(proto, SpeedupTarget(1.2), quantize=QuantizeSettings(calibration_data=x))
+    assert not any(node.op_type == "QuantizeLinear" for node in result.model.graph.node)
+    assert result.report["totals"]["decomposed"] >= 1
+    skipped = result.report["quantize"]["skipped"]
+    assert "y moved by 0.9" in skipped and "written in float" in skipped and "nothing written" not in skipped
+    assert any(warning.startswith("not quantized: INT8 broke") for warning in result.report["warnings"])
+    with pytest.raises(OnnxCpError, match="nothing written"):  # INT8 asked for with explicit ranks stays an error
+        optimize(proto, 8, quantize=QuantizeSettings(calibration_data=x))
+
+
 def test_int8_timing_quantizes_what_quantize_int8_does():
     from onnx_cp.quantize import quantize_for_timing, quantize_int8
 
