@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from onnx_cp.data.datasets import Preprocessing
 from onnx_cp.errors import BudgetError, OnnxCpError, UsageError
-from onnx_cp.graph import CPConvPass, LayerOutcome, Plan, filter_sites, find_conv_sites, naming
+from onnx_cp.graph import CPConvPass, LayerOutcome, Plan, filter_sites, find_conv_sites
 from onnx_cp.ranks import error_budget, search
 from onnx_cp.ranks.policy import QualityBudget
 from onnx_cp.ranks.solve import Refiner, make_solver
@@ -116,12 +116,12 @@ def optimize(
     report: dict = {"input": run.source, "input_shapes": run.shapes,
                     "settings": _settings_report(policy, layers, solver, quantize, seed)}
 
-    tuned, precision, searched, float_chains = None, "int8" if quantize is not None else None, None, frozenset()
+    tuned, precision, searched, float_units = None, "int8" if quantize is not None else None, None, frozenset()
     # with a speed target, INT8 is timed in the search and used only where it is faster
     int8_timing = _Int8Timing(run, calibration, quantize) if quantize and isinstance(policy, SpeedupTarget) else None
     if isinstance(policy, SpeedupTarget):
         plan, report["search"], chosen = run.search_speedup(policy, _selection_data(finetune, eval_data), int8_timing)
-        precision, float_chains = chosen or (precision, float_chains)
+        precision, float_units = chosen or (precision, float_units)
     elif isinstance(policy, (AccuracyBudget, OutputErrorBudget)):
         # with a quality bound, each plan is quantized in the search and the bound judges the written model
         int8 = _Int8Calibration(quantize, lambda: run.data.open("calibration", calibration, labels=False)) \
@@ -147,7 +147,7 @@ def optimize(
         stages["finetuned"] = final
     if precision == "int8" and searched is None:
         searched = _quantized_final(final, run.data.open("calibration", calibration, labels=False), quantize,
-                                    float_chains, fall_back=isinstance(policy, SpeedupTarget))
+                                    float_units, fall_back=isinstance(policy, SpeedupTarget))
         precision = "int8" if searched.int8 is not None else "float"
     if precision == "int8":
         final, report["quantize"] = searched.int8, searched.quantize
@@ -286,7 +286,7 @@ class _Run:
     def search_speedup(self, policy: SpeedupTarget, data, int8: _Int8Timing | None = None
                        ) -> tuple[Plan, list[dict], tuple[str, frozenset[str]] | None]:
         """The most accurate plan measured fast enough, and with `int8` the precision it was fastest
-        in ("int8" or "float") with the chains its INT8 keeps float (_Int8Timing.annotate). With
+        in ("int8" or "float") with the layers its INT8 keeps float (_Int8Timing.annotate). With
         `data`, "accurate" is each option's layer-output error on it priced on its layer's loss curve,
         measured by the bound's measure, else by what the task loses (charnet: kernel error alone
         spent the speed beyond 8.5x on conv3 and lost 1.4 points)."""
@@ -304,7 +304,8 @@ class _Run:
             menus = search.data_free_forms(menus)
         measure = self.speedup_of if int8 is None else int8.speedup_of
         plan, model, trace = search.search_speedup(menus, timing, policy.target, self.build_model, measure,
-                                                   with_original=int8 is not None)
+                                                   with_original=int8 is not None,
+                                                   confirm=int8.confirmed_speedup_of if int8 is not None else None)
         trace = [{**step, "attempt": number} for number, step in enumerate(early + trace, 1)]
         precision = int8.annotate(trace, model) if int8 is not None else None
         return _with_refusals(self.refine(plan), refusals), trace, precision
@@ -317,7 +318,7 @@ class _Run:
         trace = []
         for step, needed in (("int8 alone", search.aimed_speedup(policy.target)),
                              ("confirm", search.confirmed_speedup(policy.target))):
-            speedup = int8.speedup_of(self.original)
+            speedup = int8.confirmed_speedup_of(self.original)  # its checked quantization is made already
             trace.append({"attempt": len(trace) + 1, "step": step, "predicted": 1.0, "measured": speedup,
                           "ranks": {}})
             if speedup < needed:
@@ -473,77 +474,83 @@ QAT_CHECK_SAMPLES = 64  # without validation data, QAT and PTQ are compared on t
 # kept on unseen lines from 89% (after reconstruction) to 78%, and the last epoch was kept.
 HELD_OUT_SHARE, HELD_OUT_MIN, HELD_OUT_MAX = 0.1, 16, 256
 INT8_TIMING_SAMPLES = 8  # min/max ranges for timing: the kernels do not depend on them
-INT8_CHECK_SAMPLES = 64  # the input model's checked quantization, which finds the layers kept float
-# A candidate's chains are timed float in INT8 when quantizing them leaves its outputs this many times
-# further from passing INT8's check than its chains float do (_Int8Timing._chains_lose_most).
-CHAIN_SHORTFALL_GROWTH = 1.5
+INT8_CHECK_SAMPLES = 64  # the checked quantizations of the speed search, which find the layers kept float
 
 
 class _Int8Timing:
     """Measures each speed-search candidate in float and in INT8, interleaved in one benchmark, and
     answers with the faster: with --quantize, the ranks are chosen for the model that is written,
     and a plan that is slower in INT8 (charnet's rank-16 CP chains on Intel AMX: 8.7x, 16.1x in float)
-    keeps float."""
+    keeps float. The search's steps time a quick quantization (speedup_of); its confirmations time
+    the checked one that decides which layers stay float (confirmed_speedup_of)."""
 
     def __init__(self, run: _Run, calibration, settings: QuantizeSettings):
         from onnx_cp.data import first_inputs
-        from onnx_cp.quantize import int8_scheme, quantize_int8
+        from onnx_cp.quantize import int8_scheme
 
-        self.run, self.target, self.max_output_error = run, settings.target, settings.max_output_error
-        samples = first_inputs(run.data.open("INT8 timing", calibration, labels=False, limit=INT8_CHECK_SAMPLES),
-                               INT8_CHECK_SAMPLES)
-        self.samples = samples[:INT8_TIMING_SAMPLES]
+        self.run, self.settings = run, settings
+        self.samples = first_inputs(run.data.open("INT8 timing", calibration, labels=False, limit=INT8_CHECK_SAMPLES),
+                                    INT8_CHECK_SAMPLES)
         self.measured: list[_Int8Measured] = []
         # The layers a checked quantization of the input model keeps float are timed float in every
         # candidate (YOLOv8n: 172 float nodes, 1.29x, where the head alone float times 1.84x).
+        self.original_checked, self.broken = self._checked(run.original)
+        self.keep_float = frozenset(int8_scheme(self.original_checked).float_nodes) if self.original_checked \
+            else frozenset()
+
+    def _checked(self, model: ir.Model) -> tuple[ir.Model | None, str | None]:
+        """`model` quantized and checked on the timing's samples; None and why when INT8 breaks it."""
+        from onnx_cp.quantize import quantize_int8
+
         try:
-            checked = quantize_int8(run.original, samples, samples=len(samples), target=settings.target,
-                                    max_output_error=settings.max_output_error)
-            self.keep_float, self.broken = frozenset(int8_scheme(checked).float_nodes), None
-        except OnnxCpError as error:  # INT8 breaks this model: the search times float only
-            self.keep_float, self.broken = frozenset(), str(error)
+            return quantize_int8(model, self.samples, samples=len(self.samples), target=self.settings.target,
+                                 max_output_error=self.settings.max_output_error), None
+        except OnnxCpError as error:
+            return None, str(error)
 
     def speedup_of(self, model: ir.Model) -> float:
-        from onnx_cp.measure import benchmark_latency
         from onnx_cp.quantize import quantize_for_timing
 
         if self.broken:
+            return self._measure(model, None)
+        quantized = quantize_for_timing(model, self.samples[:INT8_TIMING_SAMPLES], target=self.settings.target,
+                                        keep_float=self.keep_float)
+        return self._measure(model, quantized)
+
+    def confirmed_speedup_of(self, model: ir.Model) -> float:
+        """The speed-up of `model` quantized as the written model will be: checked, with the layers
+        INT8 breaks kept float. A quick quantization keeps float only what the input model's check
+        did, and a CP model can need more: NudeNet's YOLOv8n at 2x timed 2.06x in INT8 in the
+        search and was written at 1.58x, its check keeping 32 layers float where the input's kept 8."""
+        if self.broken:
+            return self._measure(model, None)
+        checked = self.original_checked if model is self.run.original else self._checked(model)[0]
+        return self._measure(model, checked)
+
+    def _measure(self, model: ir.Model, quantized: ir.Model | None) -> float:
+        """Float and INT8 speed-ups of `model` in one interleaved benchmark (float alone without INT8)."""
+        from onnx_cp.measure import benchmark_latency
+        from onnx_cp.quantize import int8_scheme
+
+        if quantized is None:
             self.measured.append(_Int8Measured(model, self.run.speedup_of(model), 0.0))
-            return self.measured[-1].float_speedup
-        chains = frozenset(naming.find_chains(model.graph))
-        variants = [quantize_for_timing(model, self.samples, target=self.target, keep_float=self.keep_float | kept)
-                    for kept in ([frozenset(), chains] if chains else [frozenset()])]
-        result = benchmark_latency([self.run.original, model, *variants], threads=self.run.threads,
-                                   input_shapes=self.run.shapes, seed=self.run.seed, min_seconds=MEASURE_SECONDS)
-        chains_float = bool(chains) and self._chains_lose_most(model, *variants)
-        self.measured.append(_Int8Measured(model, result.fast_speedup(1), result.fast_speedup(2 + chains_float),
-                                           float_chains=chains if chains_float else frozenset()))
+        else:
+            result = benchmark_latency([self.run.original, model, quantized], threads=self.run.threads,
+                                       input_shapes=self.run.shapes, seed=self.run.seed, min_seconds=MEASURE_SECONDS)
+            scheme = int8_scheme(quantized)
+            self.measured.append(_Int8Measured(model, result.fast_speedup(1), result.fast_speedup(2),
+                                               frozenset(scheme.float_units) if scheme else frozenset()))
         return max(self.measured[-1].float_speedup, self.measured[-1].int8_speedup)
 
-    def _chains_lose_most(self, model: ir.Model, chains_int8: ir.Model, chains_float: ir.Model) -> bool:
-        """Whether the chains of `model` stay float in INT8: when quantizing them takes its outputs (on
-        the timing samples) much further from the float model's than the rest of INT8 does. The
-        INT8 check treats a chain as one unit it may keep float (quantize.int8._float_units), and a
-        chain kept float runs slower than the search would otherwise have timed it: NudeNet's
-        YOLOv8n at 2x measured 2.1x in the search and 1.62x written, its chains float (class scores
-        1.03 off with them in INT8, 0.26 with them float)."""
-        from onnx_cp.measure.outputs import ReferenceOutputs
-        from onnx_cp.quantize.check import check_against
-
-        expected = ReferenceOutputs(model, self.samples, samples=len(self.samples))
-        with_int8, with_float = (check_against(expected, m, self.max_output_error).shortfall()
-                                 for m in (chains_int8, chains_float))
-        return with_int8 > max(1.0, CHAIN_SHORTFALL_GROWTH * with_float)
-
     def annotate(self, trace: list[dict], chosen: ir.Model) -> tuple[str, frozenset[str]]:
-        """Each trace step's float and INT8 speed-ups; the precision the chosen model was faster in,
-        and the chains it keeps float in INT8 (timed so)."""
+        """Each trace step's float and INT8 speed-ups; the precision the chosen model was faster in
+        when confirmed, and the layers its checked INT8 kept float (where the final check starts)."""
         for step, measured in zip(trace, self.measured):
             step.update(measured_float=measured.float_speedup, measured_int8=measured.int8_speedup,
-                        precision=measured.precision, **({"chains_float": sorted(measured.float_chains)}
-                                                         if measured.float_chains else {}))
+                        precision=measured.precision,
+                        **({"float_units": len(measured.float_units)} if step.get("step") == "confirm" else {}))
         measured = next(m for m in reversed(self.measured) if m.model is chosen)
-        return measured.precision, measured.float_chains
+        return measured.precision, measured.float_units
 
 
 class _Int8Measured(NamedTuple):
@@ -551,8 +558,8 @@ class _Int8Measured(NamedTuple):
 
     model: ir.Model
     float_speedup: float
-    int8_speedup: float  # with its chains as they would be quantized
-    float_chains: frozenset[str] = frozenset()  # the chains its INT8 keeps float
+    int8_speedup: float
+    float_units: frozenset[str] = frozenset()  # the layers its INT8 kept float (checked: confirmations)
 
     @property
     def precision(self) -> str:
@@ -845,13 +852,13 @@ def _settings_report(policy: RankPolicy, layers: LayerSelection, solver: SolverS
     }
 
 
-def _quantized_final(model: ir.Model, data, settings: QuantizeSettings, float_chains: frozenset[str],
+def _quantized_final(model: ir.Model, data, settings: QuantizeSettings, float_units: frozenset[str],
                      fall_back: bool) -> _Candidate:
-    """The final model in INT8; with `fall_back` (a speed target, which uses INT8 only where it pays),
+    """The final model in INT8, its check starting with `float_units` float; with `fall_back` (a speed target, which uses INT8 only where it pays),
     the float model, saying why, when INT8 breaks it: NudeNet's YOLOv8n at 2x exited 1 after 14
     minutes, its fine-tuned CP model 0.32 from itself in INT8 with 294 nodes float."""
     try:
-        return _Candidate(model, *_quantize(model, data, settings, float_chains))
+        return _Candidate(model, *_quantize(model, data, settings, float_units))
     except OnnxCpError as error:
         if not fall_back:
             raise

@@ -366,18 +366,3 @@ def test_a_chain_the_plan_keeps_float_is_float_from_the_start(monkeypatch):
     assert {"a/tucker2/in", "a/tucker2/core", "a/tucker2/out"} <= set(int8_scheme(quantized).float_nodes)
     assert not scanned and int8_scheme(quantized).float_units == ("a",)  # passed at once: no search
     assert compare_output("y", run(model, x), run(quantized, x)).worst_group_error < 0.15
-
-
-def test_the_speed_search_times_chains_float_where_int8_would_break_them():
-    from types import SimpleNamespace
-
-    from onnx_cp import api
-    from onnx_cp.quantize import quantize_for_timing
-
-    model = model_io.to_ir(cancelling_chain_model())
-    samples = np.random.default_rng(1).standard_normal((8, 3, 8, 8)).astype(np.float32)
-    chains_int8 = quantize_for_timing(model, samples)
-    chains_float = quantize_for_timing(model, samples, keep_float=frozenset({"a", "b"}))
-    timing = SimpleNamespace(samples=samples, max_output_error=0.15)
-    assert api._Int8Timing._chains_lose_most(timing, model, chains_int8, chains_float)
-    assert not api._Int8Timing._chains_lose_most(timing, model, chains_float, chains_int8)
