@@ -375,9 +375,9 @@ def test_the_speed_search_confirms_int8_as_the_check_will_quantize(tmp_path, mon
 
     started_from = []
 
-    def quantize(model, data, settings, keep_float=frozenset()):
+    def quantize(model, data, settings, keep_float=frozenset(), **kw):
         started_from.append(keep_float)
-        return real_quantize(model, data, settings, keep_float)
+        return real_quantize(model, data, settings, keep_float, **kw)
 
     real_quantize = api._quantize
     monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
@@ -459,7 +459,7 @@ def test_a_quality_bound_with_int8_judges_the_model_written(tmp_path, monkeypatc
     monkeypatch.setattr(api._Run, "speedups_of", lambda self, models: [1.0 + i for i in range(len(models))])
     if int8_breaks:  # INT8 of every plan is its zero-weight copy: far over any bound
         quantize = api._quantize
-        monkeypatch.setattr(api, "_quantize", lambda model, *rest: quantize(_zero_weights(model), *rest))
+        monkeypatch.setattr(api, "_quantize", lambda model, *rest, **kw: quantize(_zero_weights(model), *rest, **kw))
     proto = model_factory.tiny_cnn()
     x, _ = labelled_by_model(proto)
     np.savez(tmp_path / "samples.npz", x=x)
@@ -480,6 +480,8 @@ def test_a_quality_bound_with_int8_judges_the_model_written(tmp_path, monkeypatc
     else:  # INT8 measures faster (speedups_of above) and stays within the bound
         assert quantized and report["quantize"]["weight_bits"] in (7, 8)
         assert all(step["precision"]["written"] == "int8" for step in steps)
+        from onnx_cp.quantize import int8_scheme
+        assert int8_scheme(written).samples == api.INT8_CHECK_SAMPLES  # the search's quantization is written
         assert list(report["accuracy"]) == ["original", "decomposed", "decomposed+int8"]
 
 
