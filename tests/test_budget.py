@@ -21,6 +21,7 @@ from onnx_cp.ranks.forms import rank_label
 from onnx_cp.ranks.search import (
     FINALISTS,
     KEPT_FOR_INT8,
+    KEPT_FOR_INT8_WITHIN,
     SPEEDUP_MARGIN,
     LayerMenu,
     LossCurve,
@@ -451,12 +452,21 @@ def _zero_weights(model):
     return broken
 
 
-@pytest.mark.parametrize("int8_breaks", [False, True])
-def test_a_quality_bound_with_int8_judges_the_model_written(tmp_path, monkeypatch, int8_breaks):
+@pytest.mark.parametrize("int8_breaks, alone_faster", [(False, False), (False, True), (True, False)])
+def test_a_quality_bound_with_int8_judges_the_model_written(tmp_path, monkeypatch, int8_breaks, alone_faster):
     """Each plan is quantized in the search: INT8 is written only within the bound (before, the plan was
-    chosen in float and quantized after: charnet within 0.3 points lost 3.15 in INT8, exit 0)."""
+    chosen in float and quantized after: charnet within 0.3 points lost 3.15 in INT8, exit 0), and
+    INT8 alone replaces the plan found when it is within the bound and faster."""
+    from onnx_cp.quantize import int8_scheme
+
+    def speed(model):  # float 1x, decomposed 1.5x; INT8 2x decomposed, alone 2.5x or 1.2x
+        decomposed = any("/" in node.name for node in model.graph)
+        if any(node.op_type == "QuantizeLinear" for node in model.graph):
+            return 2.0 if decomposed else 2.5 if alone_faster else 1.2
+        return 1.5 if decomposed else 1.0
+
     monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(api._Run, "speedups_of", lambda self, models: [1.0 + i for i in range(len(models))])
+    monkeypatch.setattr(api._Run, "speedups_of", lambda self, models: [speed(m) for m in models])
     if int8_breaks:  # INT8 of every plan is its zero-weight copy: far over any bound
         quantize = api._quantize
         monkeypatch.setattr(api, "_quantize", lambda model, *rest, **kw: quantize(_zero_weights(model), *rest, **kw))
@@ -470,18 +480,24 @@ def test_a_quality_bound_with_int8_judges_the_model_written(tmp_path, monkeypatc
     report = json.loads((tmp_path / "r.json").read_text())
     written = onnx.load(tmp_path / "out.onnx")
     assert compare_on_data(written, proto, str(tmp_path / "samples.npz")).worst_group_error <= 0.5
-    steps = [step for step in report["search"]["trace"] if step["output_error"] <= 0.5]
-    assert steps and all("precision" in step for step in report["search"]["trace"])
+    trace = report["search"]["trace"]
+    steps = [step for step in trace if step["output_error"] <= 0.5 and step.get("step") != "int8 alone"]
+    assert steps and all("precision" in step for step in trace)
     quantized = any(node.op_type == "QuantizeLinear" for node in written.graph.node)
     if int8_breaks:
         assert not quantized and "over the 0.5 allowed" in report["quantize"]["skipped"]
         assert all(step["precision"]["written"] == "float" and step["precision"]["output_error_int8"] > 0.5
                    for step in steps)
-    else:  # INT8 measures faster (speedups_of above) and stays within the bound
-        assert quantized and report["quantize"]["weight_bits"] in (7, 8)
-        assert all(step["precision"]["written"] == "int8" for step in steps)
-        from onnx_cp.quantize import int8_scheme
-        assert int8_scheme(written).samples == api.INT8_CHECK_SAMPLES  # the search's quantization is written
+        return
+    assert quantized and report["quantize"]["weight_bits"] in (7, 8)
+    assert int8_scheme(written).samples == api.INT8_CHECK_SAMPLES  # the search's quantization is written
+    assert all(step["precision"]["written"] == "int8" for step in steps)
+    assert trace[-1]["step"] == "int8 alone" and trace[-1]["output_error"] <= 0.5
+    if alone_faster:
+        assert report["totals"]["decomposed"] == 0
+        assert KEPT_FOR_INT8_WITHIN in {row["reason"] for row in report["layers"]}
+    else:
+        assert report["totals"]["decomposed"] >= 1
         assert list(report["accuracy"]) == ["original", "decomposed", "decomposed+int8"]
 
 

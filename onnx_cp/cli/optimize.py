@@ -340,7 +340,8 @@ def _measurement_lines(report: dict) -> list[str]:
                 measured += f" in INT8 ({_quality_text(step, 'float')} in float)"
             elif precision:
                 measured += f", float ({precision['why_float']})"
-            lines.append(f"quality search: predicted {step['predicted_speedup']:.2f}x -> {measured}")
+            what = "INT8 alone" if step.get("step") == "int8 alone" else f"predicted {step['predicted_speedup']:.2f}x"
+            lines.append(f"quality search: {what} -> {measured}")
     target = report.get("target") or {}
     if "limit" in target:  # a bounded speed target, measured again on the final model
         key = "accuracy_drop" if "accuracy_drop" in target else "output_error"

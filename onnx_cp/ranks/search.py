@@ -66,6 +66,7 @@ FORM_MISRANKING = 0.1
 NEAR_EXACT = 0.01
 KEPT_FOR_SPEED = "kept: the speed-up target was met without decomposing it"
 KEPT_FOR_INT8 = "kept: the input model in INT8 met the speed-up target alone"
+KEPT_FOR_INT8_WITHIN = "kept: the input model in INT8 stayed within the bound and measured faster than the plans found"
 KEPT_FOR_ACCURACY = "kept: decomposing it cost more accuracy than it saved time"
 
 BuildModel = Callable[[Plan], ir.Model]
