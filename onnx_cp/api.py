@@ -877,9 +877,10 @@ def _settings_report(policy: RankPolicy, layers: LayerSelection, solver: SolverS
 
 def _quantized_final(model: ir.Model, data, settings: QuantizeSettings, float_units: frozenset[str],
                      fall_back: bool) -> _Candidate:
-    """The final model in INT8, its check starting with `float_units` float; with `fall_back` (a speed target, which uses INT8 only where it pays),
-    the float model, saying why, when INT8 breaks it: NudeNet's YOLOv8n at 2x exited 1 after 14
-    minutes, its fine-tuned CP model 0.32 from itself in INT8 with 294 nodes float."""
+    """The final model in INT8, its check starting with `float_units` float; with `fall_back` (a
+    speed target, which uses INT8 only where it pays), the float model, saying why, when INT8 breaks
+    it: NudeNet's YOLOv8n at 2x exited 1 after 14 minutes, its fine-tuned CP model 0.32 from itself
+    in INT8 with 294 nodes float."""
     try:
         return _Candidate(model, *_quantize(model, data, settings, float_units))
     except OnnxCpError as error:
