@@ -363,15 +363,16 @@ class _Run:
         measure_on_full = self._meter(policy)(self.data.open("evaluation", eval_data))
         limit = _quality_limit(policy)
         tuning_reports: list[dict] = []
-        float_units = [frozenset()]  # of the last plan quantized: where the next one's INT8 check starts
+        float_units: frozenset[str] = frozenset()  # of the last plan quantized: where the next one's check starts
 
         def tune_and_score(model: ir.Model) -> tuple[float, _Candidate]:
+            nonlocal float_units
             tuned, tuning = tune(model)  # built from refined factors (see build_refined)
             tuned = model if tuned is None else tuned
             score, candidate = measure_on_full(tuned), _Candidate(tuned)
             if int8 is not None:
-                score, candidate = self.with_int8(candidate, score, measure_on_full, limit, int8, float_units[-1])
-                float_units.append(frozenset((candidate.quantize or {}).get("float_units", float_units[-1])))
+                score, candidate = self.with_int8(candidate, score, measure_on_full, limit, int8, float_units)
+                float_units = frozenset((candidate.quantize or {}).get("float_units", float_units))
                 tuning.report["precision"] = candidate.precision_step(limit.key)
             tuning_reports.append(tuning.report)
             return score, candidate
@@ -425,9 +426,9 @@ class _Run:
             return score, replace(candidate, skipped=f"INT8 broke the model: {error}")
         int8_score = measure(quantized)
         candidate = replace(candidate, float_score=score, int8_score=int8_score, quantize=report)
-        if int8_score > limit.limit:
-            return score, replace(candidate, skipped=f"in INT8 its {limit.key.replace('_', ' ')} measured "
-                                                     f"{int8_score:.3g}, over the {limit.limit:g} allowed")
+        over = _over_limit(limit, int8_score)
+        if over:
+            return score, replace(candidate, skipped=f"in INT8 {over}")
         float_speedup, int8_speedup = self.speedups_of([candidate.tuned, quantized])
         candidate = replace(candidate, float_speedup=float_speedup, int8_speedup=int8_speedup)
         if int8_speedup <= float_speedup:
@@ -454,11 +455,7 @@ class _Run:
         """Checks a model against the bound on `eval_data`: None within it, else what it measured."""
         measure, limit = self._meter(quality)(self.data.open("evaluation", eval_data)), _quality_limit(quality)
 
-        def over(model: ir.Model) -> str | None:
-            measured = measure(model)
-            return None if measured <= limit.limit else \
-                f"its {limit.key.replace('_', ' ')} measured {measured:.3g}, over the {limit.limit:g} allowed"
-        return over
+        return lambda model: _over_limit(limit, measure(model))
 
     def _meter(self, quality: QualityBudget) -> Callable:
         return self._accuracy_meter if isinstance(quality, AccuracyBudget) else self._output_error_meter
@@ -818,6 +815,13 @@ def _quality_limit(budget: QualityBudget) -> search.QualityLimit:
     if isinstance(budget, AccuracyBudget):
         return search.QualityLimit("accuracy_drop", budget.max_drop, "points of accuracy")
     return search.QualityLimit("output_error", budget.max_error, "output error")
+
+
+def _over_limit(limit: search.QualityLimit, measured: float) -> str | None:
+    """None when `measured` is within `limit`, else what it measured."""
+    if measured <= limit.limit:
+        return None
+    return f"its {limit.key.replace('_', ' ')} measured {measured:.3g}, over the {limit.limit:g} allowed"
 
 
 def _speed_cost(policy: SpeedupTarget, accuracy: dict | None) -> list[str]:

@@ -302,8 +302,8 @@ def search_speedup(
 
     with_original: the plan that decomposes nothing ends the frontier, for a `measure_speedup` that
     adds speed of its own (INT8: the input model quantized may meet the target alone). confirm:
-    measures the confirmations in place of `measure_speedup`, where that is quicker than exact (INT8:
-    the search's steps time a quick quantization, a confirmation the checked one)."""
+    measures the confirmations in place of `measure_speedup`, where that one is quick but approximate
+    (INT8: the search's steps time a quick quantization, a confirmation the checked one)."""
     rest = timing.rest_ms(menus)
     frontier = plan_frontier(menus, timing, rest)
     if with_original:
