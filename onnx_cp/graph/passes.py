@@ -95,7 +95,7 @@ class CPConvPass(ir.passes.InPlacePass):
         if model.ir_version is not None and model.ir_version < 4:
             # IR < 4 requires every initializer to be listed as a graph input too.
             model.graph.inputs.extend(w for weights, _ in shared.values() for w in weights)
-        _remove_dead_values(model.graph, replaced_weights)
+        remove_dead_values(model.graph, replaced_weights)
         return ChainPassResult(model, modified=bool(replaced_weights), outcomes=outcomes)
 
 
@@ -125,7 +125,7 @@ def _chain_weights(graph: ir.Graph, site: ConvSite, layer: LayerPlan) -> tuple[l
     return weights, _decomposed(site, layer, rel_error, max_norm)
 
 
-def _remove_dead_values(graph: ir.Graph, values: Sequence[ir.Value]) -> None:
+def remove_dead_values(graph: ir.Graph, values: Sequence[ir.Value]) -> None:
     """Drop weights (and the Constant/fold nodes that made them) that the splice left unused."""
     pending = list(values)
     graph_outputs = set(graph.outputs)

@@ -72,7 +72,7 @@ def register_weights(graph: ir.Graph, layer: str, form: str, shapes: Sequence[St
             raise ValueError(f"{layer}: {form} stage {shape.name} weight {array.shape}, expected {expected}")
         if matrices:
             array = array.reshape(shape.out_channels, shape.in_per_group).T
-        name = _unique_initializer_name(graph, naming.weight_name(layer, shape.name, form))
+        name = unique_initializer_name(graph, naming.weight_name(layer, shape.name, form))
         tensor = ir.tensor(np.ascontiguousarray(array.astype(dtype)), name=name)
         value = ir.Value(name=name, const_value=tensor, shape=tensor.shape, type=ir.TensorType(tensor.dtype))
         graph.register_initializer(value)
@@ -147,7 +147,7 @@ def chain_params(shapes: Sequence[StageShape]) -> int:
     return sum(s.out_channels * s.in_per_group * s.kernel[0] * s.kernel[1] for s in shapes)
 
 
-def _unique_initializer_name(graph: ir.Graph, name: str) -> str:
+def unique_initializer_name(graph: ir.Graph, name: str) -> str:
     candidate, n = name, 1
     while candidate in graph.initializers:
         candidate, n = f"{name}_{n}", n + 1

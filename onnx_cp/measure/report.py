@@ -228,6 +228,7 @@ def render_markdown(parts: dict, plots: list[Path] | None) -> str:
         out += [f"- input: `{parts.get('input')}`", f"- output: `{parts.get('output')}`"]
         out += _settings_md(parts) or [""]
     out += _totals_md(parts.get("totals"))
+    out += _fusions_md(parts.get("fusions"))
     out += _layers_md(parts.get("layers"))
     out += _verification_md(parts.get("verification"))
     out += _latency_md(parts.get("latency"))
@@ -257,6 +258,13 @@ def _cell(value) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
     return str(value).replace("|", "\\|")
+
+
+def _fusions_md(fusions: dict | None) -> list[str]:
+    if not fusions:
+        return []
+    return ["## Exact rewrites", "", "Made before any layer was decomposed (onnx_cp.graph.fusion); the outputs "
+            "are the input's up to float rounding.", ""] + _table(["rule", "applied"], list(fusions.items()))
 
 
 def _totals_md(totals: dict | None) -> list[str]:

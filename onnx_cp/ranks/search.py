@@ -260,10 +260,16 @@ def _why(option: Option, note: str) -> str | None:
 
 @dataclass
 class Timing:
-    """The original model's measured time and the eligible layers' share of it."""
+    """The original model's measured time and the eligible layers' share of it; `reference_ms`:
+    the time of the model speed-ups are counted from, where the original is a rewrite of it."""
 
     total_ms: float
     layer_ms: dict[str, float]
+    reference_ms: float | None = None
+
+    @property
+    def input_ms(self) -> float:
+        return self.reference_ms if self.reference_ms is not None else self.total_ms
 
     def rest_ms(self, menus: Sequence[LayerMenu]) -> float:
         return self.total_ms - sum(m.options[0].ms for m in menus)
@@ -307,7 +313,7 @@ def search_speedup(
     rest = timing.rest_ms(menus)
     frontier = plan_frontier(menus, timing, rest)
     if with_original:
-        frontier.append((1.0, {m.site.name: m.options[0] for m in menus}))
+        frontier.append((timing.input_ms / timing.total_ms, {m.site.name: m.options[0] for m in menus}))
     by_name = {m.site.name: m for m in menus}
     required = aimed_speedup(target)
     trace: list[dict] = []
@@ -316,7 +322,7 @@ def search_speedup(
     def measure(plan: dict[str, Option], step: str) -> float:
         model = build(to_plan(plan, "", KEPT_FOR_SPEED))
         speedup = measure_speedup(model)
-        predicted = timing.total_ms / (rest + sum(o.ms for o in plan.values()))
+        predicted = timing.input_ms / (rest + sum(o.ms for o in plan.values()))
         trace.append({"attempt": len(trace) + 1, "step": step, "predicted": predicted, "measured": speedup,
                       "ranks": {n: o.label for n, o in plan.items()}})
         measured.append((speedup, sum(by_name[n].cost(o) for n, o in plan.items()), plan, model))
@@ -337,7 +343,7 @@ def search_speedup(
                       "attempt": len(trace) + 1, "step": "confirm", "measured": again})
         if again >= confirmed_speedup(target):
             return to_plan(plan, f"chosen for a measured {target:g}x speed-up", KEPT_FOR_SPEED), model, trace
-    fastest = timing.total_ms / fastest_time(menus, rest)
+    fastest = timing.input_ms / fastest_time(menus, rest)
     measured_best = max((t["measured"] for t in trace), default=None)
     raise BudgetError(
         f"no ranks reach a {target:g}x speed-up: the fastest options predict {fastest:.2f}x"
@@ -451,7 +457,7 @@ def probe_planned_options(
     floor = _loss_floor(loss for m in menus for c in m.curves.values() for _, loss in c.points)
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
-        plan = plan_for_time(menus, timing.total_ms / speedup, rest)
+        plan = plan_for_time(menus, timing.input_ms / speedup, rest)
         beyond = _beyond_curves(menus, plan) if plan else []
         if not beyond:
             break
@@ -623,16 +629,16 @@ def _plan_key(plan: dict[str, Option]) -> tuple:
 def plan_frontier(menus: Sequence[LayerMenu], timing: Timing, rest: float) -> list[tuple[float, dict]]:
     """(predicted speed-up, plan) for each distinct plan that decomposes something, fastest first:
     the least-error plan at each of FRONTIER_AIMS speed-ups between the fastest and 1x."""
-    fastest = timing.total_ms / fastest_time(menus, rest)
+    fastest = timing.input_ms / fastest_time(menus, rest)
     frontier: list[tuple[float, dict]] = []
     seen = set()
     for i in range(FRONTIER_AIMS):
         speedup = fastest ** (1 - i / FRONTIER_AIMS)
-        plan = plan_for_time(menus, timing.total_ms / speedup * (1 + 1e-9), rest)
+        plan = plan_for_time(menus, timing.input_ms / speedup * (1 + 1e-9), rest)
         if plan is None or all(o.rank is None for o in plan.values()):
             continue
         key = _plan_key(plan)
         if key not in seen:
             seen.add(key)
-            frontier.append((timing.total_ms / (rest + sum(o.ms for o in plan.values())), plan))
+            frontier.append((timing.input_ms / (rest + sum(o.ms for o in plan.values())), plan))
     return frontier
