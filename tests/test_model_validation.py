@@ -229,6 +229,24 @@ def test_bad_graph_inputs_are_refused(capfd, tmp_path, dims, elem_type, expected
     _refused(capfd, tmp_path, proto, expected)
 
 
+def test_a_dimension_of_minus_one_is_a_free_one(tmp_path):
+    """Older paddle2onnx writes -1 for a free dimension; onnxruntime runs such a model, so onnx-cp
+    reads it as unknown (the file is left as it was)."""
+    proto = model_factory.tiny_cnn()
+    proto.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, -1, -1]))
+    source, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(proto, source)
+    before = source.read_bytes()
+    assert main(["optimize", str(source), str(out), "--rank", "4", "--input-shape", "x:2,3,16,16", "-q"]) == 0
+    assert source.read_bytes() == before
+    dims = onnx.load(out).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [0, 3, 0, 0] and not any(d.HasField("dim_value") and d.dim_value < 0
+                                                                   for d in dims)
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": x})[0].shape[0] == 2
+
+
 def test_conv_with_malformed_pads_is_not_spliced(capfd, tmp_path):
     """Found by the fuzzer: pads with 2 values made the splice raise IndexError; now the Conv is left
     alone and onnxruntime's refusal of the input model is the one line."""

@@ -100,6 +100,7 @@ def check_proto(
         raise OnnxCpError(f"{label}: the graph has no outputs")
     _check_versions(proto, label)
     _check_strings(proto, label)
+    proto = _minus_one_as_unknown(proto)
     _check_graph_inputs(proto.graph, label)
     order = _check_graph_structure(proto.graph, label)
     if order is not None:
@@ -147,6 +148,23 @@ def _check_strings(message, label: str, where: str = "model") -> None:
         elif field.type == field.TYPE_MESSAGE:
             for item in [value] if hasattr(value, "ListFields") else value:
                 _check_strings(item, label, field.name)
+
+
+def _minus_one_as_unknown(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose -1 dimensions are unknown ones, where there are any: older paddle2onnx writes
+    -1 for a free dimension (PP-OCR's classifier: [-1, 3, ?, ?]) and onnxruntime runs it so."""
+    def dims(p: onnx.ModelProto):
+        for value in (*p.graph.input, *p.graph.output, *p.graph.value_info):
+            if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
+                yield from (d for d in value.type.tensor_type.shape.dim if d.HasField("dim_value") and d.dim_value == -1)
+
+    if next(dims(proto), None) is None:
+        return proto
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for dim in list(dims(copy)):
+        dim.ClearField("dim_value")
+    return copy
 
 
 def _check_graph_inputs(graph: onnx.GraphProto, label: str) -> None:
