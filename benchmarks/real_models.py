@@ -513,10 +513,15 @@ def main() -> int:
     args = parser.parse_args()
     if args.merge:
         parts = [json.loads(p.read_text()) for p in args.merge]
-        merged = {**parts[0], "models": [m for part in parts for m in part["models"]],
-                  "merged_from": [str(p) for p in args.merge]}
+        by_key: dict[str, dict] = {}
+        for entry in (m for part in parts for m in part["models"]):  # one model's runs in several files
+            if entry["key"] in by_key:
+                by_key[entry["key"]]["runs"].update(entry["runs"])
+            else:
+                by_key[entry["key"]] = entry
         order = {m.key: i for i, m in enumerate(MODELS)}
-        merged["models"].sort(key=lambda m: order.get(m["key"], len(order)))
+        merged = {**parts[0], "models": sorted(by_key.values(), key=lambda m: order.get(m["key"], len(order))),
+                  "merged_from": [str(p) for p in args.merge]}
         write_results(merged, args.out)
         print(f"wrote {args.out}.md and .json")
         return 0
