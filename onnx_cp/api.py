@@ -154,7 +154,7 @@ def optimize(
                                     float_units, fall_back=isinstance(policy, SpeedupTarget))
         precision = "int8" if searched.int8 is not None else "float"
     if precision == "int8":
-        final, report["quantize"] = searched.int8, searched.quantize
+        float_final, (final, report["quantize"]) = final, (searched.int8, searched.quantize)
         int8_stage = f"{'finetuned' if 'finetuned' in stages else 'decomposed'}+int8"
         stages[int8_stage] = final
         if finetune is not None:
@@ -166,6 +166,8 @@ def optimize(
             elif report["qat"].get("failed"):
                 report.setdefault("warnings", []).append(f"quantization-aware fine-tuning failed, the calibrated "
                                                          f"INT8 model is written: {report['qat']['failed']}")
+        if isinstance(policy, (ExplicitRanks, ErrorBudget)):  # asked for, not searched: timed, not refused
+            report.setdefault("warnings", []).extend(_int8_slower(run, float_final, final, report["quantize"]))
     elif quantize is not None:
         why = searched.skipped if searched is not None else \
             f"INT8 broke the input model ({int8_timing.broken})" if int8_timing and int8_timing.broken else _INT8_SLOWER
@@ -891,6 +893,18 @@ def _settings_report(policy: RankPolicy, layers: LayerSelection, solver: SolverS
         "method": solver.method, "decomposition": solver.decomposition, "seed": seed,
         "quantize": quantize.kind if quantize else None,
     }
+
+
+def _int8_slower(run: _Run, float_model: ir.Model, int8_model: ir.Model, quantize_report: dict) -> list[str]:
+    """The INT8 model's speed over the float one it was made from, in the `quantize` report; a warning
+    when it is slower (PP-OCR's 0.7 ms line classifier: 0.61x, its Quantize/Dequantize work outweighing
+    its small Convs)."""
+    float_speedup, int8_speedup = run.speedups_of([float_model, int8_model])
+    quantize_report["speedup_over_float"] = ratio = round(int8_speedup / float_speedup, 3)
+    if ratio >= 1:
+        return []
+    return [f"INT8 measured {ratio:.2f}x the speed of the float model on this CPU; it is written as "
+            f"--quantize asked (a speed target or a quality bound would have kept it float)"]
 
 
 def _quantized_final(model: ir.Model, data, settings: QuantizeSettings, float_units: frozenset[str],

@@ -13,12 +13,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import model_factory
+from onnx_cp import api
 from onnx_cp.cli import main
 from onnx_cp.errors import OnnxCpError
 from onnx_cp.quantize import int8_scheme, quantize_int8
 from onnx_cp.quantize.mixed import float_tail
 from onnx_cp.runtime import model_io
 from onnx_cp.runtime.fidelity import compare_output
+from onnx_cp.settings import LayerSelection, QuantizeSettings
 
 CLASSES, SIZE = 3, 16
 
@@ -367,3 +369,16 @@ def test_a_chain_the_plan_keeps_float_is_float_from_the_start(monkeypatch):
     assert {"a/tucker2/in", "a/tucker2/core", "a/tucker2/out"} <= set(int8_scheme(quantized).float_nodes)
     assert not scanned and int8_scheme(quantized).float_units == ("a",)  # passed at once: no search
     assert compare_output("y", run(model, x), run(quantized, x)).worst_group_error < 0.15
+
+
+@pytest.mark.parametrize("int8_speedup, warned", [(0.5, True), (2.0, False)])
+def test_int8_asked_for_is_timed_against_float_and_a_slower_one_is_said(head, monkeypatch, int8_speedup, warned):
+    """Explicit ranks with --quantize int8 write INT8 as asked, and say when it measured slower than
+    the float model (the timing is faked: tests do not measure speed)."""
+    monkeypatch.setattr(api._Run, "speedups_of", lambda self, models: [1.0, int8_speedup][:len(models)])
+    result = api.optimize(head, 4, layers=LayerSelection(include="^stem$"),
+                          quantize=QuantizeSettings(calibration_data=inputs(16, seed=1)))
+    assert result.report["quantize"]["speedup_over_float"] == int8_speedup
+    assert int8_scheme(model_io.to_ir(result.model)) is not None  # written in INT8 either way
+    said = [w for w in result.report.get("warnings", []) if "the speed of the float model" in w]
+    assert bool(said) == warned
