@@ -36,10 +36,13 @@ from onnx_cp.graph.constants import constant_array
 from onnx_cp.graph.passes import remove_dead_values
 from onnx_cp.graph.stages import unique_initializer_name
 
-RULES = ("scale_shift_into_conv", "shift_into_next_convs", "scale_into_next_convs", "hardswish",
-         "softmax_last_axis")
 _AFFINE = {"Mul", "Add", "Sub", "Div"}
-_FLOATS = (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16)
+
+
+@dataclass(frozen=True)
+class _Context:
+    opset: int  # of the default domain
+    shapes: Mapping[str, Sequence[int]]
 
 
 @dataclass
@@ -61,22 +64,15 @@ class FusionPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> FusionResult:
         applied: Counter = Counter()
-        opset = model.graph.opset_imports.get("", model.opset_imports.get("", 1))
-        rules: list[tuple[str, Callable]] = [
-            ("scale_shift_into_conv", _scale_shift_into_conv),
-            ("shift_into_next_convs", _shift_into_next_convs),
-            ("scale_into_next_convs", _scale_into_next_convs),
-            ("hardswish", lambda graph, node: _hardswish(graph, node, opset)),
-            ("softmax_last_axis", lambda graph, node: _softmax_last_axis(graph, node, opset, self.shapes)),
-        ]
+        context = _Context(model.graph.opset_imports.get("", model.opset_imports.get("", 1)), self.shapes)
         changed = True
         while changed:
             changed = False
             for node in list(model.graph):
                 if node.graph is not model.graph or node.domain not in ("", "ai.onnx"):
                     continue  # removed by an earlier rewrite of this sweep, or not an ONNX op
-                for name, rule in rules:
-                    if rule(model.graph, node):
+                for name, rule in RULES:
+                    if rule(model.graph, node, context):
                         applied[name] += 1
                         changed = True
                         break
@@ -91,7 +87,7 @@ def fuse(model: ir.Model, shapes: Mapping[str, Sequence[int]] | None = None) -> 
 # --- Conv -> Mul/Add/Sub/Div by a constant ----------------------------------------------------
 
 
-def _scale_shift_into_conv(graph: ir.Graph, node: ir.Node) -> bool:
+def _scale_shift_into_conv(graph: ir.Graph, node: ir.Node, _: _Context) -> bool:
     if node.op_type not in _AFFINE or len(node.inputs) != 2:
         return False
     for position, value in enumerate(node.inputs):
@@ -101,7 +97,7 @@ def _scale_shift_into_conv(graph: ir.Graph, node: ir.Node) -> bool:
         if node.op_type in ("Sub", "Div") and position != 0:
             return False  # c - conv and c / conv are not affine in the Conv's output
         weight, bias = _conv_weights(conv)
-        constant = _channel_vector(node.inputs[1 - position], weight, value)
+        constant = _channel_vector(node.inputs[1 - position], weight)
         if constant is None or len(value.uses()) != 1 or value in graph.outputs:
             return False
         if node.op_type in ("Mul", "Div"):
@@ -129,8 +125,7 @@ def _conv_weights(conv: ir.Node) -> tuple[np.ndarray | None, np.ndarray | None]:
     return (weight, bias) if bias is not None else (None, None)
 
 
-def _channel_vector(value: ir.Value | None, weight: np.ndarray | None, conv_output: ir.Value
-                    ) -> np.ndarray | None:
+def _channel_vector(value: ir.Value | None, weight: np.ndarray | None) -> np.ndarray | None:
     """The constant as one value per output channel, if it is a scalar or broadcasts along the
     channel axis alone (so the result keeps the Conv output's shape)."""
     array = constant_array(value) if value is not None and weight is not None else None
@@ -148,7 +143,7 @@ def _channel_vector(value: ir.Value | None, weight: np.ndarray | None, conv_outp
 # --- a scalar shift or scale before Convs ------------------------------------------------------
 
 
-def _shift_into_next_convs(graph: ir.Graph, node: ir.Node) -> bool:
+def _shift_into_next_convs(graph: ir.Graph, node: ir.Node, _: _Context) -> bool:
     shift, x = _scalar_operand(node, "Add")
     users = _conv_users(graph, node)
     if shift is None or users is None or not all(_unpadded(conv) for conv in users):
@@ -161,7 +156,7 @@ def _shift_into_next_convs(graph: ir.Graph, node: ir.Node) -> bool:
     return True
 
 
-def _scale_into_next_convs(graph: ir.Graph, node: ir.Node) -> bool:
+def _scale_into_next_convs(graph: ir.Graph, node: ir.Node, _: _Context) -> bool:
     if node.op_type == "Add":
         return _swap_scale_after_shift(graph, node)
     scale, x = _scalar_operand(node, "Mul")
@@ -184,7 +179,11 @@ def _swap_scale_after_shift(graph: ir.Graph, add: ir.Node) -> bool:
     scale, x = _scalar_operand(multiply, "Mul")
     if scale is None or scale == 0 or product in graph.outputs:
         return False
-    moved = _constant(graph, f"{add.name or 'shift'}_before_scale", shift / scale)
+    with np.errstate(over="ignore"):
+        moved_shift = shift / scale
+    if not np.isfinite(moved_shift):
+        return False
+    moved = _constant(graph, f"{add.name or 'shift'}_before_scale", moved_shift)
     scale_value = multiply.inputs[1] if multiply.inputs[0] is x else multiply.inputs[0]
     shifted = ir.node("Add", [x, moved], name=add.name)
     scaled = ir.node("Mul", [shifted.outputs[0], scale_value], name=multiply.name)
@@ -228,13 +227,13 @@ def _unpadded(conv: ir.Node) -> bool:
 # --- HardSwish -------------------------------------------------------------------------------
 
 
-def _hardswish(graph: ir.Graph, node: ir.Node, opset: int) -> bool:
+def _hardswish(graph: ir.Graph, node: ir.Node, context: _Context) -> bool:
     """x * Clip(x + 3, 0, 6) / 6, as Div(Mul(x, clip), 6), Mul(Mul(x, clip), 1/6) or
     Mul(x, Div(clip, 6)); every value inside used once."""
     x, inner = _hardswish_parts(node)
     if x is None or any(len(n.outputs[0].uses()) != 1 or n.outputs[0] in graph.outputs for n in inner):
         return False
-    if opset >= 14:
+    if context.opset >= 14:
         nodes = [ir.node("HardSwish", [x], name=node.name)]
     else:
         sigmoid = ir.node("HardSigmoid", [x], {"alpha": 1 / 6, "beta": 0.5}, name=f"{node.name}_hardsigmoid")
@@ -308,12 +307,12 @@ def _non_constant(node: ir.Node) -> ir.Value | None:
 # --- Softmax over the last axis ----------------------------------------------------------------
 
 
-def _softmax_last_axis(graph: ir.Graph, node: ir.Node, opset: int, shapes: Mapping[str, Sequence[int]]) -> bool:
+def _softmax_last_axis(graph: ir.Graph, node: ir.Node, context: _Context) -> bool:
     # before opset 13 the axis meant "flatten from here": a different function, left alone
-    if node.op_type not in ("Softmax", "LogSoftmax") or opset < 13 or not node.inputs:
+    if node.op_type not in ("Softmax", "LogSoftmax") or context.opset < 13 or not node.inputs:
         return False
     x = node.inputs[0]
-    rank = _rank(x, shapes)
+    rank = _rank(x, context.shapes)
     axis_attribute = node.attributes.get("axis")
     axis = axis_attribute.as_int() if axis_attribute is not None else -1
     if rank is None or axis in (-1, rank - 1) or not -rank <= axis < rank:
@@ -371,3 +370,12 @@ def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     graph.register_initializer(value)
     return value
 
+
+# in the order they are tried on each node; a rule that applies ends that node's turn in the sweep
+RULES: tuple[tuple[str, Callable[[ir.Graph, ir.Node, _Context], bool]], ...] = (
+    ("scale_shift_into_conv", _scale_shift_into_conv),
+    ("shift_into_next_convs", _shift_into_next_convs),
+    ("scale_into_next_convs", _scale_into_next_convs),
+    ("hardswish", _hardswish),
+    ("softmax_last_axis", _softmax_last_axis),
+)
