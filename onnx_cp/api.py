@@ -24,6 +24,7 @@ from onnx_cp.errors import BudgetError, OnnxCpError, UsageError
 from onnx_cp.graph import CPConvPass, LayerOutcome, Plan, filter_sites, find_conv_sites
 from onnx_cp.graph.fusion import fuse
 from onnx_cp.ranks import error_budget, search
+from onnx_cp.ranks.latency_model import time_ratio
 from onnx_cp.ranks.policy import QualityBudget
 from onnx_cp.ranks.solve import Refiner, make_solver
 from onnx_cp.runtime import model_io
@@ -256,7 +257,8 @@ class _Run:
         if isinstance(policy, ExplicitRanks):
             policy.check_layers([s.name for s in self.sites])
         data = policy.data if isinstance(policy, ErrorBudget) else None
-        return error_budget.plan_ranks(self.candidates, policy, self.solve_many, self._output_error(data))
+        timed = functools.partial(time_ratio, threads=self.threads) if isinstance(policy, ErrorBudget) else None
+        return error_budget.plan_ranks(self.candidates, policy, self.solve_many, self._output_error(data), timed)
 
     def _output_error(self, data, stage: str = "error data"):
         """Layer-output errors on the first samples of `data` (None without data)."""

@@ -38,6 +38,7 @@ from onnx_cp.ranks.search import (
 from onnx_cp.ranks.solve import Solved
 from onnx_cp.settings import (
     AccuracyBudget,
+    ErrorBudget,
     LayerSelection,
     MeasureSettings,
     OutputErrorBudget,
@@ -893,3 +894,35 @@ def test_a_quality_search_measures_its_curves_at_the_next_faster_plan_and_finds_
     assert probes[0] == pytest.approx(22.0 / 13.0)
     assert curves[0].curves["cp"].points[-1] == (0.3, 0.9)  # the deep cut, measured
     assert len({tuple(sorted(t["ranks"].items(), key=str)) for t in trace}) == len(trace)  # none measured twice
+
+
+def test_the_error_budget_leaves_a_slower_chain(monkeypatch):
+    """A layer the kernel-error budget takes is left when its chain measures slower than the layer
+    (timings faked: tests do not measure speed); explicit ranks are not timed."""
+    model = model_factory.tiny_cnn()
+    timed = []
+
+    def slower_conv2(site, form, rank, threads=1):
+        timed.append(site.name)
+        return 2.5 if site.name == "conv2" else 0.5
+
+    monkeypatch.setattr(api, "time_ratio", slower_conv2)
+    rows = {r["name"]: r for r in optimize(model, ErrorBudget(0.9)).report["layers"]}
+    assert rows["conv2"]["status"] == "skipped"
+    assert "chain at rank" in rows["conv2"]["reason"] and "measured 2.50x the layer's time" in rows["conv2"]["reason"]
+    assert "conv2" in timed and any(r["status"] == "decomposed" for r in rows.values())
+
+    timed.clear()
+    explicit = {r["name"]: r for r in optimize(model, 4).report["layers"]}
+    assert explicit["conv2"]["status"] == "decomposed" and not timed
+
+
+def test_a_chains_time_ratio_is_measured_and_cached(monkeypatch, tmp_path):
+    from onnx_cp.graph import find_conv_sites
+    from onnx_cp.ranks.latency_model import time_ratio
+
+    monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
+    site = next(s for s in find_conv_sites(api.model_io.to_ir(model_factory.tiny_cnn())) if s.name == "conv2")
+    ratio = time_ratio(site, CP, 4)
+    assert ratio > 0 and (tmp_path / "cache" / "layer_latency.json").exists()
+    assert time_ratio(site, CP, 4) == ratio  # from the cache

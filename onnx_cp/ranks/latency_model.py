@@ -98,6 +98,12 @@ def form_time_ratios(shape: LayerShape, form: str, ranks: Sequence, *, threads: 
     return {r: cache.data[key(r)] for r in ranks}
 
 
+def time_ratio(site: ConvSite, form: str, rank, *, threads: int = 1) -> float:
+    """The latency of the site's chain of `form` at `rank` over the layer's (cached)."""
+    rank = tuple(rank) if isinstance(rank, list) else rank
+    return form_time_ratios(LayerShape.of(site), form, [rank], threads=threads)[rank]
+
+
 def _layer_ratio(chain_ms: float, conv_ms: float, fixed_ms: float) -> float:
     """The chain's time over the conv's, both without the fixed cost of running a one-layer model
     (the call, the copies in and out, the layout reorders at its ends), which the layer does not pay

@@ -156,7 +156,8 @@ def _minus_one_as_unknown(proto: onnx.ModelProto) -> onnx.ModelProto:
     def dims(p: onnx.ModelProto):
         for value in (*p.graph.input, *p.graph.output, *p.graph.value_info):
             if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
-                yield from (d for d in value.type.tensor_type.shape.dim if d.HasField("dim_value") and d.dim_value == -1)
+                yield from (d for d in value.type.tensor_type.shape.dim
+                            if d.HasField("dim_value") and d.dim_value == -1)
 
     if next(dims(proto), None) is None:
         return proto
