@@ -172,7 +172,7 @@ def reconstruct_layers(
         torch.set_num_threads(saved_threads)
     fits = [fitted.get(c.layer) or ChainFit(c.layer, 0, math.nan, math.nan, reasons[c.layer]) for c in chains]
     if any(f.status == "fitted" for f in fits):
-        check_parity(ir.serde.deserialize_model(student))
+        check_parity(ir.serde.deserialize_model(student), feeds={input_name: np.ascontiguousarray(inputs[:1])})
     return student, fits
 
 

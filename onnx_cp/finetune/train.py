@@ -116,7 +116,6 @@ def finetune(
     distill: str = "auto",
     keep: str = "best",
     clip_grad_norm: float | None = 1.0,
-    input_shapes: dict[str, list[int]] | None = None,
     optimizer: str = DEFAULT_OPTIMIZER,
     warmup: float = DEFAULT_WARMUP,
     augment: str = "auto",
@@ -215,11 +214,10 @@ def finetune(
             augmentation=views.augmentation.describe() if views.augmentation else None, skipped=skipped,
         )
         if world.is_main:
-            shapes = dict(input_shapes or {})
-            shapes.setdefault(input_name, [fixed or 2, *data.x_train.shape[1:]])
             # the caller's file or proto, not our IR copy: fields IR does not keep stay as they were
             original = source if isinstance(model, ir.Model) else model
-            result.model = write_back(original, state, input_shapes=shapes, seed=seed)
+            samples = {input_name: np.ascontiguousarray(data.x_train[:fixed or 2])}  # checked on real inputs
+            result.model = write_back(original, state, feeds=samples)
         distributed.barrier(world)
         result.seconds = round(time.perf_counter() - started, 3)
         return result

@@ -35,12 +35,13 @@ def write_back(
     check: bool = True,
     input_shapes: dict[str, list[int]] | None = None,
     seed: int = 0,
+    feeds: dict[str, np.ndarray] | None = None,
 ) -> onnx.ModelProto:
     """A copy of `model` whose tensors named in `state` hold the given values.
 
-    check: run the written model in onnxruntime and the interpreter on the same random inputs
-    (shapes from `input_shapes`, defaults as onnx_cp.runtime.inputs) and raise OnnxCpError when any
-    output differs by more than 1e-4 relative to the output's largest magnitude.
+    check: run the written model in onnxruntime and the interpreter on the same inputs (`feeds`,
+    else random ones of `input_shapes`, defaults as onnx_cp.runtime.inputs) and raise OnnxCpError
+    when any output differs by more than 1e-4 relative to the output's largest magnitude.
     """
     # Edit the protobuf itself rather than an IR round trip: every field we do not know about
     # (value_info, doc strings, metadata) stays byte for byte.
@@ -60,7 +61,7 @@ def write_back(
     if check:
         quantized = any(n.op_type == "QuantizeLinear" for n in written.graph.node)
         check_parity(ir.serde.deserialize_model(written), input_shapes=input_shapes, seed=seed,
-                     rtol=QDQ_RTOL if quantized else RTOL, norm="l2" if quantized else "max")
+                     rtol=QDQ_RTOL if quantized else RTOL, norm="l2" if quantized else "max", feeds=feeds)
     return written
 
 
@@ -115,13 +116,17 @@ def check_parity(
     seed: int = 0,
     rtol: float = RTOL,
     norm: str = "max",
+    feeds: dict[str, np.ndarray] | None = None,
 ) -> float:
     """Largest relative output difference between onnxruntime and the interpreter ("max": the
     largest absolute difference over the largest magnitude; "l2": the norms of the difference and
-    of the output); raises OnnxCpError above `rtol` or when either produces non-finite numbers."""
+    of the output) on `feeds`, else on random inputs; raises OnnxCpError above `rtol` or when either
+    produces non-finite numbers. Real samples where there are some: on random inputs PP-OCRv4's
+    text map is a saturated Sigmoid (at most 1e-4), whose tails onnxruntime approximates, and a
+    trained model read 0.58 apart there while agreeing to 1e-6 on pages."""
     from onnx_cp.finetune.interpreter import to_torch
 
-    feeds = random_inputs(model, input_shapes, seed=seed)
+    feeds = feeds if feeds is not None else random_inputs(model, input_shapes, seed=seed)
     expected = run_model(model, feeds, "fine-tuned model")
     module = to_torch(model).eval()
     with torch.no_grad():
