@@ -448,3 +448,21 @@ def test_cli_finetune_with_teacher_and_history(damaged, trained, data, tmp_path,
     assert accuracy(tuned, xv, yv) >= accuracy(damaged, xv, yv) + 0.3
     code = cli_main(["finetune", str(tmp_path / "cp.onnx"), str(out), "--data", str(tmp_path / "train.npz")])
     assert code == 2 and "no labels" in capsys.readouterr().err
+
+
+def test_the_write_back_check_reads_real_samples_where_random_inputs_mislead():
+    """A Sigmoid saturated on random inputs (PP-OCRv4's text map): onnxruntime approximates its
+    tail, so the two runtimes differ by a large relative amount there and agree on real inputs.
+    fine-tune checks on its training samples, which these stand for."""
+    w = numpy_helper.from_array(np.ones((1, 1, 1, 1), np.float32), "w")
+    b = numpy_helper.from_array(np.array([-30.0], np.float32), "b")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"]), helper.make_node("Sigmoid", ["c"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 4, 4])], [w, b])
+    model = model_factory.make_model(graph)
+    with pytest.raises(OnnxCpError, match="write-back check failed"):
+        write_back(model, {})  # random inputs: the saturated tail
+    samples = 30 + np.random.default_rng(0).standard_normal((2, 1, 4, 4)).astype(np.float32)
+    written = write_back(model, {"b": np.array([-29.0], np.float32)}, feeds={"x": samples})
+    assert numpy_helper.to_array(written.graph.initializer[1]).tolist() == [-29.0]
