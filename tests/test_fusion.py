@@ -3,6 +3,7 @@ input did (checked against onnxruntime on the input model), and refuses where it
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -237,3 +238,18 @@ def test_optimize_decomposes_the_folded_kernel():
     assert result.report["fusions"]["scale_shift_into_conv"] == 4
     assert result.report["verification"]["max_rel_error"] < 1e-4
     assert_same_function(model, result.model)
+
+
+def test_the_cli_reports_the_rewrites_and_no_fuse_skips_them(tmp_path, capsys):
+    from onnx_cp.cli import main
+
+    source, report = tmp_path / "in.onnx", tmp_path / "r.json"
+    onnx.save(lcnet_block_model(), source)
+    assert main(["optimize", str(source), str(tmp_path / "a.onnx"), "--layers", "^$"]) == 0
+    out = capsys.readouterr().out
+    assert "exact rewrites first: 4 scale_shift_into_conv" in out and "the exact rewrites alone were written" in out
+    assert main(["optimize", str(source), str(tmp_path / "b.onnx"), "--layers", "^$", "--no-fuse",
+                 "--report", str(report), "-q"]) == 0
+    written = json.loads(report.read_text())
+    assert written["settings"]["fuse"] is False and "fusions" not in written
+    assert op_counts(onnx.load(tmp_path / "b.onnx")) == op_counts(lcnet_block_model())
