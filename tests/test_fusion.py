@@ -253,3 +253,15 @@ def test_the_cli_reports_the_rewrites_and_no_fuse_skips_them(tmp_path, capsys):
     written = json.loads(report.read_text())
     assert written["settings"]["fuse"] is False and "fusions" not in written
     assert op_counts(onnx.load(tmp_path / "b.onnx")) == op_counts(lcnet_block_model())
+
+
+def test_a_hardswish_of_clip_attributes_before_opset_11():
+    g = Graph()
+    x = g.op("Relu", [g.conv("x")])
+    clipped = g.op("Clip", [g.op("Add", [x, g.constant(3.0)])], min=0.0, max=6.0)
+    y = g.op("Mul", [g.op("Mul", [x, clipped]), g.constant(np.float32(1 / 6))])
+    model = g.model(y, opset=10)
+    after, applied = fused(model)
+    assert applied == {"hardswish": 1}
+    assert op_counts(after) == {"Conv": 1, "Relu": 1, "HardSigmoid": 1, "Mul": 1}
+    assert_same_function(model, after)

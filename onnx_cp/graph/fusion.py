@@ -287,11 +287,15 @@ def _clip_of_x_plus_3(value: ir.Value | None, x: ir.Value) -> list[ir.Node]:
 
 
 def _clip_bounds(clip: ir.Node) -> tuple[float | None, float | None]:
-    if "min" in clip.attributes or "max" in clip.attributes:  # opset < 11
-        low, high = clip.attributes.get("min"), clip.attributes.get("max")
-        return (low.as_float() if low is not None else None), (high.as_float() if high is not None else None)
-    bounds = [constant_array(v) if v is not None else None for v in list(clip.inputs[1:3]) + [None, None]][:2]
-    return tuple(float(b.reshape(-1)[0]) if b is not None and b.size == 1 else None for b in bounds)
+    """Clip's (min, max): attributes before opset 11, constant inputs since (None where absent)."""
+    def bound(name: str, index: int) -> float | None:
+        if name in clip.attributes:
+            return clip.attributes[name].as_float()
+        value = clip.inputs[index] if len(clip.inputs) > index else None
+        array = constant_array(value) if value is not None else None
+        return float(array.reshape(-1)[0]) if array is not None and array.size == 1 else None
+
+    return bound("min", 1), bound("max", 2)
 
 
 def _equals(value: ir.Value | None, number: float) -> bool:
@@ -338,7 +342,8 @@ def _rank(value: ir.Value, shapes: Mapping[str, Sequence[int]]) -> int | None:
 
 
 def _bypass(graph: ir.Graph, node: ir.Node, replacement: ir.Value) -> None:
-    """Remove `node`, its users (and the graph output, under its name) reading `replacement`."""
+    """Remove `node`; its users (and the graph output, under its name) read `replacement` instead,
+    and the values only it read go with it."""
     output = node.outputs[0]
     replacement.shape = replacement.shape or output.shape
     replacement.type = replacement.type or output.type
