@@ -350,8 +350,8 @@ class _Run:
         primary, worst_group = meter(dataset), self._output_error_meter(dataset)
         scores = [(primary(model), worst_group(model)) for model in (found[1], alone[1])]
         chosen = alone if scores[1] < scores[0] else found
-        check = {"step": "cp alone", "scores": {"auto": list(scores[0]), CP: list(scores[1])},
-                 "chosen": CP if chosen is alone else "auto"}
+        check = {"step": "cp alone", "measured": None, "ranks": {},
+                 "scores": {"auto": list(scores[0]), CP: list(scores[1])}, "chosen": CP if chosen is alone else "auto"}
         return chosen[0], chosen[1], found[2] + [{**step, "form": CP} for step in alone[2]] + [check]
 
     def _int8_alone(self, policy: SpeedupTarget, int8: _Int8Timing) -> tuple[Plan | None, list[dict]]:
