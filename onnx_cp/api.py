@@ -23,7 +23,6 @@ from onnx_cp.data.datasets import Preprocessing
 from onnx_cp.errors import BudgetError, OnnxCpError, UsageError
 from onnx_cp.graph import CPConvPass, LayerOutcome, Plan, filter_sites, find_conv_sites
 from onnx_cp.graph.fusion import fuse
-from onnx_cp.graph.plan import CP
 from onnx_cp.ranks import error_budget, search
 from onnx_cp.ranks.latency_model import time_ratio
 from onnx_cp.ranks.policy import QualityBudget
@@ -325,34 +324,9 @@ class _Run:
         plan, model, trace = search.search_speedup(menus, timing, policy.target, self.build_model, measure,
                                                    with_original=int8 is not None,
                                                    confirm=int8.confirmed_speedup_of if int8 is not None else None)
-        if data is not None and int8 is None:
-            plan, model, trace = self._or_cp_alone(menus, timing, policy.target, meter, data, (plan, model, trace))
         trace = [{**step, "attempt": number} for number, step in enumerate(early + trace, 1)]
         precision = int8.annotate(trace, model) if int8 is not None else None
         return _with_refusals(self.refine(plan), refusals), trace, precision
-
-    def _or_cp_alone(self, menus: list[search.LayerMenu], timing: search.Timing, target: float, meter: Callable,
-                     data, found: tuple[Plan, ir.Model, list[dict]]) -> tuple[Plan, ir.Model, list[dict]]:
-        """The plan found, or CP's own plan at the same target when that one measures more accurate
-        on the samples (by the search's measure, then by the worst channel-group error). Layer errors
-        priced on loss curves can prefer another form where CP is the better one: charresnet at 2x
-        took spatial SVD on two layers in three runs out of three, 0.093-0.102 from the original where
-        CP alone was 0.091. The quality search measures each form's own finalists for the same reason."""
-        forms = search.forms_of(menus)
-        if CP not in forms or len(forms) < 2:
-            return found
-        try:
-            alone = search.search_speedup(search.one_form(menus, CP), timing, target, self.build_model,
-                                          self.speedup_of)
-        except BudgetError:
-            return found
-        dataset = self.data.open("form check", data, limit=SENSITIVITY_SAMPLES)
-        primary, worst_group = meter(dataset), self._output_error_meter(dataset)
-        scores = [(primary(model), worst_group(model)) for model in (found[1], alone[1])]
-        chosen = alone if scores[1] < scores[0] else found
-        check = {"step": "cp alone", "measured": None, "ranks": {},
-                 "scores": {"auto": list(scores[0]), CP: list(scores[1])}, "chosen": CP if chosen is alone else "auto"}
-        return chosen[0], chosen[1], found[2] + [{**step, "form": CP} for step in alone[2]] + [check]
 
     def _int8_alone(self, policy: SpeedupTarget, int8: _Int8Timing) -> tuple[Plan | None, list[dict]]:
         """The plan that decomposes nothing, when the input model in INT8 meets the target (measured

@@ -926,19 +926,3 @@ def test_a_chains_time_ratio_is_measured_and_cached(monkeypatch, tmp_path):
     ratio = time_ratio(site, CP, 4)
     assert ratio > 0 and (tmp_path / "cache" / "layer_latency.json").exists()
     assert time_ratio(site, CP, 4) == ratio  # from the cache
-
-
-def test_a_speed_target_with_samples_measures_cp_alone_beside_the_plan_found(tmp_path, monkeypatch):
-    """With several forms on the menus, CP's own plan at the target is searched too and both are
-    measured on the samples; the more accurate is kept, and the trace says which and why."""
-    monkeypatch.setenv("ONNX_CP_CACHE_DIR", str(tmp_path / "cache"))
-    proto, x, y = tiny_with_val(tmp_path)
-    result = optimize(proto, SpeedupTarget(1.05), measure=MeasureSettings(eval_data=str(tmp_path / "val.npz")))
-    (check,) = [step for step in result.report["search"] if step.get("step") == "cp alone"]
-    auto, cp = check["scores"]["auto"], check["scores"]["cp"]
-    assert check["chosen"] == ("cp" if tuple(cp) < tuple(auto) else "auto")
-    assert any(step.get("form") == "cp" for step in result.report["search"])  # CP alone's own search
-    forms = {row["form"] for row in result.report["layers"] if row["status"] == "decomposed"}
-    if check["chosen"] == "cp":
-        assert forms == {"cp"}
-    assert result.report["data"]["form check"]["samples"] == len(x)

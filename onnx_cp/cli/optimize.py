@@ -333,18 +333,11 @@ def _measurement_lines(report: dict) -> list[str]:
     search = report.get("search")
     if isinstance(search, list):  # --target-speedup attempts
         for step in search:
-            if step.get("step") == "cp alone":
-                auto, cp = step["scores"]["auto"], step["scores"]["cp"]
-                lines.append(f"speed-up search: on the samples the plan found scored {auto[0]:.3g} "
-                             f"(worst group {auto[1]:.3g}), CP alone's {cp[0]:.3g} ({cp[1]:.3g}): "
-                             f"{'CP alone' if step['chosen'] == 'cp' else 'the plan found'} kept")
-                continue
             ranks = ", ".join(f"{name}={rank}" for name, rank in step["ranks"].items() if rank is not None)
             precisions = (f" (float {step['measured_float']:.2f}x, INT8 {step['measured_int8']:.2f}x)"
                           if "precision" in step else "")
-            alone = " (CP alone)" if step.get("form") == "cp" else ""
-            lines.append(f"speed-up search{alone}: {ranks or 'nothing decomposed'}: "
-                         f"predicted {step['predicted']:.2f}x, measured {step['measured']:.2f}x{precisions}")
+            lines.append(f"speed-up search: {ranks or 'nothing decomposed'}: predicted {step['predicted']:.2f}x, "
+                         f"measured {step['measured']:.2f}x{precisions}")
     elif search:  # --max-accuracy-drop / --max-output-error bisection
         for step in search["trace"]:
             measured = _quality_text(step)

@@ -578,12 +578,12 @@ def search_quality(
 
     menus = bisect_rounds(list(menus), "")
     kept = FINALISTS if measure_speedups is not None else 1
-    forms = forms_of(menus) if measure_speedups is not None else []
+    forms = _forms_of(menus) if measure_speedups is not None else []
     found = fastest_of("", 1)
     if len(forms) > 1 and found:  # each form's own frontier (see the docstring)
         floor = accepted[found[0]].speedup * (1 - FORM_MISRANKING)
         for form in forms:
-            bisect_rounds(one_form(menus, form), form, floor)
+            bisect_rounds(_one_form(menus, form), form, floor)
     keys = fastest_of("", kept) + [k for form in forms for k in fastest_of(form, kept)]
     finalists = [accepted[k] for k in dict.fromkeys(keys)]  # a plan reached by two frontiers counts once
     if not finalists:
@@ -612,11 +612,11 @@ class Finalist(NamedTuple):
     step: dict  # its entry in the search trace
 
 
-def forms_of(menus: Sequence[LayerMenu]) -> list[str]:
+def _forms_of(menus: Sequence[LayerMenu]) -> list[str]:
     return sorted({o.form for m in menus for o in m.options[1:]})
 
 
-def one_form(menus: Sequence[LayerMenu], form: str) -> list[LayerMenu]:
+def _one_form(menus: Sequence[LayerMenu], form: str) -> list[LayerMenu]:
     """The menus with only `form`'s options beside each layer's original."""
     return [dataclasses.replace(m, options=[o for i, o in enumerate(m.options) if i == 0 or o.form == form])
             for m in menus]
