@@ -223,7 +223,7 @@ class _Run:
         if layers.fuse:
             fused = self.input.clone()
             self.fusions = fuse(fused, self.value_shapes)
-            if self.fusions:
+            if self.fusions:  # shapes again: the rewrites make values (a Conv's input among them) of their own
                 self.original, self.value_shapes = fused, _inferred_shapes(fused, self.shapes)
         self.sites = find_conv_sites(self.original, self.value_shapes)
         self.filtered = filter_sites(self.sites, layers.include, layers.exclude)
@@ -274,14 +274,14 @@ class _Run:
     def timing(self) -> search.Timing:
         from onnx_cp.measure import benchmark_latency, layer_profile
 
-        models = [self.original, self.input] if self.fusions else [self.original]
+        models = [self.original, self.input] if self.fusions else [self.original]  # the input: what targets count from
         medians = [m.median_ms for m in benchmark_latency(models, threads=self.threads, input_shapes=self.shapes,
                                                           seed=self.seed).models]
         total = medians[0]
         profile = layer_profile(self.original, threads=self.threads, input_shapes=self.shapes, seed=self.seed)
         profiled = sum(layer.ms for layer in profile.layers) or 1.0
         return search.Timing(total, {layer.name: total * layer.ms / profiled for layer in profile.layers},
-                             reference_ms=medians[-1])
+                             reference_ms=medians[1] if self.fusions else None)
 
     def menus(self, timing: search.Timing, data=None) -> tuple[list[search.LayerMenu], dict[str, str]]:
         """The layers' menus; with `data`, their options judged by layer-output error on it (by

@@ -1,5 +1,6 @@
 """Constant weights as the pass sees them: an initializer, a Constant node, or an expression of them
-that folds to a constant (Cast(Constant), Reshape of an initializer, ConstantOfShape, ...)."""
+that folds to a constant (Cast(Constant), Reshape of an initializer, ConstantOfShape, ...); and new
+ones, as initializers."""
 
 from __future__ import annotations
 
@@ -48,3 +49,20 @@ def _evaluate_node(node: ir.Node, inputs: list[np.ndarray | None], wanted: ir.Va
     except Exception:  # noqa: BLE001 - anything unfoldable is simply not a constant
         return None
     return np.asarray(results[list(node.outputs).index(wanted)])
+
+
+def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """`array` as an initializer of `graph` under `name`, made unique; its rank kept (a 0-d array
+    stays a scalar, which np.ascontiguousarray would make 1-D)."""
+    name = _unique_initializer_name(graph, name)
+    tensor = ir.tensor(np.array(array, order="C"), name=name)
+    value = ir.Value(name=name, const_value=tensor, shape=tensor.shape, type=ir.TensorType(tensor.dtype))
+    graph.register_initializer(value)
+    return value
+
+
+def _unique_initializer_name(graph: ir.Graph, name: str) -> str:
+    candidate, n = name, 1
+    while candidate in graph.initializers:
+        candidate, n = f"{name}_{n}", n + 1
+    return candidate

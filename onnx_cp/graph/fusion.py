@@ -32,9 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnx_cp.graph.constants import constant_array
+from onnx_cp.graph.constants import constant_array, new_initializer
 from onnx_cp.graph.passes import remove_dead_values
-from onnx_cp.graph.stages import unique_initializer_name
 
 _AFFINE = {"Mul", "Add", "Sub", "Div"}
 
@@ -146,10 +145,9 @@ def _channel_vector(value: ir.Value | None, weight: np.ndarray | None) -> np.nda
 def _shift_into_next_convs(graph: ir.Graph, node: ir.Node, _: _Context) -> bool:
     shift, x = _scalar_operand(node, "Add")
     users = _conv_users(graph, node)
-    if shift is None or users is None or not all(_unpadded(conv) for conv in users):
+    if shift is None or users is None or not all(_unpadded(conv) for conv, _, _ in users):
         return False
-    for conv in users:
-        weight, bias = _conv_weights(conv)
+    for conv, weight, bias in users:
         _set_conv_weights(graph, conv, weight, bias + shift * weight.sum(axis=tuple(range(1, weight.ndim)),
                                                                           dtype=np.float64))
     _bypass(graph, node, x)
@@ -163,8 +161,7 @@ def _scale_into_next_convs(graph: ir.Graph, node: ir.Node, _: _Context) -> bool:
     users = _conv_users(graph, node)
     if scale is None or users is None:
         return False
-    for conv in users:
-        weight, bias = _conv_weights(conv)
+    for conv, weight, bias in users:
         _set_conv_weights(graph, conv, weight * scale, bias)
     _bypass(graph, node, x)
     return True
@@ -183,7 +180,7 @@ def _swap_scale_after_shift(graph: ir.Graph, add: ir.Node) -> bool:
         moved_shift = shift / scale
     if not np.isfinite(moved_shift):
         return False
-    moved = _constant(graph, f"{add.name or 'shift'}_before_scale", moved_shift)
+    moved = new_initializer(graph, f"{add.name or 'shift'}_before_scale", moved_shift)
     scale_value = multiply.inputs[1] if multiply.inputs[0] is x else multiply.inputs[0]
     shifted = ir.node("Add", [x, moved], name=add.name)
     scaled = ir.node("Mul", [shifted.outputs[0], scale_value], name=multiply.name)
@@ -204,16 +201,20 @@ def _scalar_operand(node: ir.Node, op_type: str) -> tuple[np.ndarray | None, ir.
     return None, None
 
 
-def _conv_users(graph: ir.Graph, node: ir.Node) -> list[ir.Node] | None:
-    """The Convs that read the node's output as their data input, if they are its only users and
-    have constant float weights; else None."""
+def _conv_users(graph: ir.Graph, node: ir.Node) -> list[tuple[ir.Node, np.ndarray, np.ndarray]] | None:
+    """(Conv, weight, bias) of each Conv reading the node's output as its data input, if those are
+    its only users and have constant float weights; else None."""
     output = node.outputs[0]
     if output in graph.outputs or not output.uses():
         return None
-    users = [use.node for use in output.uses()]
-    if any(use.idx != 0 or use.node.op_type != "Conv" or use.node.domain not in ("", "ai.onnx")
-           or _conv_weights(use.node)[0] is None for use in output.uses()):
-        return None
+    users = []
+    for use in output.uses():
+        if use.idx != 0 or use.node.op_type != "Conv" or use.node.domain not in ("", "ai.onnx"):
+            return None
+        weight, bias = _conv_weights(use.node)
+        if weight is None:
+            return None
+        users.append((use.node, weight, bias))
     return users
 
 
@@ -361,19 +362,13 @@ def _bypass(graph: ir.Graph, node: ir.Node, replacement: ir.Value) -> None:
 def _set_conv_weights(graph: ir.Graph, conv: ir.Node, weight: np.ndarray, bias: np.ndarray) -> None:
     old = [v for v in conv.inputs[1:3] if v is not None]
     name = conv.name or "conv"
-    conv.replace_input_with(1, _constant(graph, f"{name}_fused_weight", weight))
+    conv.replace_input_with(1, new_initializer(graph, f"{name}_fused_weight", weight))
     if len(conv.inputs) < 3:
         conv.resize_inputs(3)
-    conv.replace_input_with(2, _constant(graph, f"{name}_fused_bias", bias.astype(weight.dtype)))
+    conv.replace_input_with(2, new_initializer(graph, f"{name}_fused_bias", bias.astype(weight.dtype)))
     remove_dead_values(graph, old)
 
 
-def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    name = unique_initializer_name(graph, name)
-    tensor = ir.tensor(np.ascontiguousarray(array), name=name)
-    value = ir.Value(name=name, const_value=tensor, shape=tensor.shape, type=ir.TensorType(tensor.dtype))
-    graph.register_initializer(value)
-    return value
 
 
 # in the order they are tried on each node; a rule that applies ends that node's turn in the sweep

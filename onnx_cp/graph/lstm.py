@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_cp.graph import naming
-from onnx_cp.graph.constants import constant_array
+from onnx_cp.graph.constants import constant_array, new_initializer
 
 FORM_NAME = "lstm"  # the unrolled nodes' name part: <layer>/lstm/<step>..., not a chain reconstruction knows
 MAX_STEPS = 512  # more steps would add thousands of nodes
@@ -191,10 +191,7 @@ class _Builder:
         name = f"{self.layer}{naming.separator(FORM_NAME)}{label}"
         while name in self.graph.initializers:
             name += "_"
-        tensor = ir.tensor(np.array(array, order="C"), name=name)  # (ascontiguousarray makes a scalar 1-D)
-        value = ir.Value(name=name, const_value=tensor, shape=tensor.shape, type=ir.TensorType(tensor.dtype))
-        self.graph.register_initializer(value)
-        return value
+        return new_initializer(self.graph, name, array)
 
     def ints(self, label: str, values) -> ir.Value:
         return self.const(label, np.asarray(values, np.int64))

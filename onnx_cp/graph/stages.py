@@ -23,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_cp.graph import lstm, naming
+from onnx_cp.graph.constants import new_initializer
 from onnx_cp.graph.sites import ConvSite, conv_attributes
 
 NONE, VERTICAL, HORIZONTAL, BOTH = "none", "vertical", "horizontal", "both"  # the axes a stage spans
@@ -72,11 +73,7 @@ def register_weights(graph: ir.Graph, layer: str, form: str, shapes: Sequence[St
             raise ValueError(f"{layer}: {form} stage {shape.name} weight {array.shape}, expected {expected}")
         if matrices:
             array = array.reshape(shape.out_channels, shape.in_per_group).T
-        name = unique_initializer_name(graph, naming.weight_name(layer, shape.name, form))
-        tensor = ir.tensor(np.ascontiguousarray(array.astype(dtype)), name=name)
-        value = ir.Value(name=name, const_value=tensor, shape=tensor.shape, type=ir.TensorType(tensor.dtype))
-        graph.register_initializer(value)
-        values.append(value)
+        values.append(new_initializer(graph, naming.weight_name(layer, shape.name, form), array.astype(dtype)))
     return values
 
 
@@ -145,10 +142,3 @@ def chain_macs(site: ConvSite, shapes: Sequence[StageShape]) -> int:
 
 def chain_params(shapes: Sequence[StageShape]) -> int:
     return sum(s.out_channels * s.in_per_group * s.kernel[0] * s.kernel[1] for s in shapes)
-
-
-def unique_initializer_name(graph: ir.Graph, name: str) -> str:
-    candidate, n = name, 1
-    while candidate in graph.initializers:
-        candidate, n = f"{name}_{n}", n + 1
-    return candidate
