@@ -67,11 +67,15 @@ import real_inputs  # noqa: E402
 SKIMAGE = ("scikit-image", "0.26.0")  # its wheel ships the sample photos under skimage/data
 # Photographs of people, for the detector whose classes include faces: ultralytics' wheel ships two
 # (assets/bus.jpg, assets/zidane.jpg), matplotlib's one (sample_data/grace_hopper.jpg), insightface's
-# source archive (it has no wheel) a group photograph and a portrait (data/images/t1.jpg, Tom_Hanks_54745.png).
+# source archive (it has no wheel) a group photograph and a portrait (data/images/t1.jpg, Tom_Hanks_54745.png),
+# face_recognition's source archive four portraits (its wheel has no tests/). A member under
+# "<package>-<version>/" is read from the package's source archive.
 PEOPLE_WHEELS = [("ultralytics", "8.4.190", ("ultralytics/assets/bus.jpg", "ultralytics/assets/zidane.jpg")),
                  ("matplotlib", "3.11.2", ("matplotlib/mpl-data/sample_data/grace_hopper.jpg",)),
                  ("insightface", "0.7.3", ("insightface-0.7.3/insightface/data/images/t1.jpg",
-                                           "insightface-0.7.3/insightface/data/images/Tom_Hanks_54745.png"))]
+                                           "insightface-0.7.3/insightface/data/images/Tom_Hanks_54745.png")),
+                 ("face_recognition", "1.3.0", tuple(f"face_recognition-1.3.0/tests/test_images/{name}.jpg"
+                                                     for name in ("biden", "obama", "obama2", "obama3")))]
 
 
 @dataclass(frozen=True)
@@ -150,18 +154,20 @@ def cpu_info() -> dict:
 
 # ---------------------------------------------------------------------------------------- fetch
 
-def wheel(cache: Path, package: str, version: str) -> Path:
-    """The package's wheel from PyPI (`pip download`), or its source archive where it has no wheel."""
+def wheel(cache: Path, package: str, version: str, source: bool = False) -> Path:
+    """The package's wheel from PyPI (`pip download`), or its source archive where it has no wheel
+    or `source` asks for it."""
     wheels = cache / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     stem = package.replace("-", "_").lower()
 
     def found() -> list[Path]:
-        names = (f"{stem}-{version}-", f"{stem}-{version}.tar")  # a wheel, else a source archive
+        names = (f"{stem}-{version}.tar",) if source else (f"{stem}-{version}-", f"{stem}-{version}.tar")
         return [p for p in sorted(wheels.iterdir()) if p.name.lower().startswith(names)]
 
     if not found():
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--dest",
+        only_source = ["--no-binary", ":all:", "--no-build-isolation"] if source else []
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", *only_source, "--dest",
                         str(wheels), f"{package}=={version}"], check=True)
     if not found():
         raise SystemExit(f"pip download {package}=={version} left no wheel in {wheels}")
@@ -203,7 +209,7 @@ def fetch_people(cache: Path, skimage_data: Path) -> list[Path]:
     for package, version, members in PEOPLE_WHEELS:
         if all((folder / Path(m).name).exists() for m in members):
             continue
-        archive = wheel(cache, package, version)
+        archive = wheel(cache, package, version, source=members[0].startswith(f"{package}-{version}/"))
         for member in members:
             (folder / Path(member).name).write_bytes(read_member(archive, member))
     return sorted([*folder.glob("*.jpg"), *folder.glob("*.png")]) + [skimage_data / "astronaut.png"]
