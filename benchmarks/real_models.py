@@ -314,7 +314,7 @@ def onnx_cp(*args: str, timeout: float, log: Path) -> tuple[int, float, str]:
 
 
 def stage_seconds(report: dict) -> dict:
-    out = {"total": report.get("seconds")}
+    out = {"total": report.get("seconds"), **report.get("stage_seconds", {})}
     layers = report.get("layers") or []
     solve = [row.get("seconds") for row in layers if isinstance(row.get("seconds"), (int, float))]
     if solve:

@@ -89,7 +89,7 @@ def optimize(
     The other groups (onnx_cp.settings) say which layers, how to solve, how to fine-tune, quantize
     and measure; `preprocessing` turns every image folder or npz path the run reads into model inputs.
     """
-    started = time.perf_counter()
+    clock = _StageClock()
     policy = as_policy(ranks)
     layers, solver = layers or LayerSelection(), solver or SolverSettings()
     measure = measure or MeasureSettings()
@@ -116,6 +116,7 @@ def optimize(
     run = _Run(model, layers, measure, make_solver(solver, seed), seed, data,
                sample_shape=data.sample_shape(sample) if sample is not None else None)
     tune = _Tuner(run, finetune)
+    clock.lap("load and exact rewrites")
     report: dict = {"input": run.source, "input_shapes": run.shapes,
                     "settings": _settings_report(policy, layers, solver, quantize, seed)}
     if run.fusions:
@@ -136,17 +137,20 @@ def optimize(
         precision = precision and ("int8" if searched.int8 is not None else "float")
     else:
         plan = run.plan_without_search(policy)
+    clock.lap("rank choice")
     rewritten, outcomes = run.build(plan)
     report["layers"] = [o.as_dict() for o in outcomes]
     report["totals"] = _totals(run.input, rewritten, report["layers"])
     if measure.verify:
         report["verification"] = verify_rewrite(run.input, rewritten, run.shapes, seed=seed)
         report["warnings"] = _unbounded_cost(policy, finetune, eval_data, report["verification"])
+    clock.lap("build and verification")
     stages = {"decomposed": rewritten}
     if tuned is None and report["totals"]["decomposed"]:
         tuned, tuning = tune(rewritten)
         report.update(tuning.report)
         stages.update(tuning.stages)
+        clock.lap("reconstruction and fine-tuning")
     final = rewritten if tuned is None else tuned
     if final is not rewritten:
         stages["finetuned"] = final
@@ -174,6 +178,8 @@ def optimize(
             f"INT8 broke the input model ({int8_timing.broken})" if int8_timing and int8_timing.broken else _INT8_SLOWER
         report["quantize"] = {"kind": "int8", "skipped": why}
         report.setdefault("warnings", []).append(f"not quantized: {why}")
+    if quantize is not None:
+        clock.lap("quantization")
     accuracy = None
     if eval_data is not None:
         dataset = run.data.open("evaluation", eval_data)
@@ -182,6 +188,7 @@ def optimize(
             report["accuracy"] = {stage: result.to_json() for stage, result in accuracy.items()}
         else:
             report["fidelity"] = _fidelity(run.input, stages, dataset, measure.threads)
+        clock.lap("evaluation")
     if isinstance(policy, SpeedupTarget):
         final_stage = next((stage for stage, model in stages.items() if model is final), None)
         measured_drop = (search.accuracy_drop(accuracy["original"], accuracy[final_stage])
@@ -195,12 +202,34 @@ def optimize(
         report.setdefault("warnings", []).extend(_speed_cost(policy, report.get("accuracy"))
                                                  + _int8_cost(policy, report.get("quantize"))
                                                  + _speed_short(report["target"]))
+        clock.lap("speed-up check")
     if measure.latency:
         report.update(_latency(run.input, final, run.shapes, measure.threads, seed))
+        clock.lap("latency")
     report["data"] = run.data.used
-    report["seconds"] = round(time.perf_counter() - started, 3)
+    report["stage_seconds"], report["seconds"] = clock.stages(), clock.total()
     output = ir.to_proto(final) if isinstance(model, onnx.ModelProto) else final
     return OptimizeResult(model=output, report=report, had_external_data=run.had_external_data)
+
+
+class _StageClock:
+    """Wall time per stage of one run, so that a slow run says where its time went: `lap` closes the
+    stage that ran since the last lap; a stage without a lap is counted in the next one."""
+
+    def __init__(self) -> None:
+        self.started = self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self.last
+        self.last = now
+
+    def stages(self) -> dict[str, float]:
+        return {stage: round(seconds, 3) for stage, seconds in self.seconds.items()}
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.started, 3)
 
 
 class _Run:

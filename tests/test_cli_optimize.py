@@ -63,6 +63,10 @@ def test_rank_r_on_a_rank_r_kernel_is_exact(low_rank_model, tmp_path, capsys):
     assert layer["macs_after"] < layer["macs_before"]
     assert data["verification"]["max_rel_error"] < 1e-4
     assert data["totals"]["decomposed"] == 1
+    stages = data["stage_seconds"]  # where the run's time went, in the order the stages ran
+    assert list(stages)[:3] == ["load and exact rewrites", "rank choice", "build and verification"]
+    assert all(seconds >= 0 for seconds in stages.values())
+    assert sum(stages.values()) <= data["seconds"] + 1e-2
 
 
 def test_rank_is_clipped_to_flop_break_even(low_rank_model, tmp_path):
@@ -346,6 +350,7 @@ def test_unlabelled_photo_folder_drives_every_data_stage(tmp_path):
     assert report["data"]["fine-tuning"] == {"source": str(photos), "samples": 6}
     assert report["data"]["reconstruction"]["samples"] == 6
     assert report["finetune"]["teacher"] == "input model"
+    assert "reconstruction and fine-tuning" in report["stage_seconds"]
     assert report["finetune"]["lr"] == 0.003 and report["finetune"]["lr_probe"] == []  # too short to probe
 
 

@@ -117,6 +117,14 @@ def test_finetune_history_table(tmp_path):
     assert "| epoch | val_top1 | train_loss | lr |" in md and "| 1 | 0.8 | 0.3 | 0.01 |" in md
 
 
+def test_wall_time_by_stage_table(tmp_path):
+    stages = {"rank choice": 30.0, "reconstruction and fine-tuning": 10.0}
+    write_report(_optimize_report(stage_seconds=stages, seconds=50.0), tmp_path, kind="optimize")
+    md = (tmp_path / "report.md").read_text()
+    assert "## Wall time by stage" in md
+    assert "| rank choice | 30.0 | 60% |" in md and "| reconstruction and fine-tuning | 10.0 | 20% |" in md
+
+
 def test_bench_json_with_profiles(tmp_path):
     bench = {**_latency(), "profile": {"original": _profile(0.16), "optimized": _profile(0.05)}}
     assert set(normalize(bench, "bench")) == {"latency", "profile"}

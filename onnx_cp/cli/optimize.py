@@ -322,7 +322,9 @@ def format_report(report: dict) -> str:
         lines += [f"note: {note}" for note in check.get("notes", [])]
     lines += [f"warning: {warning}" for warning in report.get("warnings", [])]
     lines += _measurement_lines(report)
-    lines.append(f"wrote {report['output']} in {report['seconds']:.1f} s")
+    stages = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in report.get("stage_seconds", {}).items()
+                       if seconds >= 0.5)
+    lines.append(f"wrote {report['output']} in {report['seconds']:.1f} s" + (f" ({stages})" if stages else ""))
     return "\n".join(lines)
 
 

@@ -235,6 +235,7 @@ def render_markdown(parts: dict, plots: list[Path] | None) -> str:
     out += _profile_md(parts.get("profile"))
     out += _accuracy_md(parts.get("accuracy"))
     out += _finetune_md(parts.get("finetune"))
+    out += _stages_md(parts.get("stage_seconds"), parts.get("seconds"))
     if plots is None:
         out += ["## Plots", "", PLOTS_MISSING, ""]
     elif plots:
@@ -265,6 +266,14 @@ def _fusions_md(fusions: dict | None) -> list[str]:
         return []
     return ["## Exact rewrites", "", "Made before any layer was decomposed (onnx_cp.graph.fusion); the outputs "
             "are the input's up to float rounding.", ""] + _table(["rule", "applied"], list(fusions.items()))
+
+
+def _stages_md(stages: dict | None, total: float | None) -> list[str]:
+    if not stages:
+        return []
+    rows = [[stage, f"{seconds:.1f}", f"{100 * seconds / total:.0f}%" if total else None]
+            for stage, seconds in stages.items()]
+    return ["## Wall time by stage", ""] + _table(["stage", "seconds", "share"], rows, "lrr")
 
 
 def _totals_md(totals: dict | None) -> list[str]:
