@@ -29,6 +29,7 @@ from onnx_cp.ranks.policy import QualityBudget
 from onnx_cp.ranks.solve import Refiner, make_solver
 from onnx_cp.runtime import model_io
 from onnx_cp.runtime.inputs import fill_input_shapes, pin_input_shapes, real_inputs, set_input_shapes
+from onnx_cp.runtime.session import usable_cores
 from onnx_cp.runtime.verify import verify_rewrite
 from onnx_cp.settings import (
     AccuracyBudget,
@@ -183,11 +184,11 @@ def optimize(
     accuracy = None
     if eval_data is not None:
         dataset = run.data.open("evaluation", eval_data)
-        accuracy = _accuracy(run.input, stages, dataset, measure.threads)
+        accuracy = _accuracy(run.input, stages, dataset)
         if accuracy is not None:
             report["accuracy"] = {stage: result.to_json() for stage, result in accuracy.items()}
         else:
-            report["fidelity"] = _fidelity(run.input, stages, dataset, measure.threads)
+            report["fidelity"] = _fidelity(run.input, stages, dataset)
         clock.lap("evaluation")
     if isinstance(policy, SpeedupTarget):
         final_stage = next((stage for stage, model in stages.items() if model is final), None)
@@ -511,9 +512,9 @@ class _Run:
         """Points of accuracy a model loses against the original on `dataset`."""
         from onnx_cp.measure import evaluate
 
-        baseline = evaluate(self.original, dataset, threads=self.threads)
+        baseline = evaluate(self.original, dataset, threads=usable_cores())
         return lambda model: search.accuracy_drop(
-            baseline, evaluate(model, dataset, reference=self.original, threads=self.threads))
+            baseline, evaluate(model, dataset, reference=self.original, threads=usable_cores()))
 
     def _output_error_meter(self, dataset, *, task: bool = False) -> Callable[[ir.Model], float]:
         """The worst channel-group error of a model's outputs against the original's on `dataset`;
@@ -521,7 +522,7 @@ class _Run:
         too), which weighs the layers for a speed target alone."""
         from onnx_cp.measure.outputs import ReferenceOutputs
 
-        reference = ReferenceOutputs(self.original, dataset, threads=self.threads)  # run once per search
+        reference = ReferenceOutputs(self.original, dataset)  # run once per search
         if task:
             return lambda model: reference.compare(model).task_loss
         return lambda model: reference.compare(model).worst_group_error
@@ -1014,28 +1015,27 @@ def _run_shapes(model: ir.Model, proto: onnx.ModelProto, input_shapes: dict[str,
     return {n: list(v.shape) for n, v in zip(names, values) if n in wanted}
 
 
-def _accuracy(original: ir.Model, stages: dict[str, ir.Model], dataset,
-              threads: int) -> dict[str, AccuracyResult] | None:
+def _accuracy(original: ir.Model, stages: dict[str, ir.Model], dataset) -> dict[str, AccuracyResult] | None:
     """Accuracy of the input model, then of each stage (decomposed, reconstructed, finetuned,
     +int8) with its agreement with the input model; None when its output is not class scores."""
     from onnx_cp.measure import evaluate
     from onnx_cp.measure.accuracy import NotClassScores
 
     try:
-        accuracy = {"original": evaluate(original, dataset, threads=threads)}
+        accuracy = {"original": evaluate(original, dataset, threads=usable_cores())}
     except NotClassScores:
         return None
     for stage, model in stages.items():
-        accuracy[stage] = evaluate(model, dataset, reference=original, threads=threads)
+        accuracy[stage] = evaluate(model, dataset, reference=original, threads=usable_cores())
     return accuracy
 
 
-def _fidelity(original: ir.Model, stages: dict[str, ir.Model], dataset, threads: int) -> dict[str, dict]:
+def _fidelity(original: ir.Model, stages: dict[str, ir.Model], dataset) -> dict[str, dict]:
     """Each stage's outputs against the input model's on the evaluation data, for models whose output
     is not class scores (a detector: box and class-score rows apart, top-10 anchors kept)."""
     from onnx_cp.measure.outputs import ReferenceOutputs
 
-    reference = ReferenceOutputs(original, dataset, threads=threads)
+    reference = ReferenceOutputs(original, dataset)
     return {stage: reference.compare(model).to_json() for stage, model in stages.items()}
 
 

@@ -92,3 +92,17 @@ def test_task_loss_reads_strings_where_the_scores_barely_move():
     strings = changed.outputs[0].agreement["strings"]
     assert strings < 0.9 and changed.worst_group_error < 0.01
     assert changed.task_loss == 1.0 - strings
+
+
+def test_outputs_on_data_do_not_depend_on_the_thread_count():
+    """Runs on data use every usable core (the search's sensitivities, evaluations): a conv net's
+    outputs on one thread and on all of them are the same numbers."""
+    import model_factory
+    from onnx_cp.measure.outputs import ReferenceOutputs
+    from onnx_cp.runtime.session import usable_cores
+
+    x = np.random.default_rng(0).standard_normal((6, 3, 16, 16)).astype(np.float32)
+    one = ReferenceOutputs(model_factory.tiny_cnn(), x, threads=1).expected
+    every = ReferenceOutputs(model_factory.tiny_cnn(), x).expected
+    assert usable_cores() >= 1 and one.keys() == every.keys()
+    assert all(np.array_equal(one[name], every[name]) for name in one)

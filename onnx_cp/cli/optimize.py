@@ -98,7 +98,8 @@ def register(subparsers) -> None:
     add_image_args(p.add_argument_group("image preprocessing, for every data option (as eval's)"))
     tune.add_argument("--bench", action="store_true", help="measure onnxruntime latency of IN and OUT "
                       "and profile them per layer (implied by --report-dir)")
-    tune.add_argument("--threads", type=int, help="onnxruntime threads for measurements and searches (default 1)")
+    tune.add_argument("--threads", type=int, help="onnxruntime threads of every timing, the searches' too (default 1); "
+                      "runs on data use every core")
     p.set_defaults(run=run, parser=p)
 
 

@@ -34,7 +34,6 @@ than by the weight's own SVD).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -50,6 +49,7 @@ from onnx_cp.finetune.writeback import check_parity, proto_copy, write_back
 from onnx_cp.graph import naming
 from onnx_cp.runtime import model_io
 from onnx_cp.runtime.inputs import model_batches
+from onnx_cp.runtime.session import usable_cores
 from onnx_cp.runtime.tensors import iter_tensor_values, single_input
 
 DEFAULT_STEPS = 300  # at most, per chain; early stopping usually ends sooner
@@ -136,7 +136,7 @@ def reconstruct_layers(
     if passes < 1:
         raise OnnxCpError(f"reconstruction passes must be positive, got {passes}")
     memory = MEMORY_BYTES if memory_bytes is None else memory_bytes
-    threads = threads or _cores()
+    threads = threads or usable_cores()
     student = proto_copy(model)
     teacher = proto_copy(original)
     input_name = single_input(ir.serde.deserialize_model(student), "layer-wise reconstruction")
@@ -179,13 +179,6 @@ def reconstruct_layers(
 def fits_report(fits: list[ChainFit]) -> list[dict]:
     return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(f).items()}
             for f in fits]
-
-
-def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _chains(model: onnx.ModelProto) -> list[_Chain]:

@@ -12,7 +12,7 @@ from onnx_cp.data.datasets import Dataset, first_inputs
 from onnx_cp.errors import OnnxCpError
 from onnx_cp.runtime.fidelity import OutputFidelity, compare_output
 from onnx_cp.runtime.model_io import ModelLike
-from onnx_cp.runtime.session import load, make_session, run, session_options
+from onnx_cp.runtime.session import load, make_session, run, session_options, usable_cores
 
 DEFAULT_SAMPLES = 256
 BATCH = 16
@@ -46,7 +46,7 @@ class ReferenceOutputs:
     many candidate models against (a budget search compares one per step)."""
 
     def __init__(self, reference: ModelLike, data: Dataset | str | np.ndarray, *,
-                 samples: int = DEFAULT_SAMPLES, threads: int = 1) -> None:
+                 samples: int = DEFAULT_SAMPLES, threads: int | None = None) -> None:
         self.inputs = first_inputs(data, samples)
         self.threads = threads
         self.expected = _outputs(reference, self.inputs, threads, "reference")
@@ -58,17 +58,17 @@ class ReferenceOutputs:
 
 
 def compare_on_data(model: ModelLike, reference: ModelLike, data: Dataset | str | np.ndarray, *,
-                    samples: int = DEFAULT_SAMPLES, threads: int = 1) -> OutputAgreement:
+                    samples: int = DEFAULT_SAMPLES, threads: int | None = None) -> OutputAgreement:
     """Run both models on the first `samples` inputs of `data` and compare every output."""
     return ReferenceOutputs(reference, data, samples=samples, threads=threads).compare(model)
 
 
-def _outputs(model: ModelLike, x: np.ndarray, threads: int, label: str) -> dict[str, np.ndarray]:
+def _outputs(model: ModelLike, x: np.ndarray, threads: int | None, label: str) -> dict[str, np.ndarray]:
     """Every output of a one-input model on `x`, batch by batch, with the batch axis first; a model
     with a fixed batch size (an exported CRNN often takes exactly 1) is run in chunks of that size,
-    the last one padded."""
+    the last one padded. `threads`: default every usable core (outputs, not timings)."""
     loaded = load(model, label)
-    session = make_session(loaded, session_options(threads=threads))
+    session = make_session(loaded, session_options(threads=threads or usable_cores()))
     inputs = session.get_inputs()
     if len(inputs) != 1:
         raise OnnxCpError(f"{loaded.path or label}: comparing outputs on data needs a model with one input, "

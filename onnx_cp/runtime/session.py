@@ -78,6 +78,14 @@ def check_thread_count(threads: int) -> None:
         raise UsageError(f"{threads} threads on a {os.cpu_count()}-core machine; at most {limit}", option="threads")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS tells it, else the machine's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def max_threads() -> int:
     return 8 * (os.cpu_count() or 1)
 

@@ -11,13 +11,14 @@ import onnx_ir as ir
 
 from onnx_cp.errors import OnnxCpError
 from onnx_cp.runtime.inputs import model_batches, real_inputs
-from onnx_cp.runtime.session import ort_session
+from onnx_cp.runtime.session import ort_session, usable_cores
 
 
 def iter_tensor_values(model: onnx.ModelProto, names: Sequence[str], input_name: str,
-                       batches: Iterable[np.ndarray], threads: int = 1) -> Iterator[list[np.ndarray]]:
+                       batches: Iterable[np.ndarray], threads: int | None = None) -> Iterator[list[np.ndarray]]:
     """The intermediate tensors `names` of a one-input `model`, batch by batch, computed by one
-    onnxruntime session of `threads` threads (a name may be the input itself)."""
+    onnxruntime session of `threads` threads (default: every usable core; values, not timings, so
+    the thread count only changes how fast they come; a name may be the input itself)."""
     wanted = [name for name in dict.fromkeys(names) if name != input_name]
     if not wanted:
         for batch in batches:
@@ -27,7 +28,7 @@ def iter_tensor_values(model: onnx.ModelProto, names: Sequence[str], input_name:
     probe.CopyFrom(model)
     del probe.graph.output[:]
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in wanted)
-    with ort_session(ir.serde.deserialize_model(probe), threads=threads) as session:
+    with ort_session(ir.serde.deserialize_model(probe), threads=threads or usable_cores()) as session:
         for batch in batches:
             values = dict(zip(wanted, session.run(wanted, {input_name: batch})))
             yield [batch if name == input_name else values[name] for name in names]
