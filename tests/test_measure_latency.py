@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import onnx
@@ -13,6 +12,7 @@ from test_measure_profile import chain_cnn
 import model_factory
 from onnx_cp.errors import UsageError
 from onnx_cp.measure import benchmark_latency, format_table
+from onnx_cp.runtime.session import usable_cores
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_accepts_protos_batch_threads_and_levels():
     models = [model_factory.tiny_cnn(), model_factory.tiny_cnn(seed=1)]
     result = benchmark_latency(models, runs=2, warmup=0, batch=3, threads="all",
                                optimization="none", names=["a", "b"])
-    assert result.threads == os.cpu_count()
+    assert result.threads == usable_cores()
     assert result.optimization_level == "ORT_DISABLE_ALL"
     assert [m.name for m in result.models] == ["a", "b"]
     assert all(m.path is None for m in result.models)

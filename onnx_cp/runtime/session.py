@@ -53,18 +53,18 @@ def load(model: ModelLike, label: str | None = None) -> LoadedModel:
 
 
 def resolve_threads(threads: int | str | None) -> int:
-    """1 by default; 0 or "all" means every core of the machine."""
+    """1 by default; 0 or "all" means every core this process may use."""
     if threads is None:
         return 1
     if isinstance(threads, str):
         if threads.strip().lower() in ("all", "0"):
-            return os.cpu_count() or 1
+            return usable_cores()
         try:
             threads = int(threads)
         except ValueError:
             raise UsageError(f"expected a positive integer or 'all', got {threads!r}", option="threads") from None
     if threads == 0:
-        return os.cpu_count() or 1
+        return usable_cores()
     if threads < 0:
         raise UsageError(f"expected a positive integer or 'all', got {threads}", option="threads")
     check_thread_count(threads)
