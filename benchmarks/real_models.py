@@ -319,7 +319,8 @@ def stage_seconds(report: dict) -> dict:
     solve = [row.get("seconds") for row in layers if isinstance(row.get("seconds"), (int, float))]
     if solve:
         out["solve (sum over layers)"] = round(sum(solve), 2)
-    for key in ("search", "reconstruction", "finetune", "latency", "quantize"):  # quantize: INT8 configs
+    # the parts of the report's stages that time themselves (quantize: INT8 configurations)
+    for key in ("reconstruction", "finetune", "quantize"):
         part = report.get(key)
         if isinstance(part, dict) and isinstance(part.get("seconds"), (int, float)):
             out[key] = part["seconds"]
