@@ -105,7 +105,8 @@ def test_low_rank_factors_of_the_joint_recurrence_are_what_the_unrolled_lstm_com
 @pytest.mark.parametrize("within_directions", [True, False])
 def test_factors_within_directions_take_a_product_per_direction_and_others_the_joint_one(within_directions):
     """The SVD of the block-diagonal recurrence keeps each component in one direction: the splice
-    then multiplies by each direction's U_d (r_d x 4H) and drops the joint U, half of it zeros.
+    then multiplies each direction's states by its own V_d (H x r_d) and U_d (r_d x 4H) and drops
+    the joint factors, half of each zeros.
     Factors that span directions keep the joint product. Both equal the numpy LSTM."""
     model = lstm_model("bidirectional", steps=4, batch=2, initial=False)
     v, u = exact_factors(model)
@@ -120,10 +121,13 @@ def test_factors_within_directions_take_a_product_per_direction_and_others_the_j
     names = {n.name for n in proto.graph.node}
     initializers = {i.name: tuple(i.dims) for i in proto.graph.initializer}
     if within_directions:
-        assert {"rnn/lstm/step1/out0", "rnn/lstm/step1/out1"} <= names and "u" not in initializers
+        assert {"rnn/lstm/step1/out0", "rnn/lstm/step1/out1"} <= names and not {"u", "v"} & set(initializers)
         assert sorted(initializers[f"rnn/lstm/u{k}"][0] for k in (0, 1)) == sorted(f[0].shape[1] for f in split)
         assert sum(initializers[f"rnn/lstm/u{k}"][0] for k in (0, 1)) == rank
         assert all(initializers[f"rnn/lstm/u{k}"][1] == 4 * 4 for k in (0, 1))  # 4H, hidden 4
+        # each V_d reads only its own direction's H states: no zero block of the joint V is read
+        assert [initializers[f"rnn/lstm/v{k}"] for k in (0, 1)] == [(4, initializers[f"rnn/lstm/u{k}"][0])
+                                                                    for k in (0, 1)]
     else:
         assert "rnn/lstm/step1/out0" not in names and initializers["u"] == (rank, 4 * 2 * 4)
     x = feeds(model)["x"]
@@ -181,8 +185,8 @@ def test_an_lstm_is_a_site_whose_kernel_is_its_joint_recurrence():
     np.testing.assert_array_equal(site.kernel[:4, :4, 0, 0], r[0, :4])  # input gate, forward block
     assert not site.kernel[:4, 4:].any()  # no coupling between the directions
     assert site.macs_before() == 5 * 2 * 2 * 16 * 4  # T N D 4H H
-    # rank 3: the joint state through V (DH x 3), then each component into its own direction's 4H gates
-    assert macs_after(site, "svd", 3) == 5 * 2 * (8 * 3 + 3 * 16)
+    # rank 3: each component reads its own direction's H states and feeds its own direction's 4H gates
+    assert macs_after(site, "svd", 3) == 5 * 2 * (4 * 3 + 3 * 16)
     assert site.refusal_for("cp") and site.refusal_for("svd") is None
 
 

@@ -23,10 +23,11 @@ def params_after(site: ConvSite, form: str, rank: Rank) -> int:
 
 
 def _layout(site: ConvSite, form: str, rank: Rank):
-    """The form's stages; an LSTM's last one as its splice runs it, each rank component feeding only
-    its own direction's gates (graph/lstm.direction_factors)."""
+    """The form's stages; an LSTM's as its splice runs them, each rank component reading only its own
+    direction's states and feeding only its own direction's gates (graph/lstm.direction_factors)."""
     shapes = SPLICES[form].layout(site, rank)
     if site.is_lstm:
-        last = shapes[-1]
-        shapes = [*shapes[:-1], dataclasses.replace(last, out_channels=last.out_channels // site.blocks)]
+        first, *middle, last = shapes
+        shapes = [dataclasses.replace(first, in_per_group=first.in_per_group // site.blocks), *middle,
+                  dataclasses.replace(last, out_channels=last.out_channels // site.blocks)]
     return shapes

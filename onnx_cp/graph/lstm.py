@@ -15,8 +15,8 @@ recurrence: block-diagonal, rows in the order (gate, direction, unit), columns (
 Any rank-r factors of it are exact in this splice; its truncated SVD shares the rank out between
 the directions by their singular values, and with the states' Gram matrix within directions
 (ranks/output_error.py) it is the rank-r recurrence that moves the gates least on that data. Such
-factors keep every component in one direction, and each direction's U is then its own product
-(direction_factors).
+factors keep every component in one direction, and each direction's states then go through its
+own V_d and U_d (direction_factors).
 
 On that CRNN, with only its LSTM decomposed, rank 304 measured 1.37x [AVX-512 VNNI, AMX] and
 kept 95.1% of 512 held-out lines' decoded strings (benchmarks/results/real_models_notes.md).
@@ -157,10 +157,11 @@ def direction_factors(v: np.ndarray, u: np.ndarray, d: int) -> list[tuple[np.nda
     """The joint factors (V: DH x r, U: r x 4DH, rows (gate, direction, unit)) as each direction's
     own (V_d: H x r_d, U_d: r_d x 4H) when every rank component lies within one direction (the SVD
     of the block-diagonal recurrence, with or without within_directions' Gram, up to rounding);
-    None when some component spans directions. Why: each step then reads two matrices of r_d x 4H
-    where the joint product read one of r x 4DH, half of it zeros, and on a 2 MB L2 cache the
-    joint one spills (the CRNN's r = 176: a (176 x 4096) product takes 84 us a step, two (88 x 2048)
-    ones 13 us [AVX-512 VNNI, AMX])."""
+    None when some component spans directions. Why: each step then reads r_d x (H + 4H) numbers per
+    direction where the joint factors read r x (DH + 4DH), half of them zeros, and a step's factors
+    are read from beyond this core's 2 MB L2 cache every time (the CRNN's r = 176: a (176 x 4096)
+    product takes 84 us a step, two (88 x 2048) ones 13 us; at rank 240 the model with the joint V
+    measured 1.35x, with each direction's V_d 1.43x [AVX-512 VNNI, AMX])."""
     if d == 1:
         return [(v, u)]
     h = v.shape[0] // d
@@ -276,8 +277,8 @@ def splice_unrolled(graph: ir.Graph, layer: str, node: ir.Node, steps: int, weig
 
 class _Recurrence:
     """h V U, the recurrence's share of the gates (N, 4DH): one product through the joint factors,
-    or, when they lie within directions (direction_factors), h V then each direction's U_d on its
-    components, laid back in the joint order (gate, direction, unit)."""
+    or, when they lie within directions (direction_factors), each direction's states through its
+    own V_d and U_d, laid back in the joint order (gate, direction, unit)."""
 
     def __init__(self, b: _Builder, weights: Sequence[ir.Value], d: int, hidden: int) -> None:
         self.b = b
@@ -285,28 +286,26 @@ class _Recurrence:
         split = direction_factors(constant_array(self.v), constant_array(self.u), d) if d > 1 else None
         self.parts = None
         if split is not None and all(v_d.shape[1] for v_d, _ in split):
-            # V's columns in direction order, so that each direction's components are one slice; the
-            # joint U gives way to the U_d
-            by_direction = np.concatenate([np.pad(v_d, ((k * hidden, (d - 1 - k) * hidden), (0, 0)))
-                                           for k, (v_d, _) in enumerate(split)], axis=1)
-            self.v.const_value = ir.tensor(by_direction.astype(constant_array(self.v).dtype), name=self.v.name)
+            # each direction reads its own states through its own V_d (H x r_d) and U_d (r_d x 4H):
+            # the joint V would be half zeros, read every step
+            b.graph.initializers.pop(self.v.name)
             b.graph.initializers.pop(self.u.name)
-            ends = np.cumsum([v_d.shape[1] for v_d, _ in split])
-            self.parts = [(b.ints(f"u{k}.starts", [end - v_d.shape[1]]), b.ints(f"u{k}.ends", [end]),
-                           b.const(f"u{k}", u_d)) for k, ((v_d, u_d), end) in enumerate(zip(split, ends))]
-            self.axes = b.ints("u.axes", [1])
+            self.parts = [(b.ints(f"h{k}.starts", [k * hidden]), b.ints(f"h{k}.ends", [(k + 1) * hidden]),
+                           b.const(f"v{k}", v_d), b.const(f"u{k}", u_d))
+                          for k, (v_d, u_d) in enumerate(split)]
+            self.axes = b.ints("h.axes", [1])
             self.gate_shape = b.ints("u.gates", [0, _GATES, 1, hidden])
             self.joint_shape = b.ints("u.joint", [0, _GATES * d * hidden])
 
     def gates(self, step: str, h: ir.Value) -> ir.Value:
         b = self.b
-        reduced = b.one("MatMul", f"{step}/in", [h, self.v])
         if self.parts is None:
-            return b.one("MatMul", f"{step}/out", [reduced, self.u])
+            return b.one("MatMul", f"{step}/out", [b.one("MatMul", f"{step}/in", [h, self.v]), self.u])
         per_direction = []
-        for k, (start, end, u_d) in enumerate(self.parts):
-            mine = b.one("Slice", f"{step}/r{k}", [reduced, start, end, self.axes])
-            gates = b.one("MatMul", f"{step}/out{k}", [mine, u_d])  # (N, 4H), gate-major
+        for k, (start, end, v_d, u_d) in enumerate(self.parts):
+            mine = b.one("Slice", f"{step}/h{k}", [h, start, end, self.axes])
+            reduced = b.one("MatMul", f"{step}/in{k}", [mine, v_d])
+            gates = b.one("MatMul", f"{step}/out{k}", [reduced, u_d])  # (N, 4H), gate-major
             per_direction.append(b.one("Reshape", f"{step}/g{k}", [gates, self.gate_shape]))
         joint = b.one("Concat", f"{step}/g", per_direction, axis=2)  # (N, 4, D, H)
         return b.one("Reshape", f"{step}/out", [joint, self.joint_shape])

@@ -67,7 +67,7 @@ class LayerShape:
         if self.op == "Conv":
             return json.dumps(fields)  # Conv keys as before
         if self.op == "LSTM":  # timed with the per-direction recurrence (graph/lstm.direction_factors)
-            return json.dumps([*fields, self.op, list(self.recurrent), "per direction"])
+            return json.dumps([*fields, self.op, list(self.recurrent), "per direction, V and U"])
         return json.dumps([*fields, self.op])
 
 
